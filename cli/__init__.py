@@ -1,0 +1,1 @@
+"""The ``klseg`` command line (installed as ``klseg.cli``)."""
