@@ -1,0 +1,920 @@
+"""Per-pixel divergences for semantic segmentation.
+
+The functions compute per-pixel values (the input shape without the class
+axis) in float32 from logits through ``log_softmax``; the ``Loss`` classes
+wrap them, store every argument in ``get_config`` and mark ignored pixels
+with a Keras mask, so Keras' default ``"sum_over_batch_size"`` reduction
+gives the **mean over non-ignored pixels** (weighted by ``sample_weight``
+as in Keras). A batch in which every pixel is ignored gives 0 and a zero
+gradient.
+
+All results and gradients are finite for finite inputs, including logits
+of +-1e4 (``keras.losses.KLDivergence`` clips probabilities at 1e-7 and
+saturates near 16.1 there) and targets containing exact zeros.
+
+Conventions shared by every function here:
+
+- ``y_pred`` is logits when ``from_logits=True`` (the default: klseg models
+  output logits), otherwise probabilities.
+- ``target`` says what ``y_true`` holds: ``"probabilities"`` (soft labels,
+  one-hot maps), ``"logits"`` (a teacher's raw outputs) or
+  ``"log_probabilities"``.
+- A zero probability has no finite logarithm; klseg uses ``log(0) =
+  log(1.18e-38) = -87.34`` (see ``klseg.ops.safe_log``). For a target this
+  is exact (``0 * log 0 = 0``); for a prediction of exactly 0 where the
+  target has mass, the divergence (truly infinite) is reported as about
+  87.3 nats per unit of target mass, with zero gradient through that entry.
+- A target row that sums to 0 (``target="probabilities"``, e.g. the one-hot
+  encoding of the ignore label 255) or is all ``-inf``
+  (``"log_probabilities"``) means "no target": its value is 0. The loss
+  classes exclude such pixels from the mean when ``ignore_class`` is set.
+- Probability inputs at temperature 1 are used as given, not renormalised.
+  When their values can be read (eager calls), negative entries and rows
+  whose sum is not 1 (within 1e-2) or 0 raise ``ValueError``; inside a
+  compiled ``fit`` step they are not checked.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from klseg.ops import (
+    LOG_TINY,
+    TARGET_KINDS,
+    as_float32,
+    check_argument,
+    concrete,
+    log_probs,
+    move_axis_last,
+    normalize_axis,
+    set_mask,
+)
+
+__all__ = [
+    "kl_divergence",
+    "sparse_kl_divergence",
+    "jensen_shannon_divergence",
+    "KLDivergence",
+    "SparseKLDivergence",
+    "JensenShannonDivergence",
+    "WeightedSum",
+]
+
+_DIRECTIONS = ("forward", "reverse")
+_SUM_TOLERANCE = 1e-2
+
+
+# Argument and input checks -------------------------------------------------
+
+
+def _check_bool(value, name):
+    check_argument(isinstance(value, (bool, np.bool_)), name, "a bool", value)
+    return bool(value)
+
+
+def _check_target(target):
+    check_argument(target in TARGET_KINDS, "target", f"one of {TARGET_KINDS}", target)
+    return target
+
+
+def _check_temperature(temperature):
+    ok = isinstance(temperature, (int, float, np.floating, np.integer))
+    ok = ok and not isinstance(temperature, bool)
+    ok = ok and math.isfinite(float(temperature)) and float(temperature) > 0
+    check_argument(ok, "temperature", "a finite number > 0", temperature)
+    return float(temperature)
+
+
+def _check_direction(direction):
+    check_argument(
+        direction in _DIRECTIONS, "direction", f"one of {_DIRECTIONS}", direction
+    )
+    return direction
+
+
+def _check_axis(axis):
+    ok = isinstance(axis, (int, np.integer)) and not isinstance(axis, bool)
+    check_argument(ok, "axis", "an integer", axis)
+    return int(axis)
+
+
+def _check_label_smoothing(label_smoothing):
+    ok = isinstance(label_smoothing, (int, float, np.floating, np.integer))
+    ok = ok and not isinstance(label_smoothing, bool)
+    ok = ok and 0.0 <= float(label_smoothing) <= 1.0
+    check_argument(ok, "label_smoothing", "a number in [0, 1]", label_smoothing)
+    return float(label_smoothing)
+
+
+def _check_ignore_class(ignore_class):
+    ok = ignore_class is None or (
+        isinstance(ignore_class, (int, np.integer))
+        and not isinstance(ignore_class, bool)
+    )
+    check_argument(ok, "ignore_class", "None or an integer label", ignore_class)
+    return None if ignore_class is None else int(ignore_class)
+
+
+def _check_class_weights(class_weights):
+    if class_weights is None:
+        return None
+    try:
+        w = np.asarray(class_weights, dtype="float64")
+    except (TypeError, ValueError):
+        w = None
+    ok = w is not None and w.ndim == 1 and w.size > 0
+    ok = ok and bool(np.all(np.isfinite(w))) and bool(np.all(w >= 0))
+    check_argument(
+        ok,
+        "class_weights",
+        "None or a 1-D sequence of finite, non-negative numbers (one per class)",
+        class_weights,
+    )
+    return [float(v) for v in w]
+
+
+def _num_classes(y_pred, name="y_pred"):
+    num_classes = y_pred.shape[-1]
+    if num_classes is None:
+        raise ValueError(
+            f"The class axis of `{name}` must have a static size. "
+            f"Received: {name}.shape={tuple(y_pred.shape)}"
+        )
+    return int(num_classes)
+
+
+def _class_weight_tensor(class_weights, num_classes):
+    if len(class_weights) != num_classes:
+        raise ValueError(
+            f"`class_weights` needs one weight per class ({num_classes} classes "
+            f"in the inputs). Received: len(class_weights)={len(class_weights)}"
+        )
+    return ops.convert_to_tensor(np.asarray(class_weights, dtype="float32"))
+
+
+def _check_same_shape(y_true, y_pred):
+    a, b = tuple(y_true.shape), tuple(y_pred.shape)
+    compatible = len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b)
+    )
+    if not compatible:
+        raise ValueError(
+            "`y_true` and `y_pred` must have the same shape (batch, ..., classes). "
+            f"Received: y_true.shape={a}, y_pred.shape={b}"
+        )
+
+
+def _check_distribution(x, name):
+    """Eager check that ``x`` holds probabilities along its last axis."""
+    values = concrete(x)
+    if values is None or values.size == 0:
+        return
+    minimum = float(values.min())
+    if not minimum >= 0.0:  # also catches NaN
+        raise ValueError(
+            f"`{name}` must hold probabilities (>= 0) when read as "
+            'probabilities; pass `target="logits"` / `from_logits=True` for '
+            f"raw scores. Received: min({name})={minimum:g}"
+        )
+    sums = values.sum(axis=-1, dtype="float64")
+    bad = (np.abs(sums - 1.0) > _SUM_TOLERANCE) & (sums != 0.0)
+    if bad.any():
+        first = float(sums[bad].flat[0])
+        raise ValueError(
+            f"Each `{name}` row along the class axis must sum to 1 (or to 0 "
+            'for a pixel without target); pass `target="logits"` / '
+            f"`from_logits=True` for raw scores. Received: a row of {name} "
+            f"summing to {first:g} ({int(bad.sum())} such rows)"
+        )
+
+
+def _has_mass(y_true, target):
+    """Bool per pixel: the target row is a distribution (not an empty row).
+
+    ``y_true`` has its class axis last. Returns None for logits targets,
+    which always define a distribution.
+    """
+    if target == "probabilities":
+        return ops.sum(y_true, axis=-1) > 0
+    if target == "log_probabilities":
+        return ops.max(y_true, axis=-1) > LOG_TINY
+    return None
+
+
+# Functions -------------------------------------------------------------------
+
+
+def _kl_last_axis(y_true, y_pred, from_logits, target, temperature, direction, scale):
+    """Per-pixel KL, class axis last, float32 inputs; returns (values, p)."""
+    if target == "probabilities":
+        _check_distribution(y_true, "y_true")
+    if not from_logits:
+        _check_distribution(y_pred, "y_pred")
+    p, lp = log_probs(y_true, target, temperature)
+    q, lq = log_probs(y_pred, "logits" if from_logits else "probabilities", temperature)
+    if direction == "forward":
+        values = ops.sum(p * (lp - lq), axis=-1)
+    else:
+        values = ops.sum(q * (lq - lp), axis=-1)
+    mass = _has_mass(y_true, target)
+    if mass is not None:
+        values = ops.where(mass, values, 0.0)
+    if scale and temperature != 1.0:
+        values = values * (temperature * temperature)
+    return values, p
+
+
+def _apply_class_weights(values, p, class_weights):
+    """Multiply per-pixel values by the target's expected class weight."""
+    if class_weights is None:
+        return values
+    w = _class_weight_tensor(class_weights, _num_classes(p, "y_true"))
+    return values * ops.sum(p * w, axis=-1)
+
+
+def kl_divergence(
+    y_true,
+    y_pred,
+    *,
+    from_logits=True,
+    target="probabilities",
+    temperature=1.0,
+    direction="forward",
+    scale_by_temperature_squared=True,
+    class_weights=None,
+    axis=-1,
+):
+    """Per-pixel Kullback-Leibler divergence between a target and a prediction.
+
+    With ``P = softmax(a / T)`` the target and ``Q = softmax(b / T)`` the
+    prediction (``a``, ``b`` their log-probabilities or logits):
+
+        forward:  KL(P || Q) = T^2 * sum_c P_c * (log P_c - log Q_c)
+        reverse:  KL(Q || P) = T^2 * sum_c Q_c * (log Q_c - log P_c)
+
+    computed from ``log_softmax`` in float32. The ``T^2`` factor (Hinton et
+    al., 2015) keeps gradient magnitudes independent of ``T``. With
+    ``class_weights`` ``w``, each pixel is multiplied by ``sum_c w_c P_c``
+    (the target's expected class weight; ``w[label]`` for a one-hot target,
+    as in weighted cross-entropy), which keeps the value non-negative.
+
+    Args:
+        y_true: Target, shaped like ``y_pred``; see ``target``.
+        y_pred: Prediction, e.g. ``(batch, height, width, classes)``.
+        from_logits: Whether ``y_pred`` holds logits (else probabilities).
+            Defaults to True.
+        target: What ``y_true`` holds: ``"probabilities"``, ``"logits"`` or
+            ``"log_probabilities"``. Defaults to ``"probabilities"``.
+        temperature: Positive softening temperature ``T`` applied to both
+            sides. Defaults to 1.0.
+        direction: ``"forward"`` for KL(target || prediction) or
+            ``"reverse"`` for KL(prediction || target). Defaults to
+            ``"forward"``.
+        scale_by_temperature_squared: Multiply by ``T^2``. Defaults to True.
+        class_weights: Optional sequence of one non-negative weight per
+            class. Defaults to None.
+        axis: The class axis. Defaults to -1.
+
+    Returns:
+        float32 tensor of per-pixel divergences, the input shape without
+        ``axis``. Target rows without mass (see the module docstring) give 0.
+
+    Raises:
+        ValueError: For invalid arguments, mismatched shapes, or (eager
+            calls) probability inputs that are negative or not normalised.
+
+    Example:
+
+    >>> import numpy as np
+    >>> teacher = np.array([[[[4.0, 0.0, 0.0]]]])
+    >>> student = np.array([[[[0.0, 4.0, 0.0]]]])
+    >>> kl = kl_divergence(teacher, student, target="logits")
+    >>> kl.shape, round(float(kl[0, 0, 0]), 4)
+    ((1, 1, 1), 3.6074)
+    """
+    target = _check_target(target)
+    temperature = _check_temperature(temperature)
+    direction = _check_direction(direction)
+    from_logits = _check_bool(from_logits, "from_logits")
+    scale = _check_bool(scale_by_temperature_squared, "scale_by_temperature_squared")
+    class_weights = _check_class_weights(class_weights)
+    axis = _check_axis(axis)
+    y_true, y_pred = as_float32(y_true), as_float32(y_pred)
+    _check_same_shape(y_true, y_pred)
+    normalize_axis(axis, len(y_pred.shape))
+    y_true, y_pred = move_axis_last(y_true, axis), move_axis_last(y_pred, axis)
+    values, p = _kl_last_axis(
+        y_true, y_pred, from_logits, target, temperature, direction, scale
+    )
+    return _apply_class_weights(values, p, class_weights)
+
+
+def jensen_shannon_divergence(
+    y_true,
+    y_pred,
+    *,
+    from_logits=True,
+    target="probabilities",
+    class_weights=None,
+    axis=-1,
+):
+    """Per-pixel Jensen-Shannon divergence (symmetric, bounded by log 2).
+
+        JS(P, Q) = 0.5 * KL(P || M) + 0.5 * KL(Q || M),  M = (P + Q) / 2
+
+    with ``log M = logaddexp(log P, log Q) - log 2`` computed in float32 from
+    log-probabilities, so it is finite for any finite logits. Values lie in
+    ``[0, log 2]`` nats.
+
+    Args:
+        y_true: Target, shaped like ``y_pred``; see ``target``.
+        y_pred: Prediction, e.g. ``(batch, height, width, classes)``.
+        from_logits: Whether ``y_pred`` holds logits (else probabilities).
+            Defaults to True.
+        target: What ``y_true`` holds: ``"probabilities"``, ``"logits"`` or
+            ``"log_probabilities"``. Defaults to ``"probabilities"``.
+        class_weights: Optional per-class weights; each pixel is multiplied
+            by ``sum_c w_c P_c``. Defaults to None.
+        axis: The class axis. Defaults to -1.
+
+    Returns:
+        float32 per-pixel values, the input shape without ``axis``.
+
+    Raises:
+        ValueError: As ``kl_divergence``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> p = np.array([[1.0, 0.0]])
+    >>> q = np.array([[0.0, 1.0]])
+    >>> js = jensen_shannon_divergence(p, q, from_logits=False)
+    >>> round(float(js[0]), 4)  # log 2: disjoint supports
+    0.6931
+    """
+    target = _check_target(target)
+    from_logits = _check_bool(from_logits, "from_logits")
+    class_weights = _check_class_weights(class_weights)
+    axis = _check_axis(axis)
+    y_true, y_pred = as_float32(y_true), as_float32(y_pred)
+    _check_same_shape(y_true, y_pred)
+    normalize_axis(axis, len(y_pred.shape))
+    y_true, y_pred = move_axis_last(y_true, axis), move_axis_last(y_pred, axis)
+    if target == "probabilities":
+        _check_distribution(y_true, "y_true")
+    if not from_logits:
+        _check_distribution(y_pred, "y_pred")
+    p, lp = log_probs(y_true, target)
+    q, lq = log_probs(y_pred, "logits" if from_logits else "probabilities")
+    lm = ops.logaddexp(lp, lq) - math.log(2.0)
+    values = 0.5 * ops.sum(p * (lp - lm) + q * (lq - lm), axis=-1)
+    mass = _has_mass(y_true, target)
+    if mass is not None:
+        values = ops.where(mass, values, 0.0)
+    return _apply_class_weights(values, p, class_weights)
+
+
+def _smoothed_neg_entropy(eps, num_classes):
+    """sum_c t_c log t_c for t = (1 - eps) * onehot + eps / C (float64)."""
+    if eps == 0.0:
+        return 0.0
+    on = 1.0 - eps + eps / num_classes
+    off = eps / num_classes
+    return on * math.log(on) + (num_classes - 1) * off * math.log(off)
+
+
+def _sparse_labels(y_true, y_pred_shape, axis):
+    """Squeeze a size-1 class axis from the labels and check their shape."""
+    y_true = ops.convert_to_tensor(y_true)
+    rank = len(y_pred_shape)
+    if len(y_true.shape) == rank and y_true.shape[axis] == 1:
+        y_true = ops.squeeze(y_true, axis=axis)
+    expected = tuple(d for i, d in enumerate(y_pred_shape) if i != axis)
+    got = tuple(y_true.shape)
+    compatible = len(got) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(got, expected)
+    )
+    if not compatible:
+        raise ValueError(
+            "Integer labels `y_true` must have the shape of `y_pred` without "
+            f"the class axis ({expected}, or with a trailing 1). Received: "
+            f"y_true.shape={got}, y_pred.shape={tuple(y_pred_shape)}"
+        )
+    return y_true
+
+
+def _valid_labels(labels, num_classes, ignore_class):
+    """(int32 labels, bool valid mask) with eager range checks."""
+    if "float" in str(labels.dtype):
+        labels = ops.round(labels)
+    labels = ops.cast(labels, "int32")
+    valid = (labels >= 0) & (labels < num_classes)
+    if ignore_class is not None:
+        valid = valid & (labels != ignore_class)
+        values = concrete(labels)
+        if values is not None:
+            bad = (values != ignore_class) & ((values < 0) | (values >= num_classes))
+    else:
+        values = concrete(labels)
+        if values is not None:
+            bad = (values < 0) | (values >= num_classes)
+    if values is not None and bad.any():
+        found = np.unique(values[bad])[:5].tolist()
+        raise ValueError(
+            f"Labels must lie in [0, {num_classes}) or equal `ignore_class` "
+            f"(ignore_class={ignore_class}). Received: labels {found} "
+            f"({int(bad.sum())} pixels)"
+        )
+    return labels, valid
+
+
+def _sparse_kl(y_true, y_pred, from_logits, label_smoothing, ignore_class, axis):
+    """Shared by the function and the class: (values, valid, safe labels)."""
+    y_pred = as_float32(y_pred)
+    rank = len(y_pred.shape)
+    axis = normalize_axis(axis, rank)
+    y_true = _sparse_labels(y_true, tuple(y_pred.shape), axis)
+    y_pred = move_axis_last(y_pred, axis)
+    num_classes = _num_classes(y_pred)
+    labels, valid = _valid_labels(y_true, num_classes, ignore_class)
+    safe = ops.where(valid, labels, 0)
+    if from_logits:
+        # -log q_c = lse - b_c
+        lse = ops.logsumexp(y_pred, axis=-1)
+        picked = ops.take_along_axis(y_pred, ops.expand_dims(safe, -1), axis=-1)
+        nll = lse - ops.squeeze(picked, -1)
+        uniform = lse - ops.mean(y_pred, axis=-1) if label_smoothing else None
+    else:
+        _check_distribution(y_pred, "y_pred")
+        _, lq = log_probs(y_pred, "probabilities")
+        picked = ops.take_along_axis(lq, ops.expand_dims(safe, -1), axis=-1)
+        nll = -ops.squeeze(picked, -1)
+        uniform = -ops.mean(lq, axis=-1) if label_smoothing else None
+    if label_smoothing:
+        eps = label_smoothing
+        values = (1.0 - eps) * nll + eps * uniform
+        values = values + _smoothed_neg_entropy(eps, num_classes)
+    else:
+        values = nll
+    values = ops.where(valid, values, 0.0)
+    return values, valid, safe
+
+
+def sparse_kl_divergence(
+    y_true,
+    y_pred,
+    *,
+    from_logits=True,
+    label_smoothing=0.0,
+    ignore_class=None,
+    class_weights=None,
+    axis=-1,
+):
+    """Per-pixel KL from (smoothed) integer labels to the prediction.
+
+    With ``t = (1 - eps) * onehot(y) + eps / C`` and ``Q = softmax(b)``:
+
+        KL(t || Q) = sum_c t_c log t_c
+                     + (1 - eps) * (lse(b) - b_y) + eps * (lse(b) - mean_c b_c)
+
+    For ``eps = 0`` this is exactly the cross-entropy ``-log Q_y``; for
+    ``eps > 0`` it is the label-smoothed cross-entropy minus the (constant)
+    entropy of ``t``, so a perfect prediction scores 0. Pixels whose label
+    is ``ignore_class`` or outside ``[0, C)`` give 0.
+
+    Args:
+        y_true: Integer labels ``(batch, height, width)`` or with a trailing
+            axis of size 1. Float tensors holding integers are accepted.
+        y_pred: Prediction ``(batch, height, width, classes)``.
+        from_logits: Whether ``y_pred`` holds logits (else probabilities).
+            Defaults to True.
+        label_smoothing: ``eps`` in [0, 1]. Defaults to 0.
+        ignore_class: Optional label value (e.g. 255) whose pixels give 0.
+            Defaults to None.
+        class_weights: Optional per-class weights; each pixel is multiplied
+            by ``w[label]``. Defaults to None.
+        axis: The class axis of ``y_pred``. Defaults to -1.
+
+    Returns:
+        float32 per-pixel values, the shape of the labels.
+
+    Raises:
+        ValueError: For invalid arguments, mismatched shapes, and (eager
+            calls) labels outside ``[0, C)`` that are not ``ignore_class``.
+            Inside a compiled step such labels cannot be checked and are
+            treated like the ignore class.
+
+    Example:
+
+    >>> import numpy as np
+    >>> logits = np.log(np.array([[[[0.5, 0.25, 0.25]]]]))
+    >>> values = sparse_kl_divergence(np.array([[[0]]]), logits)
+    >>> round(float(values[0, 0, 0]), 4)  # -log(0.5)
+    0.6931
+    """
+    from_logits = _check_bool(from_logits, "from_logits")
+    label_smoothing = _check_label_smoothing(label_smoothing)
+    ignore_class = _check_ignore_class(ignore_class)
+    class_weights = _check_class_weights(class_weights)
+    axis = _check_axis(axis)
+    values, _, safe = _sparse_kl(
+        y_true, y_pred, from_logits, label_smoothing, ignore_class, axis
+    )
+    if class_weights is not None:
+        num_classes = ops.shape(y_pred)[axis]
+        w = _class_weight_tensor(class_weights, int(num_classes))
+        values = values * ops.take(w, safe)
+    return values
+
+
+# Loss classes ----------------------------------------------------------------
+
+
+class _KlsegLoss(keras.losses.Loss):
+    """Base: keeps the constructor's ``dtype`` in ``get_config``."""
+
+    def __init__(self, name, reduction, dtype):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self._dtype_arg = dtype if isinstance(dtype, (str, type(None))) else None
+        if self._dtype_arg is None and dtype is not None:
+            self._dtype_arg = keras.dtype_policies.serialize(dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config["dtype"] = self._dtype_arg
+        return config
+
+
+def _mark_valid(values, valid):
+    """Zero ``values`` outside ``valid`` and attach ``valid`` as Keras mask."""
+    values = ops.where(valid, values, 0.0)
+    return set_mask(values, valid)
+
+
+@keras.saving.register_keras_serializable(package="klseg")
+class KLDivergence(_KlsegLoss):
+    """KL divergence between a soft target map and the prediction, per pixel.
+
+        loss = mean over non-ignored pixels of  T^2 * KL(P || Q)
+
+    with ``P`` the target and ``Q`` the prediction at temperature ``T``
+    (``direction="reverse"`` swaps them), computed from ``log_softmax`` in
+    float32 as ``kl_divergence`` documents. Use it as
+    ``loss(teacher_or_target, student_logits, sample_weight=None)``.
+
+    The denominator is Keras': with the default ``"sum_over_batch_size"``
+    reduction it is the number of non-ignored pixels (all pixels when
+    ``ignore_class`` is None); ``sample_weight`` multiplies the per-pixel
+    values first, as in every Keras loss.
+
+    Args:
+        from_logits: Whether ``y_pred`` holds logits. Defaults to True.
+        target: What ``y_true`` holds: ``"probabilities"``, ``"logits"``
+            (e.g. a teacher's outputs) or ``"log_probabilities"``.
+            Defaults to ``"probabilities"``.
+        temperature: Positive temperature ``T``. Defaults to 1.0.
+        scale_by_temperature_squared: Multiply by ``T^2``. Defaults to True.
+        direction: ``"forward"`` (KL(target || prediction)) or
+            ``"reverse"``. Defaults to ``"forward"``.
+        ignore_class: None, or any integer (conventionally the ignore label,
+            e.g. 255, whose one-hot encoding is an all-zero row): pixels
+            whose target row has no mass (sums to 0, or is all ``-inf`` for
+            ``"log_probabilities"``) are then excluded from the mean. Not
+            available with ``target="logits"``; mask such pixels through
+            ``sample_weight``. Defaults to None (empty rows give 0 and
+            count in the denominator).
+        class_weights: Optional per-class weights; each pixel is multiplied
+            by ``sum_c w_c P_c``. Defaults to None.
+        axis: The class axis. Defaults to -1.
+        reduction: Keras reduction. Defaults to ``"sum_over_batch_size"``.
+        name: Defaults to ``"kl_divergence"``.
+        dtype: Keras loss dtype (the computation itself is float32).
+            Defaults to None.
+
+    Example:
+
+    >>> import numpy as np
+    >>> teacher = np.array([[[[1e4, 0.0]]]], dtype="float32")
+    >>> student = np.array([[[[0.0, 1e4]]]], dtype="float32")
+    >>> loss = KLDivergence(target="logits")
+    >>> float(loss(teacher, student))  # keras.losses.KLDivergence: 16.1
+    10000.0
+    """
+
+    def __init__(
+        self,
+        from_logits=True,
+        target="probabilities",
+        temperature=1.0,
+        scale_by_temperature_squared=True,
+        direction="forward",
+        ignore_class=None,
+        class_weights=None,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="kl_divergence",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = _check_bool(from_logits, "from_logits")
+        self.target = _check_target(target)
+        self.temperature = _check_temperature(temperature)
+        self.scale_by_temperature_squared = _check_bool(
+            scale_by_temperature_squared, "scale_by_temperature_squared"
+        )
+        self.direction = _check_direction(direction)
+        self.ignore_class = _check_ignore_class(ignore_class)
+        check_argument(
+            self.ignore_class is None or self.target != "logits",
+            "ignore_class",
+            'None when target="logits" (logit rows always define a '
+            "distribution; mask pixels with `sample_weight` instead)",
+            ignore_class,
+        )
+        self.class_weights = _check_class_weights(class_weights)
+        self.axis = _check_axis(axis)
+
+    def call(self, y_true, y_pred):
+        values = kl_divergence(
+            y_true,
+            y_pred,
+            from_logits=self.from_logits,
+            target=self.target,
+            temperature=self.temperature,
+            direction=self.direction,
+            scale_by_temperature_squared=self.scale_by_temperature_squared,
+            class_weights=self.class_weights,
+            axis=self.axis,
+        )
+        if self.ignore_class is not None:
+            y_true = move_axis_last(as_float32(y_true), self.axis)
+            values = _mark_valid(values, _has_mass(y_true, self.target))
+        return values
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            from_logits=self.from_logits,
+            target=self.target,
+            temperature=self.temperature,
+            scale_by_temperature_squared=self.scale_by_temperature_squared,
+            direction=self.direction,
+            ignore_class=self.ignore_class,
+            class_weights=self.class_weights,
+            axis=self.axis,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="klseg")
+class SparseKLDivergence(_KlsegLoss):
+    """KL from (smoothed) integer labels to the prediction, per pixel.
+
+        loss = mean over non-ignored pixels of  w[y] * KL(t || softmax(b))
+
+    with ``t`` the one-hot label smoothed by ``label_smoothing``; without
+    smoothing this is the cross-entropy. See ``sparse_kl_divergence``.
+    Pixels labelled ``ignore_class`` (and, inside a compiled step, labels
+    outside ``[0, C)``) are excluded from the mean through a Keras mask; a
+    batch with no valid pixel gives 0 and zero gradient.
+
+    Args:
+        from_logits: Whether ``y_pred`` holds logits. Defaults to True.
+        label_smoothing: In [0, 1]. Defaults to 0.
+        ignore_class: Optional label to ignore, e.g. 255. Defaults to None.
+        class_weights: Optional per-class weights ``w``. Defaults to None.
+        axis: The class axis of ``y_pred``. Defaults to -1.
+        reduction: Keras reduction. Defaults to ``"sum_over_batch_size"``.
+        name: Defaults to ``"sparse_kl_divergence"``.
+        dtype: Keras loss dtype (the computation itself is float32).
+            Defaults to None.
+
+    Example:
+
+    >>> import numpy as np
+    >>> labels = np.array([[[0, 255]]])
+    >>> logits = np.zeros((1, 1, 2, 4), dtype="float32")
+    >>> loss = SparseKLDivergence(ignore_class=255)
+    >>> round(float(loss(labels, logits)), 4)  # log 4, the ignored pixel excluded
+    1.3863
+    """
+
+    def __init__(
+        self,
+        from_logits=True,
+        label_smoothing=0.0,
+        ignore_class=None,
+        class_weights=None,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="sparse_kl_divergence",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = _check_bool(from_logits, "from_logits")
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.ignore_class = _check_ignore_class(ignore_class)
+        self.class_weights = _check_class_weights(class_weights)
+        self.axis = _check_axis(axis)
+
+    def call(self, y_true, y_pred):
+        values, valid, safe = _sparse_kl(
+            y_true,
+            y_pred,
+            self.from_logits,
+            self.label_smoothing,
+            self.ignore_class,
+            self.axis,
+        )
+        if self.class_weights is not None:
+            num_classes = y_pred.shape[self.axis]
+            w = _class_weight_tensor(self.class_weights, int(num_classes))
+            values = values * ops.take(w, safe)
+        return _mark_valid(values, valid)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing,
+            ignore_class=self.ignore_class,
+            class_weights=self.class_weights,
+            axis=self.axis,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="klseg")
+class JensenShannonDivergence(_KlsegLoss):
+    """Jensen-Shannon divergence between target and prediction, per pixel.
+
+        loss = mean over non-ignored pixels of  JS(P, Q)  (in [0, log 2])
+
+    See ``jensen_shannon_divergence``.
+
+    Args:
+        from_logits: Whether ``y_pred`` holds logits. Defaults to True.
+        target: ``"probabilities"``, ``"logits"`` or
+            ``"log_probabilities"``. Defaults to ``"probabilities"``.
+        ignore_class: As in ``KLDivergence``: when set, pixels whose target
+            row has no mass are excluded from the mean. Defaults to None.
+        class_weights: Optional per-class weights. Defaults to None.
+        axis: The class axis. Defaults to -1.
+        reduction: Keras reduction. Defaults to ``"sum_over_batch_size"``.
+        name: Defaults to ``"jensen_shannon_divergence"``.
+        dtype: Keras loss dtype. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        from_logits=True,
+        target="probabilities",
+        ignore_class=None,
+        class_weights=None,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="jensen_shannon_divergence",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = _check_bool(from_logits, "from_logits")
+        self.target = _check_target(target)
+        self.ignore_class = _check_ignore_class(ignore_class)
+        check_argument(
+            self.ignore_class is None or self.target != "logits",
+            "ignore_class",
+            'None when target="logits" (mask pixels with `sample_weight`)',
+            ignore_class,
+        )
+        self.class_weights = _check_class_weights(class_weights)
+        self.axis = _check_axis(axis)
+
+    def call(self, y_true, y_pred):
+        values = jensen_shannon_divergence(
+            y_true,
+            y_pred,
+            from_logits=self.from_logits,
+            target=self.target,
+            class_weights=self.class_weights,
+            axis=self.axis,
+        )
+        if self.ignore_class is not None:
+            y_true = move_axis_last(as_float32(y_true), self.axis)
+            values = _mark_valid(values, _has_mass(y_true, self.target))
+        return values
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            from_logits=self.from_logits,
+            target=self.target,
+            ignore_class=self.ignore_class,
+            class_weights=self.class_weights,
+            axis=self.axis,
+        )
+        return config
+
+
+def _resolve_loss(item, index):
+    loss = keras.losses.get(item) if not isinstance(item, keras.losses.Loss) else item
+    if not isinstance(loss, keras.losses.Loss):
+        raise ValueError(
+            f"`losses[{index}]` must be a keras.losses.Loss instance, its class "
+            "name (e.g. 'SparseCategoricalCrossentropy') or its config. "
+            f"Received: losses[{index}]={item!r}"
+        )
+    return loss
+
+
+@keras.saving.register_keras_serializable(package="klseg")
+class WeightedSum(keras.losses.Loss):
+    """A weighted sum of losses, each reduced by its own rules.
+
+        loss = sum_i weights[i] * losses[i](y_true, y_pred, sample_weight)
+
+    Each component applies its own mask, ``sample_weight`` and reduction
+    (so a per-pixel loss with ``ignore_class`` averages over its valid
+    pixels while, say, ``keras.losses.Dice`` keeps its own definition), and
+    the results are added. This is why ``WeightedSum`` works on reduced
+    values rather than per-pixel ones; its own ``reduction`` argument is
+    accepted for Keras compatibility and unused. Components may be any
+    serialisable Keras losses, klseg's or Keras' own.
+
+    Args:
+        losses: Sequence of ``keras.losses.Loss`` instances (or names /
+            configs that ``keras.losses.get`` turns into instances).
+        weights: Sequence of finite floats, one per loss. Defaults to all
+            1.0.
+        name: Defaults to ``"weighted_sum"``.
+        reduction: Ignored (each component reduces itself).
+        dtype: Keras loss dtype. Defaults to None.
+
+    Example:
+
+    >>> import keras
+    >>> loss = WeightedSum(
+    ...     [SparseKLDivergence(ignore_class=255), keras.losses.Dice()],
+    ...     weights=[1.0, 0.5],
+    ... )
+    """
+
+    def __init__(
+        self,
+        losses,
+        weights=None,
+        name="weighted_sum",
+        reduction="sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        check_argument(
+            isinstance(losses, (list, tuple)) and len(losses) > 0,
+            "losses",
+            "a non-empty list of losses",
+            losses,
+        )
+        self.losses = [_resolve_loss(item, i) for i, item in enumerate(losses)]
+        if weights is None:
+            weights = [1.0] * len(self.losses)
+        try:
+            w = [float(v) for v in weights]
+        except (TypeError, ValueError):
+            w = None
+        check_argument(
+            w is not None
+            and len(w) == len(self.losses)
+            and all(math.isfinite(v) for v in w),
+            "weights",
+            f"{len(self.losses)} finite numbers (one per loss)",
+            weights,
+        )
+        self.weights = w
+        self._dtype_arg = dtype if isinstance(dtype, (str, type(None))) else None
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        total = None
+        for weight, loss in zip(self.weights, self.losses):
+            value = loss(y_true, y_pred, sample_weight=sample_weight)
+            value = ops.cast(value, "float32") * weight
+            total = value if total is None else total + value
+        return total
+
+    def call(self, y_true, y_pred):
+        return self(y_true, y_pred)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            losses=[keras.losses.serialize(loss) for loss in self.losses],
+            weights=list(self.weights),
+            dtype=self._dtype_arg,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["losses"] = [keras.losses.deserialize(c) for c in config["losses"]]
+        return cls(**config)
