@@ -1,0 +1,109 @@
+"""Segmentation models: U-Net and DeepLabV3+, a registry and model helpers.
+
+Every model takes images (B, H, W, 3) with values in 0..255 (uint8 or
+float), normalises them itself (``ImagePreprocessing``) and returns float32
+per-pixel logits (B, H, W, num_classes) from a ``ClassLogits`` head that
+carries the class names. Heights and widths must be multiples of the model's
+size multiple (``size_multiple(model)``).
+
+Example:
+
+>>> import klseg.models
+>>> model = klseg.models.build("unet", num_classes=3, base_filters=8, depth=2)
+>>> klseg.models.size_multiple(model), klseg.models.num_classes(model)
+(4, 3)
+>>> klseg.models.get_class_names(model)
+['class_0', 'class_1', 'class_2']
+"""
+
+from klseg.errors import InvalidArgumentError, ModelError
+from klseg.models.backbones import BACKBONES
+from klseg.models.layers import ClassLogits, ImagePreprocessing
+from klseg.models.unet import unet
+
+__all__ = [
+    "BACKBONES",
+    "ClassLogits",
+    "ImagePreprocessing",
+    "available_models",
+    "build",
+    "get_class_names",
+    "num_classes",
+    "size_multiple",
+    "unet",
+]
+
+_REGISTRY = {
+    "unet": unet,
+}
+
+
+def available_models():
+    """The names ``build`` accepts, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build(name, **kwargs):
+    """Builds a model by registry name.
+
+    Args:
+        name: one of ``available_models()``.
+        **kwargs: arguments of the builder (``num_classes`` is required).
+
+    Returns:
+        A ``keras.Model``.
+
+    Raises:
+        ValueError: (``InvalidArgumentError``) for an unknown name; the
+            message lists the valid names.
+    """
+    if name not in _REGISTRY:
+        raise InvalidArgumentError(
+            f"Unknown model {name!r}. Valid names: {', '.join(available_models())}. "
+            f"Received: name={name!r}"
+        )
+    return _REGISTRY[name](**kwargs)
+
+
+def _walk_layers(model):
+    stack = [model]
+    seen = set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer
+        stack.extend(reversed(getattr(layer, "layers", None) or []))
+
+
+def _find(model, layer_type):
+    for layer in _walk_layers(model):
+        if isinstance(layer, layer_type):
+            return layer
+    raise ModelError(
+        f"Model {getattr(model, 'name', model)!r} has no klseg {layer_type.__name__} "
+        "layer; build it with klseg.models (unet, deeplabv3_plus or build)."
+    )
+
+
+def size_multiple(model):
+    """The model's size multiple: valid heights and widths are multiples of it.
+
+    Raises:
+        klseg.errors.ModelError: if ``model`` is not a klseg model.
+    """
+    return int(_find(model, ImagePreprocessing).size_multiple)
+
+
+def num_classes(model):
+    """Number of classes (channels of the logits) of a klseg model."""
+    return int(_find(model, ClassLogits).num_classes)
+
+
+def get_class_names(model):
+    """Class names stored in the model, or ``["class_0", ...]`` if none."""
+    head = _find(model, ClassLogits)
+    if head.class_names is None:
+        return [f"class_{i}" for i in range(head.num_classes)]
+    return list(head.class_names)
