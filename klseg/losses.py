@@ -41,7 +41,6 @@ import numpy as np
 from keras import ops
 
 from klseg.ops import (
-    LOG_TINY,
     TARGET_KINDS,
     as_float32,
     check_argument,
@@ -50,6 +49,9 @@ from klseg.ops import (
     move_axis_last,
     normalize_axis,
     set_mask,
+    sparse_labels,
+    target_mass,
+    valid_labels,
 )
 
 __all__ = [
@@ -190,19 +192,6 @@ def _check_distribution(x, name):
         )
 
 
-def _has_mass(y_true, target):
-    """Bool per pixel: the target row is a distribution (not an empty row).
-
-    ``y_true`` has its class axis last. Returns None for logits targets,
-    which always define a distribution.
-    """
-    if target == "probabilities":
-        return ops.sum(y_true, axis=-1) > 0
-    if target == "log_probabilities":
-        return ops.max(y_true, axis=-1) > LOG_TINY
-    return None
-
-
 # Functions -------------------------------------------------------------------
 
 
@@ -218,7 +207,7 @@ def _kl_last_axis(y_true, y_pred, from_logits, target, temperature, direction, s
         values = ops.sum(p * (lp - lq), axis=-1)
     else:
         values = ops.sum(q * (lq - lp), axis=-1)
-    mass = _has_mass(y_true, target)
+    mass = target_mass(y_true, target)
     if mass is not None:
         values = ops.where(mass, values, 0.0)
     if scale and temperature != 1.0:
@@ -370,7 +359,7 @@ def jensen_shannon_divergence(
     q, lq = log_probs(y_pred, "logits" if from_logits else "probabilities")
     lm = ops.logaddexp(lp, lq) - math.log(2.0)
     values = 0.5 * ops.sum(p * (lp - lm) + q * (lq - lm), axis=-1)
-    mass = _has_mass(y_true, target)
+    mass = target_mass(y_true, target)
     if mass is not None:
         values = ops.where(mass, values, 0.0)
     return _apply_class_weights(values, p, class_weights)
@@ -385,60 +374,15 @@ def _smoothed_neg_entropy(eps, num_classes):
     return on * math.log(on) + (num_classes - 1) * off * math.log(off)
 
 
-def _sparse_labels(y_true, y_pred_shape, axis):
-    """Squeeze a size-1 class axis from the labels and check their shape."""
-    y_true = ops.convert_to_tensor(y_true)
-    rank = len(y_pred_shape)
-    if len(y_true.shape) == rank and y_true.shape[axis] == 1:
-        y_true = ops.squeeze(y_true, axis=axis)
-    expected = tuple(d for i, d in enumerate(y_pred_shape) if i != axis)
-    got = tuple(y_true.shape)
-    compatible = len(got) == len(expected) and all(
-        a is None or b is None or a == b for a, b in zip(got, expected)
-    )
-    if not compatible:
-        raise ValueError(
-            "Integer labels `y_true` must have the shape of `y_pred` without "
-            f"the class axis ({expected}, or with a trailing 1). Received: "
-            f"y_true.shape={got}, y_pred.shape={tuple(y_pred_shape)}"
-        )
-    return y_true
-
-
-def _valid_labels(labels, num_classes, ignore_class):
-    """(int32 labels, bool valid mask) with eager range checks."""
-    if "float" in str(labels.dtype):
-        labels = ops.round(labels)
-    labels = ops.cast(labels, "int32")
-    valid = (labels >= 0) & (labels < num_classes)
-    if ignore_class is not None:
-        valid = valid & (labels != ignore_class)
-        values = concrete(labels)
-        if values is not None:
-            bad = (values != ignore_class) & ((values < 0) | (values >= num_classes))
-    else:
-        values = concrete(labels)
-        if values is not None:
-            bad = (values < 0) | (values >= num_classes)
-    if values is not None and bad.any():
-        found = np.unique(values[bad])[:5].tolist()
-        raise ValueError(
-            f"Labels must lie in [0, {num_classes}) or equal `ignore_class` "
-            f"(ignore_class={ignore_class}). Received: labels {found} "
-            f"({int(bad.sum())} pixels)"
-        )
-    return labels, valid
-
-
 def _sparse_kl(y_true, y_pred, from_logits, label_smoothing, ignore_class, axis):
     """Shared by the function and the class: (values, valid, safe labels)."""
     y_pred = as_float32(y_pred)
     rank = len(y_pred.shape)
     axis = normalize_axis(axis, rank)
-    y_true = _sparse_labels(y_true, tuple(y_pred.shape), axis)
+    y_true = sparse_labels(y_true, tuple(y_pred.shape), axis)
     y_pred = move_axis_last(y_pred, axis)
     num_classes = _num_classes(y_pred)
-    labels, valid = _valid_labels(y_true, num_classes, ignore_class)
+    labels, valid = valid_labels(y_true, num_classes, ignore_class)
     safe = ops.where(valid, labels, 0)
     if from_logits:
         # -log q_c = lse - b_c
@@ -650,7 +594,7 @@ class KLDivergence(_KlsegLoss):
         )
         if self.ignore_class is not None:
             y_true = move_axis_last(as_float32(y_true), self.axis)
-            values = _mark_valid(values, _has_mass(y_true, self.target))
+            values = _mark_valid(values, target_mass(y_true, self.target))
         return values
 
     def get_config(self):
@@ -802,7 +746,7 @@ class JensenShannonDivergence(_KlsegLoss):
         )
         if self.ignore_class is not None:
             y_true = move_axis_last(as_float32(y_true), self.axis)
-            values = _mark_valid(values, _has_mass(y_true, self.target))
+            values = _mark_valid(values, target_mass(y_true, self.target))
         return values
 
     def get_config(self):

@@ -36,10 +36,15 @@ __all__ = [
     "log_probs",
     "move_axis_last",
     "normalize_axis",
+    "pixel_weights",
+    "segment_counts",
     "safe_log",
     "set_mask",
+    "sparse_labels",
     "split_count",
+    "target_mass",
     "total",
+    "valid_labels",
 ]
 
 #: Smallest positive normal float32 (about 1.18e-38).
@@ -152,6 +157,21 @@ def log_probs(x, kind, temperature=1.0):
     return ops.exp(lp), lp
 
 
+def target_mass(y_true, target):
+    """Bool per pixel: the target row (class axis last) has mass.
+
+    A ``"probabilities"`` row has mass when it sums to more than 0; a
+    ``"log_probabilities"`` row when some entry exceeds ``LOG_TINY`` (it is
+    not all ``-inf``). Returns None for ``"logits"``: logit rows always
+    define a distribution.
+    """
+    if target == "probabilities":
+        return ops.sum(y_true, axis=-1) > 0
+    if target == "log_probabilities":
+        return ops.max(y_true, axis=-1) > LOG_TINY
+    return None
+
+
 def concrete(x):
     """Return ``x`` as a NumPy array if its values are known now, else None.
 
@@ -175,6 +195,111 @@ def concrete(x):
         return np.asarray(ops.convert_to_numpy(x))
     except Exception:  # any other traced value
         return None
+
+
+def sparse_labels(y_true, y_pred_shape, axis):
+    """Squeeze a size-1 class axis from the labels and check their shape."""
+    y_true = ops.convert_to_tensor(y_true)
+    rank = len(y_pred_shape)
+    if len(y_true.shape) == rank and y_true.shape[axis] == 1:
+        y_true = ops.squeeze(y_true, axis=axis)
+    expected = tuple(d for i, d in enumerate(y_pred_shape) if i != axis)
+    got = tuple(y_true.shape)
+    compatible = len(got) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(got, expected)
+    )
+    if not compatible:
+        raise ValueError(
+            "Integer labels `y_true` must have the shape of `y_pred` without "
+            f"the class axis ({expected}, or with a trailing 1). Received: "
+            f"y_true.shape={got}, y_pred.shape={tuple(y_pred_shape)}"
+        )
+    return y_true
+
+
+def valid_labels(labels, num_classes, ignore_class):
+    """Integer labels and the mask of pixels that count.
+
+    Args:
+        labels: Label tensor (integer, or float holding integers).
+        num_classes: Number of classes ``C``.
+        ignore_class: Label value to ignore, or None.
+
+    Returns:
+        ``(labels, valid)``: int32 labels and a bool mask that is False for
+        ``ignore_class`` and for labels outside ``[0, C)``.
+
+    Raises:
+        ValueError: When the labels can be read (eager calls) and some lie
+            outside ``[0, C)`` without being ``ignore_class``. Inside a
+            compiled step such labels are treated like the ignore class.
+    """
+    if "float" in str(labels.dtype):
+        labels = ops.round(labels)
+    labels = ops.cast(labels, "int32")
+    valid = (labels >= 0) & (labels < num_classes)
+    if ignore_class is not None:
+        valid = valid & (labels != ignore_class)
+    values = concrete(labels)
+    if values is not None:
+        bad = (values < 0) | (values >= num_classes)
+        if ignore_class is not None:
+            bad &= values != ignore_class
+        if bad.any():
+            found = np.unique(values[bad])[:5].tolist()
+            raise ValueError(
+                f"Labels must lie in [0, {num_classes}) or equal `ignore_class` "
+                f"(ignore_class={ignore_class}). Received: labels {found} "
+                f"({int(bad.sum())} pixels)"
+            )
+    return labels, valid
+
+
+def pixel_weights(sample_weight, valid):
+    """Float32 per-pixel weights: ``sample_weight`` broadcast, 0 off ``valid``.
+
+    ``sample_weight`` may be None, a scalar, per-image ``(batch,)``, or any
+    shape that broadcasts to the label shape once trailing axes are added
+    (a trailing axis of size 1 is squeezed). Returns None when
+    ``sample_weight`` is None (callers then count pixels as integers).
+    """
+    if sample_weight is None:
+        return None
+    w = as_float32(sample_weight)
+    rank = len(valid.shape)
+    if len(w.shape) == rank + 1 and w.shape[-1] == 1:
+        w = ops.squeeze(w, -1)
+    while len(w.shape) < rank:
+        w = ops.expand_dims(w, -1)
+    w = ops.broadcast_to(w, ops.shape(valid))
+    return ops.where(valid, w, 0.0)
+
+
+def segment_counts(ids, num_segments, weights=None, valid=None):
+    """Per-segment counts as a float32 ``(hi, lo)`` pair (exact for integers).
+
+    Args:
+        ids: int32 segment ids in ``[0, num_segments)``.
+        num_segments: Static number of segments.
+        weights: Optional float32 weights (already 0 where not valid).
+        valid: Optional bool mask of the ids that count (used when
+            ``weights`` is None).
+
+    Returns:
+        ``(hi, lo)`` float32 tensors of shape ``(num_segments,)``. Without
+        weights the counts are summed as int32 (exact up to 2**31 per call)
+        and split exactly; with weights they are float32 sums (exact for
+        integer weights while each per-call sum stays below 2**24).
+    """
+    ids = ops.reshape(ids, (-1,))
+    if weights is None:
+        data = ops.ones_like(ids) if valid is None else ops.cast(valid, "int32")
+        data = ops.reshape(data, (-1,))
+        counts = ops.segment_sum(data, ids, num_segments=num_segments)
+        return split_count(counts)
+    data = ops.reshape(weights, (-1,))
+    sums = ops.segment_sum(data, ids, num_segments=num_segments)
+    return sums, ops.zeros_like(sums)
 
 
 # Streaming counts ---------------------------------------------------------
@@ -203,12 +328,17 @@ def split_count(counts):
     return ops.cast(hi, "float32"), ops.cast(lo, "float32")
 
 
-def accumulate(hi, lo, x):
+def accumulate(hi, lo, x, x_lo=None):
     """Add float32 ``x`` to the compensated pair ``(hi, lo)``.
 
     Returns the new ``(hi, lo)``; ``hi + lo`` equals the exact sum of all
-    increments to about 2**-48 relative.
+    increments to about 2**-48 relative. ``x_lo`` (optional) is a second,
+    small part of the increment, as ``split_count`` and ``segment_counts``
+    return.
     """
+    if x_lo is not None:
+        hi, lo = accumulate(hi, lo, x)
+        return accumulate(hi, lo, x_lo)
     s = hi + x
     b = s - hi
     err = (hi - (s - b)) + (x - b)
