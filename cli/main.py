@@ -2,17 +2,558 @@
 
 Heavy imports (Keras, TensorFlow) happen inside the commands, so
 ``klseg --help`` and ``klseg --version`` answer at once.
+
+Each command parses its options, merges them with ``--config`` (see
+:mod:`klseg.cli.config` for the order), builds the matching config object
+of :mod:`klseg.runs` and calls one function there. Mistakes in options exit
+with status 2, failed runs (bad data, missing or incompatible files) with
+status 1, an interrupted run with 130; none of them prints a traceback.
 """
+
+import functools
+import json
+import os
+from pathlib import Path
 
 import click
 
+from klseg import errors
 from klseg._version import __version__
+
+from .config import resolve_options
+from .types import STRATEGIES, FloatList, MixedPrecision, NameList
+
+__all__ = ["cli", "main"]
+
+MODELS = ("unet", "deeplabv3_plus")
+BACKBONES = ("plain", "resnet50", "mobilenetv2")
+AUGMENT = ("none", "light", "strong")
+
+_PATH = click.Path(path_type=str)
+
+
+# --------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------
+
+
+def _prepare_runtime():
+    """Quieter TensorFlow start-up; only when a command actually runs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _run_errors(fn):
+    """Turn klseg's errors into exit codes without tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except errors.InvalidArgumentError as e:
+            raise click.UsageError(str(e)) from None
+        except errors.KlsegError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            ctx = click.get_current_context()
+            hint = ""
+            values = ctx.meta.get("klseg.values", {})
+            if "resume" in values and values.get("output"):
+                hint = (
+                    f" Continue it with: klseg {ctx.info_name} "
+                    f"--output {values['output']} --resume"
+                )
+            click.echo(f"\nInterrupted.{hint}", err=True)
+            raise click.exceptions.Exit(130) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
+
+    return wrapper
+
+
+def _config_option(fn):
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=str),
+        help="YAML, TOML or JSON file with option values; options given on "
+        "the command line override it.",
+    )(fn)
+
+
+def _run_options(fn):
+    """Options every training command (train, finetune) shares."""
+    options = [
+        click.option("--output", "-o", type=_PATH, help="Run folder to write."),
+        click.option(
+            "--image-size",
+            type=click.IntRange(min=8),
+            default=128,
+            show_default=True,
+            help="Training crop/resize size in pixels (square).",
+        ),
+        click.option(
+            "--epochs", type=click.IntRange(min=1), default=20, show_default=True
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="Global batch size (split across replicas).",
+        ),
+        click.option(
+            "--learning-rate",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Adam learning rate  [default: 1e-3 train, 1e-4 finetune].",
+        ),
+        click.option(
+            "--augment",
+            type=click.Choice(AUGMENT),
+            default="light",
+            show_default=True,
+            help="Augmentation preset for the training images.",
+        ),
+        click.option(
+            "--ignore-value",
+            type=click.IntRange(0, 255),
+            default=255,
+            show_default=True,
+            help="Mask value of pixels without a label.",
+        ),
+        click.option(
+            "--class-map",
+            type=_PATH,
+            help="JSON file mapping mask values to class indices.",
+        ),
+        click.option(
+            "--monitor",
+            default="auto",
+            show_default=True,
+            help="Validation metric that picks the best epoch for model.keras "
+            "(a history column, higher is better), or 'auto'.",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--strategy",
+            type=click.Choice(STRATEGIES),
+            default="default",
+            show_default=True,
+            help="tf.distribute strategy: one device, all GPUs of this machine "
+            "(mirrored), or several machines configured by TF_CONFIG "
+            "(multi-worker).",
+        ),
+        click.option(
+            "--jit/--no-jit",
+            default=False,
+            show_default=True,
+            help="Compile the training step with XLA (not with mirrored or "
+            "multi-worker).",
+        ),
+        click.option(
+            "--mixed-precision",
+            type=MixedPrecision(),
+            default="off",
+            is_flag=False,
+            flag_value="auto",
+            show_default=True,
+            help="Compute in float16/bfloat16 with float32 variables; a bare "
+            "flag means auto (float16 on GPU, bfloat16 on CPU).",
+        ),
+        click.option(
+            "--resume",
+            is_flag=True,
+            help="Continue the interrupted run in --output from its last "
+            "completed epoch.",
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace an existing run in --output.",
+        ),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _require(values, *names):
+    missing = [n for n in names if values.get(n) in (None, "", ())]
+    if missing:
+        listed = ", ".join(f"'--{n.replace('_', '-')}'" for n in missing)
+        raise click.UsageError(
+            f"Missing option {listed} (give it on the command line or in the "
+            "--config file)."
+        )
+
+
+def _saved_run_config(values):
+    """The saved config of the run being resumed (a layer under --config)."""
+    if not values.get("resume") or not values.get("output"):
+        return None
+    path = Path(values["output"]) / "config.yaml"
+    return path if path.is_file() else None
+
+
+def _build(config_class, values, drop=()):
+    """Config object from resolved values; bad combinations exit 2."""
+    kwargs = {k: v for k, v in values.items() if k not in {"config", *drop}}
+    if "quiet" in kwargs:
+        kwargs["verbose"] = 0 if kwargs.pop("quiet") else 1
+    try:
+        return config_class(**kwargs)
+    except errors.InvalidArgumentError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _echo_result(result):
+    if result is not None and getattr(result, "summary", None):
+        click.echo(result.summary())
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="klseg")
 def cli():
-    """Stable KL-divergence tools for semantic segmentation."""
+    """Stable KL-divergence tools for semantic segmentation.
+
+    Train a source model, fine-tune it on a new domain with a KL term that
+    keeps it close to the source model, evaluate both domains, predict,
+    export a SavedModel. `klseg demo` runs all of it on built-in data.
+    """
+
+
+@cli.command()
+@_config_option
+@click.option(
+    "--data", type=_PATH, help="Training folder (images/ + masks/) or tfds:NAME."
+)
+@click.option("--val-data", type=_PATH, help="Validation folder or tfds:NAME:SPLIT.")
+@click.option(
+    "--model",
+    type=click.Choice(MODELS),
+    default="unet",
+    show_default=True,
+    help="Architecture.",
+)
+@click.option(
+    "--backbone",
+    type=click.Choice(BACKBONES),
+    help="Encoder  [default: plain for unet, resnet50 for deeplabv3_plus].",
+)
+@click.option(
+    "--base-filters",
+    type=click.IntRange(min=1),
+    help="U-Net filters at the first level  [default: 32].",
+)
+@click.option("--depth", type=click.IntRange(1, 6), help="U-Net levels  [default: 4].")
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    help="Number of classes  [default: from classes.json beside --data, else "
+    "the largest mask value + 1].",
+)
+@click.option(
+    "--class-names",
+    type=NameList(),
+    help="Comma-separated class names stored in the model  [default: from "
+    "classes.json beside --data, else class_0, class_1, ...].",
+)
+@_run_options
+@click.pass_context
+@_run_errors
+def train(ctx, **_):
+    """Train a segmentation model from scratch (a source model).
+
+    Writes to --output: model.keras (best epoch by the validation metric),
+    metrics.json, history.csv, logs/ (TensorBoard), checkpoints/,
+    config.yaml (the resolved options) and report.md with plots/.
+
+    \b
+    Example:
+      klseg train --data data/source/train --val-data data/source/val \\
+          --epochs 10 --output runs/source
+    """
+    values, _ = resolve_options(ctx, saved_config_for=_saved_run_config)
+    _require(values, "data", "val_data", "output")
+    _prepare_runtime()
+    from klseg import runs
+
+    result = runs.train(_build(runs.TrainConfig, values))
+    _echo_result(result)
+
+
+@cli.command()
+@_config_option
+@click.option("--source", type=_PATH, help="Source model (.keras) to start from.")
+@click.option("--data", type=_PATH, help="Labelled target-domain training folder.")
+@click.option(
+    "--unlabeled-data",
+    type=_PATH,
+    help="Unlabelled target-domain images (folder with images/); used by the "
+    "KL term only.",
+)
+@click.option("--val-data", type=_PATH, help="Target-domain validation folder.")
+@click.option(
+    "--source-val-data",
+    type=_PATH,
+    help="Source-domain validation folder: reports how much source mIoU is kept.",
+)
+@click.option(
+    "--source-images",
+    type=_PATH,
+    help="Unlabelled source-domain images for the KL term (rehearsal).",
+)
+@click.option(
+    "--kl-weight",
+    type=FloatList(),
+    help="Weight of the KL term; 0 is plain fine-tuning. A list such as "
+    "0,0.1,0.3,1 runs one fine-tune per weight into subfolders and plots "
+    "the source-vs-target trade-off.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Softmax temperature of the KL term.",
+)
+@click.option(
+    "--kl-inputs",
+    type=click.Choice(("auto", "target", "source", "both")),
+    default="auto",
+    show_default=True,
+    help="Images the KL term sees: target images, --source-images, or both; "
+    "auto is 'source' when --source-images is given, else 'target'.",
+)
+@click.option(
+    "--student-bn",
+    type=click.Choice(("trainable", "frozen")),
+    default="trainable",
+    show_default=True,
+    help="BatchNorm statistics of the fine-tuned model.",
+)
+@click.option(
+    "--source-predictions",
+    type=click.Choice(("live", "stored")),
+    default="live",
+    show_default=True,
+    help="Run the source model every step, or store its predictions once.",
+)
+@_run_options
+@click.pass_context
+@_run_errors
+def finetune(ctx, **_):
+    """Fine-tune a source model on a target domain with a KL term.
+
+    The KL term keeps the fine-tuned model's per-pixel predictions close to
+    the frozen source model's, which keeps source-domain accuracy.
+
+    \b
+    Example:
+      klseg finetune --source runs/source/model.keras \\
+          --data data/target/train --val-data data/target/val \\
+          --source-val-data data/source/val \\
+          --source-images data/source/unlabeled \\
+          --kl-weight 0,0.1,0.3,1 --output runs/finetune
+    """
+    values, _ = resolve_options(ctx, saved_config_for=_saved_run_config)
+    _require(values, "source", "data", "val_data", "output")
+    _prepare_runtime()
+    from klseg import runs
+
+    result = runs.finetune(_build(runs.FinetuneConfig, values))
+    _echo_result(result)
+
+
+@cli.command()
+@_config_option
+@click.option("--model", type=_PATH, help="Model file (.keras).")
+@click.option("--data", type=_PATH, help="Labelled folder (images/ + masks/).")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    help="Resize to this size  [default: the run's training size].",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--ignore-value", type=click.IntRange(0, 255), default=255, show_default=True
+)
+@click.option("--class-map", type=_PATH, help="JSON file mapping mask values.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--output", "-o", type=_PATH, help="Also write the metrics to this file.")
+@click.pass_context
+@_run_errors
+def evaluate(ctx, **_):
+    """Evaluate a model: mean IoU, pixel accuracy and per-class IoU.
+
+    \b
+    Example:
+      klseg evaluate --model runs/finetune/model.keras --data data/target/val
+    """
+    values, _ = resolve_options(ctx)
+    _require(values, "model", "data")
+    as_json = values.pop("as_json")
+    _prepare_runtime()
+    from klseg import runs
+
+    result = runs.evaluate(_build(runs.EvaluateConfig, values))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(runs.format_metrics(result))
+
+
+@cli.command()
+@_config_option
+@click.option("--model", type=_PATH, help="Model file (.keras).")
+@click.option("--images", type=_PATH, help="Folder of images (or its images/).")
+@click.option("--output", "-o", type=_PATH, help="Folder for masks/ and overlays/.")
+@click.option(
+    "--overlay/--no-overlay",
+    default=True,
+    show_default=True,
+    help="Also write colour overlays a person can look at.",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Opacity of the overlay colours.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    help="Resize before predicting  [default: each image's own size].",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+@_run_errors
+def predict(ctx, **_):
+    """Predict class masks for a folder of images.
+
+    Writes masks/NAME.png (class index per pixel, the format --data reads)
+    and, with --overlay, overlays/NAME.png.
+    """
+    values, _ = resolve_options(ctx)
+    _require(values, "model", "images", "output")
+    _prepare_runtime()
+    from klseg import runs
+
+    result = runs.predict(_build(runs.PredictConfig, values))
+    _echo_result(result)
+
+
+@cli.command()
+@_config_option
+@click.option("--model", type=_PATH, help="Model file (.keras).")
+@click.option("--output", "-o", type=_PATH, help="SavedModel folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@click.pass_context
+@_run_errors
+def export(ctx, **_):
+    """Export a model as a TensorFlow SavedModel for serving.
+
+    The 'serving_default' signature takes uint8 images (B, H, W, 3) of any
+    size and returns 'classes' (B, H, W) and 'probabilities' (B, H, W, C).
+    """
+    values, _ = resolve_options(ctx)
+    _require(values, "model", "output")
+    _prepare_runtime()
+    from klseg import runs
+
+    result = runs.export(_build(runs.ExportConfig, values))
+    _echo_result(result)
+
+
+@cli.group()
+def data():
+    """Data sets."""
+
+
+@data.command()
+@_config_option
+@click.option("--output", "-o", type=_PATH, help="Folder to write.")
+@click.option(
+    "--image-size", type=click.IntRange(min=16), default=64, show_default=True
+)
+@click.option("--num-train", type=click.IntRange(min=1), default=160, show_default=True)
+@click.option("--num-val", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--num-unlabeled", type=click.IntRange(min=0), default=160, show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty folder.")
+@click.pass_context
+@_run_errors
+def synth(ctx, **_):
+    """Write the built-in two-domain benchmark as image folders.
+
+    \b
+    Layout:
+      OUTPUT/{source,target}/{train,val}/{images,masks}/
+      OUTPUT/{source,target}/unlabeled/images/
+    """
+    values, _ = resolve_options(ctx)
+    _require(values, "output")
+    _prepare_runtime()
+    from klseg import runs
+
+    result = runs.synth_data(_build(runs.SynthConfig, values))
+    _echo_result(result)
+
+
+@cli.command()
+@_config_option
+@click.option(
+    "--output",
+    "-o",
+    type=_PATH,
+    default="klseg-demo",
+    show_default=True,
+    help="Folder for the data, runs, report and export.",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A tiny version that finishes in seconds (checks the set-up; the "
+    "numbers mean nothing).",
+)
+@click.option("--image-size", type=click.IntRange(min=16), help="Image size.")
+@click.option("--num-train", type=click.IntRange(min=1), help="Training images.")
+@click.option("--source-epochs", type=click.IntRange(min=1), help="Source epochs.")
+@click.option(
+    "--finetune-epochs", type=click.IntRange(min=1), help="Fine-tuning epochs."
+)
+@click.option(
+    "--kl-weight", type=click.FloatRange(min=0), help="KL weight of the KL run."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.pass_context
+@_run_errors
+def demo(ctx, **_):
+    """Show the method end to end on built-in two-domain data.
+
+    Writes the data, trains a source model, fine-tunes it on the target
+    domain without and with the KL term, prints both domains' mIoU for the
+    three models, and writes report.md and a SavedModel export.
+    """
+    values, _ = resolve_options(ctx)
+    _prepare_runtime()
+    from klseg import runs
+
+    cfg = _build(runs.DemoConfig, values)
+    result = runs.demo(cfg)
+    _echo_result(result)
 
 
 def main():

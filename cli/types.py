@@ -1,0 +1,102 @@
+"""Click parameter types of the ``klseg`` command line."""
+
+import math
+
+import click
+
+__all__ = [
+    "FloatList",
+    "NameList",
+    "MixedPrecision",
+    "STRATEGIES",
+    "MIXED_PRECISION_CHOICES",
+]
+
+STRATEGIES = ("default", "mirrored", "multi-worker")
+MIXED_PRECISION_CHOICES = ("off", "auto", "float16", "bfloat16")
+
+
+class FloatList(click.ParamType):
+    """One number or a comma-separated list of numbers, each >= ``minimum``.
+
+    Accepts ``"0.3"``, ``"0,0.1,0.3,1"`` and, from config files, a number or a
+    list of numbers. Converts to a tuple of floats without duplicates, in the
+    order given.
+    """
+
+    name = "FLOAT[,FLOAT...]"
+
+    def __init__(self, minimum=0.0):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple) and all(isinstance(v, float) for v in value):
+            items = value
+        elif isinstance(value, (list, tuple)):
+            items = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            items = [value]
+        elif isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+            if any(v == "" for v in items):
+                self.fail(
+                    f"{value!r} has an empty entry; write numbers separated by "
+                    "commas, e.g. 0,0.1,0.3,1.",
+                    param,
+                    ctx,
+                )
+        else:
+            self.fail(f"{value!r} is not a number or a list of numbers.", param, ctx)
+        result = []
+        for item in items:
+            try:
+                number = float(item)
+            except (TypeError, ValueError):
+                self.fail(f"{item!r} is not a number.", param, ctx)
+            if not math.isfinite(number) or number < self.minimum:
+                self.fail(
+                    f"{item!r} must be a finite number >= {self.minimum:g}.",
+                    param,
+                    ctx,
+                )
+            if number not in result:
+                result.append(number)
+        if not result:
+            self.fail("give at least one number.", param, ctx)
+        return tuple(result)
+
+
+class NameList(click.ParamType):
+    """Comma-separated names (``sky,road,car``); a list in config files."""
+
+    name = "NAME[,NAME...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            items = [str(v).strip() for v in value]
+        elif isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+        else:
+            self.fail(f"{value!r} is not a list of names.", param, ctx)
+        if not items or any(not v for v in items):
+            self.fail(f"{value!r} has an empty name.", param, ctx)
+        if len(set(items)) != len(items):
+            self.fail(f"{value!r} repeats a name.", param, ctx)
+        return tuple(items)
+
+
+class MixedPrecision(click.Choice):
+    """``off``, ``auto``, ``float16`` or ``bfloat16``; a bare flag means auto.
+
+    Config files may also say ``true`` (auto) or ``false`` (off).
+    """
+
+    def __init__(self):
+        super().__init__(MIXED_PRECISION_CHOICES, case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        if value is True:
+            return "auto"
+        if value is False or value is None:
+            return "off"
+        return super().convert(value, param, ctx)

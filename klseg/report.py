@@ -1,0 +1,445 @@
+"""Plots and the run report (matplotlib Agg, PNG files and markdown).
+
+Everything here works on plain numbers and numpy arrays, so it runs without
+Keras: the jobs in :mod:`klseg.runs` collect the values and call these
+functions. Figures are drawn on :class:`matplotlib.figure.Figure` objects
+with the Agg canvas (no GUI, no global pyplot state) and written to a
+temporary file that is then renamed into place, so a report file is either
+complete or absent.
+
+Example:
+
+>>> import numpy as np, tempfile, pathlib
+>>> out = pathlib.Path(tempfile.mkdtemp())
+>>> rows = [{"epoch": 0, "loss": 1.0, "val_mean_iou": 0.3},
+...         {"epoch": 1, "loss": 0.5, "val_mean_iou": 0.6}]
+>>> plot_history(rows, out / "curves.png").name
+'curves.png'
+"""
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "palette",
+    "colorize",
+    "overlay",
+    "read_history",
+    "plot_history",
+    "plot_domain_miou",
+    "plot_tradeoff",
+    "plot_overlays",
+    "markdown_table",
+    "write_report",
+]
+
+_DPI = 100
+
+
+# --------------------------------------------------------------------------
+# Colours
+# --------------------------------------------------------------------------
+
+
+def palette(num_classes):
+    """A fixed colour per class, as uint8 RGB of shape ``(num_classes, 3)``.
+
+    The first 20 colours are matplotlib's ``tab20`` (darker shade first, then
+    the lighter); further classes get evenly spaced hues.
+    """
+    from matplotlib import colormaps
+
+    if num_classes < 1:
+        raise ValueError(
+            "num_classes must be a positive integer. "
+            f"Received: num_classes={num_classes}"
+        )
+    tab = colormaps["tab20"].colors
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    colors = [tab[i] for i in order]
+    if num_classes > len(colors):
+        hsv = colormaps["hsv"]
+        extra = num_classes - len(colors)
+        colors += [hsv(i / extra)[:3] for i in range(extra)]
+    return np.round(np.asarray(colors[:num_classes]) * 255).astype(np.uint8)
+
+
+def colorize(mask, colors, *, ignore_value=255):
+    """Colour image of an index mask; ignored and unknown values are black.
+
+    Args:
+        mask: integer array (H, W) of class indices.
+        colors: uint8 array (C, 3), e.g. from :func:`palette`.
+        ignore_value: mask value drawn black. Defaults to 255.
+
+    Returns:
+        uint8 array (H, W, 3).
+    """
+    mask = np.asarray(mask)
+    colors = np.asarray(colors, dtype=np.uint8)
+    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
+    valid = (mask >= 0) & (mask < len(colors)) & (mask != ignore_value)
+    out[valid] = colors[mask[valid]]
+    return out
+
+
+def overlay(image, mask, colors, *, alpha=0.5, ignore_value=255):
+    """Blend class colours over an image: ``(1 - alpha) * image + alpha * colour``.
+
+    Ignored pixels keep the image unchanged.
+
+    Args:
+        image: uint8 array (H, W, 3).
+        mask: integer array (H, W).
+        colors: uint8 array (C, 3).
+        alpha: opacity of the colours in [0, 1]. Defaults to 0.5.
+        ignore_value: mask value left uncoloured. Defaults to 255.
+
+    Returns:
+        uint8 array (H, W, 3).
+    """
+    image = np.asarray(image)
+    mask = np.asarray(mask)
+    if image.shape[:2] != mask.shape:
+        raise ValueError(
+            "image and mask must have the same height and width. Received: "
+            f"image.shape={image.shape}, mask.shape={mask.shape}"
+        )
+    color = colorize(mask, colors, ignore_value=ignore_value).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * color
+    keep = (mask == ignore_value) | (mask < 0) | (mask >= len(colors))
+    blended[keep] = image[keep]
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+def _temp_beside(path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent
+    )
+    os.close(fd)
+    return Path(tmp)
+
+
+def _save_figure(fig, path):
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        fig.savefig(tmp, dpi=_DPI, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_text(path, text):
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _figure(width, height):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def read_history(path):
+    """Rows of a history CSV (as written by ``keras.callbacks.CSVLogger``).
+
+    Numbers become floats (``epoch`` an int); empty cells are dropped.
+    """
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for key, value in raw.items():
+                if key is None or value in (None, ""):
+                    continue
+                try:
+                    row[key] = int(value) if key == "epoch" else float(value)
+                except ValueError:
+                    row[key] = value
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------
+
+
+def _finite(values):
+    return [
+        v if isinstance(v, (int, float)) and math.isfinite(v) else np.nan
+        for v in values
+    ]
+
+
+def plot_history(rows, path, *, title="Training curves"):
+    """Training curves: losses on the left, every other metric on the right.
+
+    Args:
+        rows: list of dicts, one per epoch, with an ``epoch`` key and metric
+            columns (``loss``, ``val_loss``, ``val_mean_iou``, ...).
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    if not rows:
+        raise ValueError("rows must hold at least one epoch. Received: rows=[]")
+    epochs = [int(r.get("epoch", i)) + 1 for i, r in enumerate(rows)]
+    keys = []
+    for row in rows:
+        for key in row:
+            if key != "epoch" and key not in keys:
+                keys.append(key)
+    losses = [k for k in keys if "loss" in k]
+    others = [k for k in keys if k not in losses and k not in ("learning_rate", "lr")]
+    fig = _figure(10, 3.8)
+    axes = fig.subplots(1, 2)
+    for ax, group, label in ((axes[0], losses, "loss"), (axes[1], others, "metric")):
+        for key in group:
+            values = _finite([r.get(key) for r in rows])
+            style = "--" if key.startswith("val_") else "-"
+            ax.plot(epochs, values, style, marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if group:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
+def plot_domain_miou(results, path, *, title="Mean IoU per domain"):
+    """Grouped bars: each model's mean IoU on the source and target domains.
+
+    Args:
+        results: ``{model label: {"source": miou, "target": miou}}`` with mIoU
+            in [0, 1]; a missing domain is left out.
+        path: PNG file to write.
+
+    Returns:
+        The path written.
+    """
+    labels = list(results)
+    domains = [d for d in ("source", "target") if any(d in r for r in results.values())]
+    fig = _figure(max(5, 1.8 * len(labels) + 1), 3.8)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(domains))
+    x = np.arange(len(labels))
+    for i, domain in enumerate(domains):
+        values = [100 * results[label].get(domain, np.nan) for label in labels]
+        bars = ax.bar(
+            x + (i - (len(domains) - 1) / 2) * width, values, width, label=domain
+        )
+        for bar, value in zip(bars, values):
+            if np.isfinite(value):
+                ax.annotate(
+                    f"{value:.1f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("mean IoU (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(title="validation domain")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_tradeoff(points, path, *, reference=None, title="Source vs target mean IoU"):
+    """The KL-weight trade-off: source mIoU against target mIoU, one point per weight.
+
+    Args:
+        points: list of dicts with ``kl_weight``, ``source`` and ``target``
+            (mIoU in [0, 1]).
+        path: PNG file to write.
+        reference: optional ``{"source": ..., "target": ...}`` of the source
+            model before fine-tuning, drawn as a star.
+
+    Returns:
+        The path written.
+    """
+    points = sorted(points, key=lambda p: p["kl_weight"])
+    fig = _figure(5.5, 4.5)
+    ax = fig.subplots()
+    xs = [100 * p["target"] for p in points]
+    ys = [100 * p["source"] for p in points]
+    ax.plot(xs, ys, "-", color="0.6", zorder=1)
+    ax.scatter(xs, ys, c=range(len(points)), cmap="viridis", zorder=2, s=40)
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(
+            f"w={p['kl_weight']:g}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
+    if reference is not None:
+        ax.scatter(
+            [100 * reference["target"]],
+            [100 * reference["source"]],
+            marker="*",
+            s=160,
+            color="tab:red",
+            label="source model",
+            zorder=3,
+        )
+        ax.legend(fontsize=8)
+    ax.set_xlim(0, 105)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("target-domain mean IoU (%)")
+    ax.set_ylabel("source-domain mean IoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def plot_overlays(
+    images,
+    predictions,
+    path,
+    *,
+    masks=None,
+    class_names=None,
+    colors=None,
+    ignore_value=255,
+    alpha=0.5,
+    title=None,
+):
+    """A grid of images with predicted (and, when given, true) masks overlaid.
+
+    Args:
+        images: uint8 array (N, H, W, 3) or list of (H, W, 3).
+        predictions: integer masks (N, H, W).
+        path: PNG file to write.
+        masks: optional true masks (N, H, W); adds a column.
+        class_names: names for the legend. Defaults to ``class_0``, ...
+        colors: uint8 (C, 3). Defaults to :func:`palette`.
+        ignore_value: mask value left uncoloured. Defaults to 255.
+        alpha: opacity of the colours. Defaults to 0.5.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.patches import Patch
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("images must hold at least one image. Received: 0 images")
+    num_classes = len(class_names) if class_names else None
+    if num_classes is None:
+        seen = [np.asarray(p) for p in predictions]
+        num_classes = int(max(int(p.max()) for p in seen)) + 1
+    names = (
+        list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+    )
+    colors = palette(num_classes) if colors is None else np.asarray(colors)
+    columns = [("image", None), ("prediction", predictions)]
+    if masks is not None:
+        columns.insert(1, ("ground truth", masks))
+    fig = _figure(2.4 * len(columns), 2.4 * n + 0.8)
+    axes = np.atleast_2d(fig.subplots(n, len(columns), squeeze=False))
+    for i in range(n):
+        image = np.asarray(images[i])
+        for j, (name, source) in enumerate(columns):
+            ax = axes[i, j]
+            if source is None:
+                ax.imshow(image)
+            else:
+                ax.imshow(
+                    overlay(
+                        image,
+                        np.asarray(source[i]),
+                        colors,
+                        alpha=alpha,
+                        ignore_value=ignore_value,
+                    )
+                )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    handles = [
+        Patch(color=colors[c] / 255.0, label=names[c]) for c in range(num_classes)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(6, num_classes),
+        fontsize=8,
+    )
+    if title:
+        fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(headers, rows):
+    """A GitHub-flavoured markdown table; floats use 4 significant digits."""
+    lines = [
+        "| " + " | ".join(str(h) for h in headers) + " |",
+        "| " + " | ".join("---" for _ in headers) + " |",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(path, *, title, sections):
+    """Write a markdown report.
+
+    Args:
+        path: the ``.md`` file to write (atomically).
+        title: top heading.
+        sections: list of ``(heading, body)``; ``body`` is markdown text, or
+            a path of an image (drawn relative to the report's folder), or a
+            list of those.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    parts = [f"# {title}", ""]
+    for heading, body in sections:
+        parts += [f"## {heading}", ""]
+        for item in body if isinstance(body, (list, tuple)) else [body]:
+            if isinstance(item, Path):
+                rel = os.path.relpath(item, path.parent).replace(os.sep, "/")
+                parts += [f"![{item.stem}]({rel})", ""]
+            else:
+                parts += [str(item).rstrip(), ""]
+    return _write_text(path, "\n".join(parts).rstrip() + "\n")

@@ -1,0 +1,1724 @@
+"""The jobs behind the ``klseg`` commands, callable from Python.
+
+Each command of the command line builds one config object and calls one
+function here; a Python user can do the same::
+
+    from klseg import runs
+
+    result = runs.train(runs.TrainConfig(
+        data="data/source/train", val_data="data/source/val",
+        output="runs/source", epochs=10))
+    result.metrics["val"]["mean_iou"]
+
+A training run (``train``, ``finetune``) writes a *run folder*::
+
+    OUTPUT/
+      config.yaml        the resolved options (reusable with --config)
+      model.keras        the best epoch's model by the monitored metric
+      metrics.json       final metrics per validation domain
+      history.csv        one row per epoch (keras.callbacks.CSVLogger)
+      logs/              TensorBoard event files (train/, validation/)
+      checkpoints/       last completed epochs: weights, optimizer state,
+                         epoch, best-so-far and seed (for resume)
+      report.md          the run report, with plots/*.png
+
+Every file a later step relies on is written to a temporary name and renamed
+into place, so an interruption leaves either the old or the new version.
+``resume=True`` continues an interrupted run from its last completed epoch:
+model weights, optimizer state (including its step counter), the epoch
+counter, the best score so far and the history are restored.
+
+TensorFlow and Keras are imported inside the functions.
+"""
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from klseg import errors
+
+__all__ = [
+    "TrainConfig",
+    "FinetuneConfig",
+    "EvaluateConfig",
+    "PredictConfig",
+    "ExportConfig",
+    "SynthConfig",
+    "DemoConfig",
+    "RunResult",
+    "SweepResult",
+    "DemoResult",
+    "train",
+    "finetune",
+    "evaluate",
+    "predict",
+    "export",
+    "synth_data",
+    "demo",
+    "load_model",
+    "evaluate_model",
+    "format_metrics",
+    "RunFolder",
+]
+
+STRATEGIES = ("default", "mirrored", "multi-worker")
+MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
+AUGMENT = ("none", "light", "strong")
+
+# Fields that do not change what a run computes: a resumed run may differ
+# from the saved config in these.
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "resume", "overwrite", "verbose", "output", "strategy", "jit"}
+)
+# Fields not written to config.yaml (how a run was invoked, not what it is).
+_NOT_SAVED = frozenset({"resume", "overwrite", "verbose"})
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+
+def _fail(message):
+    raise errors.InvalidArgumentError(message)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        _fail(
+            f"{name} must be one of {', '.join(map(str, choices))}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _check_positive(name, value, *, allow_none=False, integer=True):
+    if value is None and allow_none:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        _fail(f"{name} must be {what}. Received: {name}={value!r}")
+
+
+def _say(verbose, message):
+    if verbose:
+        print(message, flush=True)
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean_json(value):
+    """NaN/inf become None (JSON has no NaN); tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path, data):
+    """Write ``data`` as indented JSON (atomically); NaN is written as null."""
+    text = json.dumps(_clean_json(data), indent=2, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def _yaml_dump(data):
+    import yaml
+
+    return yaml.safe_dump(_clean_json(data), sort_keys=False, default_flow_style=None)
+
+
+def _read_yaml(path):
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+# --------------------------------------------------------------------------
+# Config objects
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _RunOptions:
+    """Options shared by the training jobs (``train``, ``finetune``)."""
+
+    output: str | None = None
+    image_size: int = 128
+    epochs: int = 20
+    batch_size: int = 8
+    learning_rate: float | None = None
+    augment: str = "light"
+    ignore_value: int = 255
+    class_map: str | None = None
+    monitor: str = "auto"
+    seed: int = 0
+    strategy: str = "default"
+    jit: bool = False
+    mixed_precision: str = "off"
+    resume: bool = False
+    overwrite: bool = False
+    verbose: int = 1
+
+    def _check_run_options(self):
+        if not self.output:
+            _fail("output must name the run folder to write. Received: output=None")
+        _check_positive("image_size", self.image_size)
+        _check_positive("epochs", self.epochs)
+        _check_positive("batch_size", self.batch_size)
+        if self.learning_rate is not None:
+            _check_positive("learning_rate", self.learning_rate, integer=False)
+        _check_choice("augment", self.augment, AUGMENT)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        if self.mixed_precision is True:
+            self.mixed_precision = "auto"
+        elif self.mixed_precision in (False, None):
+            self.mixed_precision = "off"
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if not 0 <= int(self.ignore_value) <= 255:
+            _fail(
+                "ignore_value must be in 0..255. "
+                f"Received: ignore_value={self.ignore_value}"
+            )
+        if self.jit and self.strategy != "default":
+            _fail(
+                f"jit cannot be combined with strategy={self.strategy!r}: XLA "
+                "compilation of a distributed training step fails on "
+                "TensorFlow 2.21 (a resource on one device is read from "
+                "another). Drop --jit, or use --strategy default. "
+                f"Received: jit=True, strategy={self.strategy!r}"
+            )
+        if self.resume and self.overwrite:
+            _fail("resume and overwrite exclude each other. Received both=True")
+
+    def to_dict(self):
+        """The options as saved in ``config.yaml`` (invocation flags left out)."""
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()
+            if k not in _NOT_SAVED
+        }
+
+
+@dataclasses.dataclass
+class TrainConfig(_RunOptions):
+    """Options of :func:`train` (``klseg train``).
+
+    Attributes:
+        data: labelled training folder (``images/`` + ``masks/``) or
+            ``tfds:NAME[:SPLIT]``.
+        val_data: labelled validation folder or spec.
+        model: ``"unet"`` or ``"deeplabv3_plus"``.
+        backbone, base_filters, depth: passed to the model builder when set.
+        num_classes: number of classes; ``None`` reads it from the data
+            (a ``classes.json`` in the data folder or above it, else the
+            largest mask value + 1).
+        class_names: names stored in the model; ``None`` reads them from a
+            ``classes.json`` like ``num_classes``, else ``class_0``, ...
+        learning_rate: Adam learning rate. ``None`` means 1e-3.
+        monitor: history column whose highest value picks ``model.keras``;
+            ``"auto"`` is ``val_mean_iou``.
+        Others: see :class:`FinetuneConfig` and the command line help.
+    """
+
+    data: str | None = None
+    val_data: str | None = None
+    model: str = "unet"
+    backbone: str | None = None
+    base_filters: int | None = None
+    depth: int | None = None
+    num_classes: int | None = None
+    class_names: tuple | None = None
+
+    def __post_init__(self):
+        self._check_run_options()
+        if not self.data or not self.val_data:
+            _fail(
+                "train needs data and val_data. "
+                f"Received: data={self.data!r}, val_data={self.val_data!r}"
+            )
+        _check_choice("model", self.model, ("unet", "deeplabv3_plus"))
+        _check_positive("num_classes", self.num_classes, allow_none=True)
+        _check_positive("base_filters", self.base_filters, allow_none=True)
+        _check_positive("depth", self.depth, allow_none=True)
+        if self.class_names is not None:
+            self.class_names = tuple(str(c) for c in self.class_names)
+
+
+@dataclasses.dataclass
+class FinetuneConfig(_RunOptions):
+    """Options of :func:`finetune` (``klseg finetune``).
+
+    Attributes:
+        source: the source model file (``.keras``).
+        data: labelled target-domain training folder.
+        val_data: labelled target-domain validation folder.
+        unlabeled_data: unlabelled target-domain images; the KL term sees
+            them, the task loss does not.
+        source_val_data: labelled source-domain validation folder; gives the
+            source-domain mIoU (what fine-tuning keeps or forgets).
+        source_images: unlabelled source-domain images for the KL term.
+        kl_weight: one weight, or several (a sweep: one run per weight in
+            ``OUTPUT/kl-W/`` and a trade-off plot). ``0`` is plain
+            fine-tuning. ``None`` uses the library default.
+        temperature: softmax temperature of the KL term. ``None`` uses the
+            library default.
+        kl_inputs: ``"target"``, ``"source"``, ``"both"`` or ``"auto"``
+            (``"source"`` when ``source_images`` is given, else
+            ``"target"``).
+        student_bn: ``"trainable"`` or ``"frozen"`` BatchNorm statistics.
+        source_predictions: ``"live"`` (source model run each step) or
+            ``"stored"`` (computed once).
+        learning_rate: Adam learning rate. ``None`` means 1e-4.
+        monitor: history column that picks ``model.keras``; ``"auto"`` is
+            the target-domain validation mIoU.
+    """
+
+    source: str | None = None
+    data: str | None = None
+    val_data: str | None = None
+    unlabeled_data: str | None = None
+    source_val_data: str | None = None
+    source_images: str | None = None
+    kl_weight: tuple | float | None = None
+    temperature: float | None = None
+    kl_inputs: str = "auto"
+    student_bn: str = "trainable"
+    source_predictions: str = "live"
+
+    def __post_init__(self):
+        self._check_run_options()
+        if not self.source or not self.data or not self.val_data:
+            _fail(
+                "finetune needs source, data and val_data. Received: "
+                f"source={self.source!r}, data={self.data!r}, "
+                f"val_data={self.val_data!r}"
+            )
+        if self.kl_weight is not None:
+            weights = (
+                tuple(self.kl_weight)
+                if isinstance(self.kl_weight, (list, tuple))
+                else (self.kl_weight,)
+            )
+            for w in weights:
+                if (
+                    isinstance(w, bool)
+                    or not isinstance(w, (int, float))
+                    or not math.isfinite(w)
+                    or w < 0
+                ):
+                    _fail(
+                        "kl_weight must be a number >= 0 or a list of them. "
+                        f"Received: kl_weight={self.kl_weight!r}"
+                    )
+            if not weights:
+                _fail("kl_weight must not be an empty list. Received: kl_weight=()")
+            self.kl_weight = tuple(float(w) for w in weights)
+        if self.temperature is not None:
+            _check_positive("temperature", self.temperature, integer=False)
+        _check_choice("kl_inputs", self.kl_inputs, ("auto", "target", "source", "both"))
+        if self.kl_inputs in ("source", "both") and not self.source_images:
+            _fail(
+                f"kl_inputs={self.kl_inputs!r} needs source_images (a folder of "
+                "unlabelled source-domain images). Received: source_images=None"
+            )
+        _check_choice("student_bn", self.student_bn, ("trainable", "frozen"))
+        _check_choice("source_predictions", self.source_predictions, ("live", "stored"))
+
+    @property
+    def is_sweep(self):
+        return self.kl_weight is not None and len(self.kl_weight) > 1
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Options of :func:`evaluate` (``klseg evaluate``).
+
+    ``model`` is a ``.keras`` path or a ``keras.Model``; ``image_size``
+    ``None`` uses the training size saved next to the model (its run's
+    ``config.yaml``), else 256. ``output`` optionally names a JSON file.
+    """
+
+    model: object = None
+    data: str | None = None
+    image_size: int | None = None
+    batch_size: int = 8
+    ignore_value: int = 255
+    class_map: str | None = None
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.model is None or not self.data:
+            _fail(
+                "evaluate needs model and data. "
+                f"Received: model={self.model!r}, data={self.data!r}"
+            )
+        _check_positive("image_size", self.image_size, allow_none=True)
+        _check_positive("batch_size", self.batch_size)
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Options of :func:`predict` (``klseg predict``).
+
+    ``image_size`` ``None`` predicts each image at its own size (padded to
+    the model's size multiple inside and cropped back).
+    """
+
+    model: object = None
+    images: str | None = None
+    output: str | None = None
+    overlay: bool = True
+    alpha: float = 0.5
+    image_size: int | None = None
+    overwrite: bool = False
+    verbose: int = 1
+
+    def __post_init__(self):
+        if self.model is None or not self.images or not self.output:
+            _fail(
+                "predict needs model, images and output. Received: "
+                f"model={self.model!r}, images={self.images!r}, "
+                f"output={self.output!r}"
+            )
+        _check_positive("image_size", self.image_size, allow_none=True)
+        if not 0 <= self.alpha <= 1:
+            _fail(f"alpha must be in [0, 1]. Received: alpha={self.alpha}")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Options of :func:`export` (``klseg export``)."""
+
+    model: object = None
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.model is None or not self.output:
+            _fail(
+                "export needs model and output. "
+                f"Received: model={self.model!r}, output={self.output!r}"
+            )
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """Options of :func:`synth_data` (``klseg data synth``)."""
+
+    output: str | None = None
+    image_size: int = 64
+    num_train: int = 160
+    num_val: int = 64
+    num_unlabeled: int = 160
+    num_target_train: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.output:
+            _fail("synth needs output. Received: output=None")
+        _check_positive("image_size", self.image_size)
+        _check_positive("num_train", self.num_train)
+        _check_positive("num_val", self.num_val)
+        _check_positive("num_target_train", self.num_target_train, allow_none=True)
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a training run produced.
+
+    Attributes:
+        output: the run folder.
+        model_path: ``OUTPUT/model.keras``.
+        metrics: the content of ``metrics.json``.
+        best_epoch: 1-based epoch of ``model.keras``.
+        epochs: epochs completed.
+    """
+
+    output: Path
+    model_path: Path
+    metrics: dict
+    best_epoch: int | None
+    epochs: int
+
+    def summary(self):
+        lines = [f"Run folder: {self.output}", f"Best model: {self.model_path}"]
+        if self.best_epoch:
+            lines[-1] += f" (epoch {self.best_epoch} of {self.epochs})"
+        for domain in ("val", "source", "target"):
+            m = self.metrics.get(domain)
+            if isinstance(m, dict) and m.get("mean_iou") is not None:
+                lines.append(f"{domain} mean IoU: {100 * m['mean_iou']:.1f}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """A fine-tuning sweep over several KL weights.
+
+    Attributes:
+        output: the sweep folder (one ``kl-W`` run folder per weight).
+        runs: ``{kl_weight: RunResult}``.
+        table: rows ``{"kl_weight", "source", "target"}`` (mIoU in [0, 1]).
+        tradeoff_plot: the PNG of source vs target mIoU.
+    """
+
+    output: Path
+    runs: dict
+    table: list
+    tradeoff_plot: Path
+
+    def summary(self):
+        lines = [f"Sweep folder: {self.output}", _sweep_table_text(self.table)]
+        lines.append(f"Trade-off plot: {self.tradeoff_plot}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What :func:`demo` produced: the table, the folder and the wall time."""
+
+    output: Path
+    table: dict
+    seconds: float
+    export_path: Path | None
+
+    def summary(self):
+        lines = ["", format_domain_table(self.table), ""]
+        lines.append(f"Report: {self.output / 'report.md'}")
+        if self.export_path:
+            lines.append(f"SavedModel: {self.export_path}")
+        lines.append(f"Wall time: {self.seconds / 60:.1f} min")
+        return "\n".join(lines)
+
+
+def _sweep_table_text(rows):
+    lines = ["kl_weight  source mIoU  target mIoU"]
+    for row in rows:
+        lines.append(
+            f"{row['kl_weight']:>9g}  {_pct(row.get('source')):>11}  "
+            f"{_pct(row.get('target')):>11}"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{100 * value:.1f}"
+
+
+def format_domain_table(table):
+    """Plain-text table of ``{model: {"source": miou, "target": miou}}``."""
+    width = max([len("model")] + [len(k) for k in table])
+    lines = [
+        f"{'model':<{width}}  source mIoU  target mIoU",
+        f"{'-' * width}  -----------  -----------",
+    ]
+    for name, row in table.items():
+        lines.append(
+            f"{name:<{width}}  {_pct(row.get('source')):>11}  "
+            f"{_pct(row.get('target')):>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_metrics(result):
+    """Human-readable text of :func:`evaluate`'s result."""
+    lines = [
+        f"Model: {result.get('model')}",
+        f"Data:  {result.get('data')} ({result.get('num_images')} images at "
+        f"{result.get('image_size')}px)",
+        f"mean IoU:       {_pct(result.get('mean_iou'))}",
+        f"pixel accuracy: {_pct(result.get('pixel_accuracy'))}",
+        "IoU per class:",
+    ]
+    per_class = result.get("per_class_iou") or {}
+    width = max([5] + [len(k) for k in per_class])
+    for name, value in per_class.items():
+        shown = "absent" if value is None else _pct(value)
+        lines.append(f"  {name:<{width}}  {shown:>6}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Run folders and checkpoints
+# --------------------------------------------------------------------------
+
+
+class RunFolder:
+    """The files of one run (see the module docstring for the layout)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    model = property(lambda self: self.path / "model.keras")
+    metrics = property(lambda self: self.path / "metrics.json")
+    history = property(lambda self: self.path / "history.csv")
+    logs = property(lambda self: self.path / "logs")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    plots = property(lambda self: self.path / "plots")
+    report = property(lambda self: self.path / "report.md")
+
+    def latest_checkpoint(self):
+        """``(folder, state)`` of the last completed epoch, or ``None``."""
+        pointer = self.checkpoints / "latest.json"
+        if not pointer.is_file():
+            return None
+        try:
+            name = json.loads(pointer.read_text())["checkpoint"]
+            folder = self.checkpoints / name
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError, KeyError) as e:
+            raise errors.RunError(
+                f"the checkpoint record in {self.checkpoints} is unreadable "
+                f"({e}); start the run again without --resume."
+            ) from None
+        return folder, state
+
+
+def _check_writable(path):
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise errors.RunError(f"output {path} exists and is not a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise errors.RunError(
+            f"cannot write to output folder {path}: {e.strerror or e}"
+        ) from None
+
+
+def _config_differences(saved, current):
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in _RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            diffs.append(f"{key}: saved {a!r}, now {b!r}")
+    return diffs
+
+
+def _open_run(cfg, *, is_chief=True):
+    """Prepare the run folder; returns ``(RunFolder, checkpoint or None)``.
+
+    A new run needs an empty (or absent) folder, or ``overwrite`` of an
+    earlier klseg run. ``resume`` needs the folder of an earlier run with
+    the same settings (epochs may grow).
+    """
+    if not is_chief:
+        # Other workers of a multi-worker run write to a private folder that
+        # is removed at the end: the chief alone writes the run folder.
+        return RunFolder(tempfile.mkdtemp(prefix="klseg-worker-")), None
+    run = RunFolder(cfg.output)
+    current = cfg.to_dict()
+    if cfg.resume:
+        if not run.config.is_file():
+            raise errors.RunError(
+                f"nothing to resume in {run.path}: it holds no klseg run "
+                "(config.yaml is missing). Start it without --resume."
+            )
+        diffs = _config_differences(_read_yaml(run.config), current)
+        if diffs:
+            raise errors.RunError(
+                f"cannot resume {run.path} with different settings: "
+                + "; ".join(diffs)
+                + ". Resume with the saved settings (only --epochs may change), "
+                "or start a new run."
+            )
+        _check_writable(run.path)
+        checkpoint = run.latest_checkpoint()
+        atomic_write_text(run.config, _yaml_dump(current))
+        return run, checkpoint
+    if run.path.exists() and run.path.is_dir() and any(run.path.iterdir()):
+        if not cfg.overwrite:
+            raise errors.RunError(
+                f"output folder {run.path} is not empty. Pass --resume to "
+                "continue the run in it, --overwrite to replace it, or choose "
+                "another folder."
+            )
+        if not run.config.is_file():
+            raise errors.RunError(
+                f"refusing to overwrite {run.path}: it is not empty and holds "
+                "no klseg run. Choose another folder."
+            )
+        shutil.rmtree(run.path)
+    _check_writable(run.path)
+    atomic_write_text(run.config, _yaml_dump(current))
+    return run, None
+
+
+def _save_checkpoint(run, model, optimizer, state, keep=2):
+    """Write ``checkpoints/epoch_NNNN`` then point ``latest.json`` at it."""
+    import numpy as np
+
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    name = f"epoch_{state['epoch']:04d}"
+    final = run.checkpoints / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run.checkpoints))
+    try:
+        model.save_weights(tmp / "model.weights.h5")
+        arrays = {
+            f"v{i:05d}": np.asarray(_to_numpy(v))
+            for i, v in enumerate(optimizer.variables)
+        }
+        np.savez(tmp / "optimizer.npz", **arrays)
+        (tmp / "state.json").write_text(
+            json.dumps(_clean_json(state), indent=2) + "\n", encoding="utf-8"
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(run.checkpoints / "latest.json", {"checkpoint": name})
+    kept = sorted(p for p in run.checkpoints.glob("epoch_*") if p.is_dir())
+    for old in kept[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _to_numpy(variable):
+    import keras
+
+    return keras.ops.convert_to_numpy(variable.value)
+
+
+def _restore_checkpoint(folder, model, optimizer):
+    import numpy as np
+
+    try:
+        model.load_weights(folder / "model.weights.h5")
+    except Exception as e:
+        raise errors.RunError(
+            f"cannot restore the model weights from {folder}: {e}"
+        ) from None
+    optimizer.build(model.trainable_variables)
+    with np.load(folder / "optimizer.npz") as saved:
+        values = [saved[k] for k in sorted(saved.files)]
+    variables = list(optimizer.variables)
+    if len(values) != len(variables) or any(
+        tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values)
+    ):
+        raise errors.RunError(
+            f"the optimizer state in {folder} does not match this model "
+            f"({len(values)} saved variables, {len(variables)} expected)."
+        )
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
+def _truncate_history(path, epochs_done):
+    """Drop history rows of epochs that were not checkpointed."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    keep = [r for r in body if r and r[0].isdigit() and int(r[0]) < epochs_done]
+    lines = [header, *keep]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(lines)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------
+
+
+def _callbacks_module():
+    import keras
+
+    class RunCheckpoint(keras.callbacks.Callback):
+        """Best model by ``monitor`` plus a resumable checkpoint every epoch."""
+
+        def __init__(self, run, monitor, *, save_model, state, seed):
+            super().__init__()
+            self.run = run
+            self.monitor = monitor
+            self.save_model = save_model
+            self.best = state.get("best") if state else None
+            self.best_epoch = state.get("best_epoch") if state else None
+            self.seed = seed
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            if self.monitor not in logs:
+                names = ", ".join(sorted(logs)) or "none"
+                raise errors.RunError(
+                    f"monitor {self.monitor!r} is not a history column. "
+                    f"Columns: {names}."
+                )
+            value = float(logs[self.monitor])
+            if math.isfinite(value) and (self.best is None or value > self.best):
+                self.best, self.best_epoch = value, epoch + 1
+                _save_model_atomic(self.save_model, self.run.model)
+            state = {
+                "epoch": epoch + 1,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "monitor": self.monitor,
+                "seed": self.seed,
+                "optimizer_iterations": int(_to_numpy(self.model.optimizer.iterations)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            _save_checkpoint(self.run, self.model, self.model.optimizer, state)
+
+    class EpochScalars(keras.callbacks.Callback):
+        """Per-epoch TensorBoard scalars (``train/`` and ``validation/``).
+
+        Written with ``tf.summary.write``, which needs no ``tensorboard``
+        package (``pip install tensorboard`` to view the logs).
+        """
+
+        def __init__(self, log_dir):
+            super().__init__()
+            self.log_dir = Path(log_dir)
+            self._writers = {}
+
+        def _writer(self, name):
+            import tensorflow as tf
+
+            if name not in self._writers:
+                self._writers[name] = tf.summary.create_file_writer(
+                    str(self.log_dir / name)
+                )
+            return self._writers[name]
+
+        def on_epoch_end(self, epoch, logs=None):
+            import tensorflow as tf
+            from tensorflow.core.framework import summary_pb2
+
+            metadata = summary_pb2.SummaryMetadata()
+            metadata.plugin_data.plugin_name = "scalars"
+            for key, value in (logs or {}).items():
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    continue
+                group, tag = (
+                    ("validation", key[4:])
+                    if key.startswith("val_")
+                    else (
+                        "train",
+                        key,
+                    )
+                )
+                with self._writer(group).as_default():
+                    tf.summary.write(
+                        f"epoch_{tag}",
+                        tf.constant(value, tf.float32),
+                        step=epoch,
+                        metadata=metadata,
+                    )
+            for writer in self._writers.values():
+                writer.flush()
+
+        def on_train_end(self, logs=None):
+            for writer in self._writers.values():
+                writer.close()
+            self._writers = {}
+
+    return RunCheckpoint, EpochScalars
+
+
+def _save_model_atomic(model, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------
+# Distribution and precision
+# --------------------------------------------------------------------------
+
+
+def _cluster_spec():
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        _fail(
+            "strategy='multi-worker' needs the TF_CONFIG environment variable "
+            '(e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+            '"task": {"type": "worker", "index": 0}}). Received: TF_CONFIG unset'
+        )
+    try:
+        spec = json.loads(raw)
+        cluster, task = spec["cluster"], spec["task"]
+        task_type, index = task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        _fail(f"TF_CONFIG is not valid ({e}). Received: TF_CONFIG={raw!r}")
+    return cluster, task_type, index
+
+
+def make_strategy(name):
+    """``(strategy, is_chief)`` for ``"default"``, ``"mirrored"`` or
+    ``"multi-worker"`` (MultiWorkerMirroredStrategy from ``TF_CONFIG``).
+
+    The chief is the ``chief`` task, or worker 0 when the cluster names no
+    chief.
+    """
+    import tensorflow as tf
+
+    _check_choice("strategy", name, STRATEGIES)
+    if name == "default":
+        return tf.distribute.get_strategy(), True
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(), True
+    cluster, task_type, index = _cluster_spec()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    is_chief = task_type == "chief" or (
+        task_type == "worker" and index == 0 and "chief" not in cluster
+    )
+    return strategy, is_chief
+
+
+@contextlib.contextmanager
+def _precision(mode, verbose=1):
+    """Set the global Keras dtype policy for the duration of a run."""
+    import keras
+
+    if mode in (None, "off", False):
+        yield None
+        return
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    policy = {
+        "auto": "mixed_float16" if gpu else "mixed_bfloat16",
+        "float16": "mixed_float16",
+        "bfloat16": "mixed_bfloat16",
+    }[mode]
+    if not gpu:
+        warnings.warn(
+            f"mixed precision ({policy}) on a CPU is slower than float32 "
+            "(measured: about 1.5x for bfloat16, 6x for float16); it pays off "
+            "on GPUs.",
+            stacklevel=3,
+        )
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield policy
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _optimizer(learning_rate, policy):
+    import keras
+
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if policy == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _jit(cfg):
+    return True if cfg.jit else "auto"
+
+
+# --------------------------------------------------------------------------
+# Models and data
+# --------------------------------------------------------------------------
+
+
+def _import_custom_objects():
+    """Register klseg's Keras classes before loading a saved model."""
+    import klseg.losses  # noqa: F401
+    import klseg.metrics  # noqa: F401
+    import klseg.models  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        import klseg.finetune  # noqa: F401
+
+
+def load_model(path_or_model):
+    """Load a ``.keras`` model (uncompiled); a ``keras.Model`` passes through.
+
+    Raises:
+        klseg.errors.ModelError: the file is missing or not a loadable
+            Keras model.
+    """
+    import keras
+
+    if isinstance(path_or_model, keras.Model):
+        return path_or_model
+    path = Path(path_or_model)
+    if not path.exists():
+        raise errors.ModelError(f"model file {path} does not exist.")
+    if path.is_dir() or path.suffix != ".keras":
+        raise errors.ModelError(
+            f"model {path} is not a .keras file (klseg reads models saved with "
+            "model.save('NAME.keras'); a SavedModel folder is for serving only)."
+        )
+    _import_custom_objects()
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise errors.ModelError(f"cannot load model {path}: {first}") from None
+
+
+def _klseg_model_info(model, path):
+    from klseg import models
+
+    try:
+        return models.num_classes(model), models.size_multiple(model)
+    except errors.ModelError:
+        raise errors.ModelError(
+            f"model {path} is not a klseg segmentation model (no ClassLogits / "
+            "ImagePreprocessing layer); build it with klseg.models."
+        ) from None
+
+
+def _classes_json(spec):
+    """``classes.json`` in a data folder or up to three folders above it."""
+    if not spec or str(spec).startswith("tfds:"):
+        return None
+    folder = Path(spec).resolve()
+    for candidate in [folder, *list(folder.parents)[:3]]:
+        path = candidate / "classes.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _load_split(spec, cfg, *, require_masks=True, name="data"):
+    from klseg import data
+
+    class_map = (
+        _read_class_map(cfg.class_map) if getattr(cfg, "class_map", None) else None
+    )
+    try:
+        return data.load_split(
+            spec,
+            ignore_value=cfg.ignore_value,
+            class_map=class_map,
+            require_masks=require_masks,
+        )
+    except FileNotFoundError as e:
+        raise errors.DataError(f"{name}: {e}") from None
+
+
+def _read_class_map(path):
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise errors.DataError(f"cannot read class map {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise errors.DataError(f"class map {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise errors.DataError(
+            f"class map {path} must be a JSON object of mask value -> class index."
+        )
+    try:
+        return {int(k): int(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise errors.DataError(
+            f"class map {path} must map integers to integers."
+        ) from None
+
+
+def _num_images(split):
+    images = getattr(split, "images", None)
+    return len(images) if images is not None else None
+
+
+def _distribute_options(dataset):
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return dataset.with_options(options)
+
+
+def _check_image_size(image_size, multiple, what="image_size"):
+    if image_size % multiple:
+        lower = max(multiple, image_size // multiple * multiple)
+        upper = lower + multiple if lower < image_size else lower
+        _fail(
+            f"{what} must be a multiple of the model's size multiple {multiple}; "
+            f"the nearest valid sizes are {lower} and {upper}. "
+            f"Received: {what}={image_size}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+def evaluate_model(model, dataset, *, num_classes, ignore_value=255, class_names=None):
+    """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``dataset``.
+
+    Args:
+        model: a model mapping images to per-pixel logits.
+        dataset: yields ``(images, masks)`` batches.
+        num_classes: number of classes of the model.
+        ignore_value: mask value left out. Defaults to 255.
+        class_names: names for ``per_class_iou``. Defaults to ``class_i``.
+
+    Returns:
+        ``{"mean_iou", "pixel_accuracy", "per_class_iou": {name: iou or
+        None for a class absent from both masks and predictions},
+        "num_images"}``.
+    """
+    import keras
+    import numpy as np
+
+    from klseg import metrics
+
+    miou = metrics.MeanIoU(num_classes, ignore_class=ignore_value)
+    accuracy = metrics.PixelAccuracy(ignore_class=ignore_value)
+    count = 0
+    for images, masks in dataset:
+        if isinstance(images, dict):
+            images = images["images"]
+        logits = model(images, training=False)
+        miou.update_state(masks, logits)
+        accuracy.update_state(masks, logits)
+        count += int(keras.ops.shape(images)[0])
+    per_class = np.asarray(keras.ops.convert_to_numpy(miou.per_class_iou()), float)
+    names = (
+        list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+    )
+    return {
+        "mean_iou": float(keras.ops.convert_to_numpy(miou.result())),
+        "pixel_accuracy": float(keras.ops.convert_to_numpy(accuracy.result())),
+        "per_class_iou": {
+            n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, per_class)
+        },
+        "num_images": count,
+    }
+
+
+def _first_batch(dataset, n):
+    import numpy as np
+
+    images, masks = [], []
+    for x, y in dataset:
+        if isinstance(x, dict):
+            x = x["images"]
+        images.append(np.asarray(x))
+        masks.append(np.asarray(y))
+        if sum(len(i) for i in images) >= n:
+            break
+    return np.concatenate(images)[:n], np.concatenate(masks)[:n]
+
+
+def _predict_classes(model, images):
+    import keras
+    import numpy as np
+
+    logits = model(images, training=False)
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.argmax(logits, axis=-1)))
+
+
+# --------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------
+
+
+def _model_kwargs(cfg, num_classes, class_names):
+    kwargs = {"num_classes": num_classes, "input_shape": (None, None, 3)}
+    if class_names:
+        kwargs["class_names"] = list(class_names)
+    if cfg.backbone:
+        kwargs["backbone"] = cfg.backbone
+    if cfg.model == "unet":
+        if cfg.base_filters:
+            kwargs["base_filters"] = cfg.base_filters
+        if cfg.depth:
+            kwargs["depth"] = cfg.depth
+    return kwargs
+
+
+def _resolve_classes(cfg, split):
+    info = _classes_json(cfg.data) or {}
+    num_classes = cfg.num_classes or info.get("num_classes")
+    seen = getattr(split, "num_classes_seen", None)
+    if num_classes is None:
+        if not seen:
+            raise errors.DataError(
+                f"cannot tell the number of classes from {cfg.data}; pass "
+                "--num-classes."
+            )
+        num_classes = int(seen)
+    if seen and int(seen) > num_classes:
+        raise errors.DataError(
+            f"masks in {cfg.data} hold class values up to {int(seen) - 1}, but "
+            f"num_classes={num_classes}. Raise --num-classes or remap the values "
+            "with --class-map."
+        )
+    names = cfg.class_names or info.get("class_names")
+    if names is not None and len(names) != num_classes:
+        names = None
+    return int(num_classes), names
+
+
+def _fit(
+    *,
+    run,
+    checkpoint,
+    model,
+    save_model,
+    train_ds,
+    steps,
+    val_ds,
+    cfg,
+    monitor,
+    callbacks,
+):
+    """``model.fit`` with checkpoints, history, logs and resume."""
+    import keras
+
+    RunCheckpoint, EpochScalars = _callbacks_module()
+    state = checkpoint[1] if checkpoint else None
+    initial_epoch = int(state["epoch"]) if state else 0
+    if state is not None:
+        if state.get("monitor") and state["monitor"] != monitor:
+            raise errors.RunError(
+                f"the run in {run.path} picked its best model by "
+                f"{state['monitor']!r}, not {monitor!r}; resume with the same "
+                "--monitor."
+            )
+        _truncate_history(run.history, initial_epoch)
+    elif run.history.exists():
+        run.history.unlink()
+    if initial_epoch >= cfg.epochs:
+        _say(
+            cfg.verbose,
+            f"{run.path}: all {cfg.epochs} epochs are done; nothing to train "
+            "(raise --epochs to train longer).",
+        )
+        return state
+    if initial_epoch:
+        _say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
+    all_callbacks = [
+        RunCheckpoint(run, monitor, save_model=save_model, state=state, seed=cfg.seed),
+        keras.callbacks.CSVLogger(str(run.history), append=True),
+        EpochScalars(run.logs),
+        *list(callbacks or []),
+    ]
+    model.fit(
+        train_ds,
+        epochs=cfg.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        validation_data=val_ds,
+        callbacks=all_callbacks,
+        verbose=1 if cfg.verbose else 0,
+    )
+    latest = run.latest_checkpoint()
+    return latest[1] if latest else state
+
+
+def train(cfg, *, callbacks=None):
+    """Train a segmentation model from scratch into a run folder.
+
+    Args:
+        cfg: a :class:`TrainConfig`.
+        callbacks: extra Keras callbacks, run after klseg's own.
+
+    Returns:
+        A :class:`RunResult`.
+
+    Raises:
+        klseg.errors.DataError: unreadable or inconsistent data.
+        klseg.errors.RunError: the output folder cannot be used or resumed.
+        klseg.errors.InvalidArgumentError: an option does not fit the data
+            or model (for example an image size that is not a multiple of
+            the model's size multiple).
+    """
+    started = time.time()
+    strategy, is_chief = make_strategy(cfg.strategy)
+    run, checkpoint = _open_run(cfg, is_chief=is_chief)
+    try:
+        return _train(cfg, strategy, run, checkpoint, callbacks, started)
+    finally:
+        if not is_chief:
+            shutil.rmtree(run.path, ignore_errors=True)
+
+
+def _train(cfg, strategy, run, checkpoint, callbacks, started):
+    import keras
+
+    from klseg import data, losses, metrics, models
+
+    state = checkpoint[1] if checkpoint else None
+    initial_epoch = int(state["epoch"]) if state else 0
+    keras.utils.set_random_seed(cfg.seed)
+    train_split = _load_split(cfg.data, cfg, name="data")
+    val_split = _load_split(cfg.val_data, cfg, name="val_data")
+    num_classes, class_names = _resolve_classes(cfg, train_split)
+    with _precision(cfg.mixed_precision, cfg.verbose) as policy:
+        with strategy.scope():
+            model = models.build(
+                cfg.model, **_model_kwargs(cfg, num_classes, class_names)
+            )
+            _check_image_size(cfg.image_size, models.size_multiple(model))
+            optimizer = _optimizer(cfg.learning_rate or 1e-3, policy)
+            model.compile(
+                optimizer=optimizer,
+                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
+                metrics=[
+                    metrics.MeanIoU(num_classes, ignore_class=cfg.ignore_value),
+                    metrics.PixelAccuracy(ignore_class=cfg.ignore_value),
+                ],
+                jit_compile=_jit(cfg),
+            )
+            if checkpoint:
+                _restore_checkpoint(checkpoint[0], model, optimizer)
+        n_train = _num_images(train_split) or cfg.batch_size
+        steps = max(1, math.ceil(n_train / cfg.batch_size))
+        train_ds = data.make_dataset(
+            train_split,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            augment=cfg.augment,
+            shuffle=True,
+            seed=cfg.seed + initial_epoch,
+            repeat=True,
+            drop_remainder=True,
+            ignore_value=cfg.ignore_value,
+        )
+        val_ds = data.make_dataset(
+            val_split,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            ignore_value=cfg.ignore_value,
+        )
+        train_ds = _distribute_options(train_ds)
+        val_ds = _distribute_options(val_ds)
+        monitor = "val_mean_iou" if cfg.monitor == "auto" else cfg.monitor
+        _say(
+            cfg.verbose,
+            f"Training {cfg.model} ({num_classes} classes) on {cfg.data}: "
+            f"{n_train} images, {steps} steps/epoch, {cfg.epochs} epochs "
+            f"-> {run.path}",
+        )
+        final_state = _fit(
+            run=run,
+            checkpoint=checkpoint,
+            model=model,
+            save_model=model,
+            train_ds=train_ds,
+            steps=steps,
+            val_ds=val_ds,
+            cfg=cfg,
+            monitor=monitor,
+            callbacks=callbacks,
+        )
+    best = load_model(run.model) if run.model.exists() else model
+    names = models.get_class_names(best)
+    val_metrics = evaluate_model(
+        best,
+        val_ds,
+        num_classes=num_classes,
+        ignore_value=cfg.ignore_value,
+        class_names=names,
+    )
+    result_metrics = {
+        "val": val_metrics,
+        "best_epoch": (final_state or {}).get("best_epoch"),
+        "epochs": cfg.epochs,
+        "monitor": monitor,
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json(run.metrics, result_metrics)
+    _write_train_report(run, cfg, best, val_ds, names, val_metrics)
+    return RunResult(
+        output=run.path,
+        model_path=run.model,
+        metrics=result_metrics,
+        best_epoch=result_metrics["best_epoch"],
+        epochs=cfg.epochs,
+    )
+
+
+def _write_train_report(run, cfg, model, val_ds, names, val_metrics):
+    from klseg import report
+
+    sections = []
+    if run.history.is_file():
+        rows = report.read_history(run.history)
+        if rows:
+            curves = report.plot_history(rows, run.plots / "training_curves.png")
+            sections.append(("Training curves", curves))
+    images, masks = _first_batch(val_ds, 4)
+    preds = _predict_classes(model, images)
+    overlays = report.plot_overlays(
+        images,
+        preds,
+        run.plots / "overlays.png",
+        masks=masks,
+        class_names=names,
+        ignore_value=cfg.ignore_value,
+    )
+    table = report.markdown_table(
+        ["class", "IoU (%)"],
+        [
+            (n, "absent" if v is None else round(100 * v, 1))
+            for n, v in val_metrics["per_class_iou"].items()
+        ],
+    )
+    summary = (
+        f"Validation data `{cfg.val_data}`: mean IoU "
+        f"**{_pct(val_metrics['mean_iou'])}**, pixel accuracy "
+        f"{_pct(val_metrics['pixel_accuracy'])} "
+        f"({val_metrics['num_images']} images at {cfg.image_size}px).\n\n{table}"
+    )
+    sections.insert(0, ("Result", summary))
+    sections.append(("Predictions on validation images", overlays))
+    sections.append(("Settings", "```yaml\n" + _yaml_dump(cfg.to_dict()) + "```"))
+    report.write_report(
+        run.report, title=f"Training run {run.path.name}", sections=sections
+    )
+
+
+# --------------------------------------------------------------------------
+# evaluate / predict / export / synth
+# --------------------------------------------------------------------------
+
+
+def _run_image_size(model_path):
+    """The training image size saved next to a run's model, if any."""
+    if not isinstance(model_path, (str, Path)):
+        return None
+    config = Path(model_path).parent / "config.yaml"
+    if config.is_file():
+        with contextlib.suppress(Exception):
+            size = _read_yaml(config).get("image_size")
+            if isinstance(size, int) and size > 0:
+                return size
+    return None
+
+
+def evaluate(cfg):
+    """Evaluate a model on a labelled folder.
+
+    Returns:
+        ``{"model", "data", "image_size", "num_images", "mean_iou",
+        "pixel_accuracy", "per_class_iou"}``; also written to ``cfg.output``
+        when set.
+    """
+    from klseg import data, models
+
+    model = load_model(cfg.model)
+    num_classes, multiple = _klseg_model_info(model, cfg.model)
+    image_size = cfg.image_size or _run_image_size(cfg.model) or 256
+    _check_image_size(image_size, multiple)
+    split = _load_split(cfg.data, cfg, name="data")
+    seen = getattr(split, "num_classes_seen", None)
+    if seen and int(seen) > num_classes:
+        raise errors.ModelError(
+            f"masks in {cfg.data} hold class values up to {int(seen) - 1}, but "
+            f"the model predicts {num_classes} classes. Use --class-map to map "
+            "the mask values to the model's classes."
+        )
+    dataset = data.make_dataset(
+        split,
+        batch_size=cfg.batch_size,
+        image_size=image_size,
+        ignore_value=cfg.ignore_value,
+    )
+    result = evaluate_model(
+        model,
+        dataset,
+        num_classes=num_classes,
+        ignore_value=cfg.ignore_value,
+        class_names=models.get_class_names(model),
+    )
+    result = {
+        "model": str(cfg.model) if isinstance(cfg.model, (str, Path)) else model.name,
+        "data": str(cfg.data),
+        "image_size": image_size,
+        **result,
+    }
+    if cfg.output:
+        write_json(cfg.output, result)
+    return result
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _image_files(folder):
+    folder = Path(folder)
+    if not folder.exists():
+        raise errors.DataError(f"image folder {folder} does not exist.")
+    if not folder.is_dir():
+        raise errors.DataError(f"{folder} is not a folder of images.")
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise errors.DataError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}.")
+    return files
+
+
+def _read_image(path):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise errors.DataError(f"cannot read image {path}: {e}") from None
+
+
+def _write_png(path, array, palette=None):
+    from PIL import Image
+
+    path = Path(path)
+    image = Image.fromarray(array)
+    if palette is not None:  # index mask: values stay, colours for viewers
+        flat = [int(c) for rgb in palette for c in rgb]
+        image.putpalette(flat + [0] * (768 - len(flat)))
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def predict_image(model, image, *, multiple=None):
+    """Class indices (H, W) for one uint8 image (H, W, 3) of any size.
+
+    The image is padded (edge values) to the model's size multiple, the
+    logits are cropped back to the image's size.
+    """
+    import keras
+    import numpy as np
+
+    from klseg import models
+
+    multiple = multiple or models.size_multiple(model)
+    height, width = image.shape[:2]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    logits = model(padded[None], training=False)
+    classes = keras.ops.argmax(logits[0, :height, :width], axis=-1)
+    return np.asarray(keras.ops.convert_to_numpy(classes)).astype(np.uint8)
+
+
+def predict(cfg):
+    """Predict masks (and colour overlays) for a folder of images.
+
+    Writes ``OUTPUT/masks/NAME.png`` (palette PNG of class indices, readable
+    as a mask folder) and, when ``cfg.overlay``, ``OUTPUT/overlays/NAME.png``.
+
+    Returns:
+        ``{"output", "num_images", "masks", "overlays"}``.
+    """
+    import keras
+    import numpy as np
+
+    from klseg import models, report
+
+    files = _image_files(cfg.images)
+    model = load_model(cfg.model)
+    num_classes, multiple = _klseg_model_info(model, cfg.model)
+    out = Path(cfg.output)
+    masks_dir, overlay_dir = out / "masks", out / "overlays"
+    if masks_dir.is_dir() and any(masks_dir.iterdir()) and not cfg.overwrite:
+        raise errors.RunError(
+            f"{masks_dir} already holds masks; pass --overwrite to replace them "
+            "or choose another folder."
+        )
+    _check_writable(out)
+    masks_dir.mkdir(exist_ok=True)
+    if cfg.overlay:
+        overlay_dir.mkdir(exist_ok=True)
+    colors = report.palette(num_classes)
+    bar = keras.utils.Progbar(len(files), unit_name="image") if cfg.verbose else None
+    for i, path in enumerate(files):
+        image = _read_image(path)
+        if cfg.image_size:
+            from PIL import Image
+
+            image = np.asarray(
+                Image.fromarray(image).resize(
+                    (cfg.image_size, cfg.image_size), Image.BILINEAR
+                )
+            )
+        classes = predict_image(model, image, multiple=multiple)
+        _write_png(masks_dir / f"{path.stem}.png", classes, palette=colors)
+        if cfg.overlay:
+            blended = report.overlay(image, classes, colors, alpha=cfg.alpha)
+            _write_png(overlay_dir / f"{path.stem}.png", blended)
+        if bar is not None:
+            bar.update(i + 1)
+    names = models.get_class_names(model)
+    write_json(out / "classes.json", {"class_names": names, "palette": colors.tolist()})
+    return _PredictResult(
+        out, len(files), masks_dir, overlay_dir if cfg.overlay else None
+    )
+
+
+@dataclasses.dataclass
+class _PredictResult:
+    output: Path
+    num_images: int
+    masks: Path
+    overlays: Path | None
+
+    def summary(self):
+        text = f"Wrote {self.num_images} masks to {self.masks}"
+        if self.overlays:
+            text += f" and overlays to {self.overlays}"
+        return text
+
+
+@dataclasses.dataclass
+class _PathResult:
+    path: Path
+    message: str
+
+    def summary(self):
+        return f"{self.message}: {self.path}"
+
+
+def export(cfg):
+    """Export a ``.keras`` model as a SavedModel (see :mod:`klseg.export`).
+
+    Returns:
+        An object with ``.path`` (the SavedModel folder).
+    """
+    from klseg import export as export_lib
+    from klseg import models
+
+    model = load_model(cfg.model)
+    _klseg_model_info(model, cfg.model)
+    out = Path(cfg.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise errors.RunError(
+            f"{out} already exists; pass --overwrite to replace it or choose "
+            "another folder."
+        )
+    _check_writable(out.parent if out.parent != Path("") else Path("."))
+    path = export_lib.export_saved_model(
+        model, out, class_names=models.get_class_names(model)
+    )
+    return _PathResult(Path(path), "SavedModel written")
+
+
+def synth_data(cfg):
+    """Write the built-in two-domain benchmark (:mod:`klseg.data.synthetic`)."""
+    from klseg.data import synthetic
+
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise errors.RunError(f"output {out} exists and is not a folder.")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise errors.RunError(
+            f"output folder {out} is not empty; pass --overwrite or choose another."
+        )
+    _check_writable(out.parent if str(out.parent) else Path("."))
+    kwargs = {
+        "image_size": cfg.image_size,
+        "num_train": cfg.num_train,
+        "num_val": cfg.num_val,
+        "num_unlabeled": cfg.num_unlabeled,
+        "seed": cfg.seed,
+        "overwrite": cfg.overwrite,
+    }
+    if cfg.num_target_train is not None:
+        kwargs["num_target_train"] = cfg.num_target_train
+    path = synthetic.write_benchmark(out, **kwargs)
+    return _PathResult(Path(path), "Benchmark written")
+
+
+# --------------------------------------------------------------------------
+# finetune and demo: defined in the second half of this module
+# --------------------------------------------------------------------------
+
+
+def finetune(cfg, *, callbacks=None):  # pragma: no cover - replaced below
+    raise NotImplementedError
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Options of :func:`demo` (``klseg demo``)."""
+
+    output: str = "klseg-demo"
+    quick: bool = False
+    image_size: int | None = None
+    num_train: int | None = None
+    source_epochs: int | None = None
+    finetune_epochs: int | None = None
+    kl_weight: float | None = None
+    seed: int = 0
+    overwrite: bool = False
+    verbose: int = 1
+
+
+def demo(cfg):  # pragma: no cover - replaced below
+    raise NotImplementedError
