@@ -34,6 +34,7 @@ TensorFlow and Keras are imported inside the functions.
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -739,13 +740,14 @@ def _to_numpy(variable):
 def _restore_checkpoint(folder, model, optimizer):
     import numpy as np
 
+    # Build the optimizer first: the weights file holds its variables too.
+    optimizer.build(model.trainable_variables)
     try:
         model.load_weights(folder / "model.weights.h5")
     except Exception as e:
         raise errors.RunError(
             f"cannot restore the model weights from {folder}: {e}"
         ) from None
-    optimizer.build(model.trainable_variables)
     with np.load(folder / "optimizer.npz") as saved:
         values = [saved[k] for k in sorted(saved.files)]
     variables = list(optimizer.variables)
@@ -1274,6 +1276,7 @@ def _fit(
         steps_per_epoch=steps,
         validation_data=val_ds,
         callbacks=all_callbacks,
+        shuffle=False,  # the datasets shuffle themselves, with the run's seed
         verbose=1 if cfg.verbose else 0,
     )
     latest = run.latest_checkpoint()
@@ -1696,17 +1699,583 @@ def synth_data(cfg):
 
 
 # --------------------------------------------------------------------------
-# finetune and demo: defined in the second half of this module
+# finetune
 # --------------------------------------------------------------------------
 
 
-def finetune(cfg, *, callbacks=None):  # pragma: no cover - replaced below
-    raise NotImplementedError
+def _retype_config(config, policy):
+    """Give every layer config (but the float32 head and inputs) ``policy``."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("ClassLogits", "InputLayer"):
+            return
+        inner = config.get("config")
+        if isinstance(inner, dict) and isinstance(inner.get("dtype"), dict):
+            dtype = inner["dtype"]
+            if dtype.get("class_name") == "DTypePolicy":
+                inner["dtype"] = {
+                    **dtype,
+                    "config": {**dtype.get("config", {}), "name": policy},
+                }
+        for value in config.values():
+            _retype_config(value, policy)
+    elif isinstance(config, list):
+        for value in config:
+            _retype_config(value, policy)
+
+
+def make_student(source, *, policy=None):
+    """A trainable copy of ``source`` (same weights), in ``policy`` if given.
+
+    A saved model keeps the dtype policy it was built with; under mixed
+    precision the copy's layers are rebuilt in the mixed policy (the logits
+    head stays float32).
+    """
+    import keras
+
+    if policy is None:
+        student = keras.models.clone_model(source)
+    else:
+        config = keras.saving.serialize_keras_object(source)
+        _retype_config(config, policy)
+        student = keras.saving.deserialize_keras_object(config)
+    student.set_weights(source.get_weights())
+    student.trainable = True
+    return student
+
+
+def _resolve_kl_inputs(cfg):
+    if cfg.kl_inputs != "auto":
+        return cfg.kl_inputs
+    return "source" if cfg.source_images else "target"
+
+
+def _mix_unlabeled(labeled, unlabeled, batch_size, n_labeled, n_unlabeled, seed):
+    """One stream of batches drawing images from both sets in proportion."""
+    import tensorflow as tf
+
+    total = n_labeled + n_unlabeled
+    mixed = tf.data.Dataset.sample_from_datasets(
+        [labeled.unbatch(), unlabeled.unbatch()],
+        weights=[n_labeled / total, n_unlabeled / total],
+        seed=seed,
+    )
+    return mixed.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def _stored_maps(source, split, image_size, verbose):
+    from klseg import data, finetune
+
+    images, _ = data.load_arrays(split, image_size)
+    return {
+        "source_probs": finetune.store_source_predictions(
+            source, images, verbose=verbose
+        )
+    }
+
+
+def _domain_metrics(model, datasets, num_classes, ignore_value, names):
+    return {
+        domain: evaluate_model(
+            model,
+            ds,
+            num_classes=num_classes,
+            ignore_value=ignore_value,
+            class_names=names,
+        )
+        for domain, ds in datasets.items()
+        if ds is not None
+    }
+
+
+def finetune(cfg, *, callbacks=None):
+    """Fine-tune a source model on a target domain with the KL term.
+
+    One KL weight writes one run folder. Several weights (``kl_weight=(0,
+    0.1, 0.3, 1)``) write ``OUTPUT/kl-W/`` per weight, ``OUTPUT/tradeoff.png``
+    (source vs target mIoU), ``OUTPUT/metrics.json`` and
+    ``OUTPUT/report.md``; with ``resume`` the finished weights are kept and
+    the interrupted one continues.
+
+    Args:
+        cfg: a :class:`FinetuneConfig`.
+        callbacks: extra Keras callbacks (each run).
+
+    Returns:
+        A :class:`RunResult`, or a :class:`SweepResult` for several weights.
+
+    Raises:
+        klseg.errors.ModelError: the source model is missing, not a klseg
+            segmentation model, or predicts fewer classes than the masks
+            hold.
+        klseg.errors.DataError, klseg.errors.RunError: as for :func:`train`.
+    """
+    strategy, is_chief = make_strategy(cfg.strategy)
+    if cfg.is_sweep:
+        return _sweep(cfg, strategy, is_chief, callbacks)
+    return _finetune_run(cfg, strategy, is_chief, callbacks)
+
+
+def _finetune_run(cfg, strategy, is_chief, callbacks, baseline=None):
+    started = time.time()
+    run, checkpoint = _open_run(cfg, is_chief=is_chief)
+    try:
+        return _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started)
+    finally:
+        if not is_chief:
+            shutil.rmtree(run.path, ignore_errors=True)
+
+
+def _finetune_inputs(cfg):
+    """Load and check every split before any model work."""
+    splits = {
+        "data": _load_split(cfg.data, cfg, name="data"),
+        "val_data": _load_split(cfg.val_data, cfg, name="val_data"),
+    }
+    if cfg.unlabeled_data:
+        splits["unlabeled_data"] = _load_split(
+            cfg.unlabeled_data, cfg, require_masks=False, name="unlabeled_data"
+        )
+    if cfg.source_val_data:
+        splits["source_val_data"] = _load_split(
+            cfg.source_val_data, cfg, name="source_val_data"
+        )
+    if cfg.source_images:
+        splits["source_images"] = _load_split(
+            cfg.source_images, cfg, require_masks=False, name="source_images"
+        )
+    return splits
+
+
+def _check_classes(splits, cfg, num_classes):
+    for key in ("data", "val_data", "source_val_data"):
+        split = splits.get(key)
+        seen = getattr(split, "num_classes_seen", None) if split else None
+        if seen and int(seen) > num_classes:
+            raise errors.ModelError(
+                f"the source model {cfg.source} predicts {num_classes} classes, "
+                f"but masks in {getattr(cfg, key)} hold class values up to "
+                f"{int(seen) - 1}. Fine-tuning needs the source model's classes: "
+                "map the mask values with --class-map, or fine-tune a source "
+                "model trained with these classes."
+            )
+
+
+def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
+    import keras
+
+    from klseg import data, losses, metrics, models
+    from klseg import finetune as ft
+
+    state = checkpoint[1] if checkpoint else None
+    initial_epoch = int(state["epoch"]) if state else 0
+    keras.utils.set_random_seed(cfg.seed)
+    splits = _finetune_inputs(cfg)
+    kl_inputs = _resolve_kl_inputs(cfg)
+    kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
+    temperature = cfg.temperature or ft.DEFAULT_TEMPERATURE
+    batch = cfg.batch_size
+    with _precision(cfg.mixed_precision, cfg.verbose) as policy:
+        with strategy.scope():
+            source = load_model(cfg.source)
+            num_classes, multiple = _klseg_model_info(source, cfg.source)
+            _check_image_size(cfg.image_size, multiple)
+            _check_classes(splits, cfg, num_classes)
+            student = make_student(source, policy=policy)
+            model = ft.KLRegularizedModel(
+                student,
+                source,
+                kl_weight=kl_weight,
+                temperature=temperature,
+                kl_inputs=kl_inputs,
+                student_bn=cfg.student_bn,
+                ignore_class=cfg.ignore_value,
+            )
+            optimizer = _optimizer(cfg.learning_rate or 1e-4, policy)
+            model.compile(
+                optimizer=optimizer,
+                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
+                metrics=[
+                    metrics.MeanIoU(
+                        num_classes,
+                        ignore_class=cfg.ignore_value,
+                        name="target_mean_iou",
+                    ),
+                ],
+                jit_compile=_jit(cfg),
+            )
+            if checkpoint:
+                _restore_checkpoint(checkpoint[0], model, optimizer)
+        names = models.get_class_names(source)
+        stored = cfg.source_predictions == "stored" and kl_weight > 0
+
+        def train_stream(split, seed, maps=None):
+            return data.make_dataset(
+                split,
+                batch_size=batch,
+                image_size=cfg.image_size,
+                augment=cfg.augment,
+                shuffle=True,
+                seed=seed,
+                repeat=True,
+                drop_remainder=True,
+                ignore_value=cfg.ignore_value,
+                extra_maps=maps,
+            )
+
+        seed = cfg.seed + initial_epoch
+        n_labeled = _num_images(splits["data"]) or batch
+        n_total = n_labeled
+        uses_target = kl_inputs in ("target", "both")
+        target_maps = (
+            _stored_maps(source, splits["data"], cfg.image_size, cfg.verbose)
+            if stored and uses_target and "unlabeled_data" not in splits
+            else None
+        )
+        train_ds = train_stream(splits["data"], seed, target_maps)
+        if "unlabeled_data" in splits and kl_weight > 0 and uses_target:
+            n_unlabeled = _num_images(splits["unlabeled_data"]) or batch
+            unlabeled_ds = train_stream(splits["unlabeled_data"], seed + 1)
+            train_ds = _mix_unlabeled(
+                train_ds, unlabeled_ds, batch, n_labeled, n_unlabeled, seed
+            )
+            n_total += n_unlabeled
+        if kl_weight > 0 and kl_inputs in ("source", "both"):
+            maps = (
+                _stored_maps(
+                    source, splits["source_images"], cfg.image_size, cfg.verbose
+                )
+                if stored
+                else None
+            )
+            source_ds = train_stream(splits["source_images"], seed + 2, maps)
+            import tensorflow as tf
+
+            train_ds = tf.data.Dataset.zip((train_ds, source_ds)).map(ft.pair_batches)
+        steps = max(1, math.ceil(n_total / batch))
+
+        def eval_stream(split):
+            if split is None:
+                return None
+            return _distribute_options(
+                data.make_dataset(
+                    split,
+                    batch_size=batch,
+                    image_size=cfg.image_size,
+                    ignore_value=cfg.ignore_value,
+                )
+            )
+
+        val_ds = eval_stream(splits["val_data"])
+        source_val_ds = eval_stream(splits.get("source_val_data"))
+        extra = []
+        if source_val_ds is not None:
+            extra.append(
+                ft.DomainEvaluation(
+                    {"source": source_val_ds},
+                    source_model=source,
+                    ignore_class=cfg.ignore_value,
+                    batch_size=batch,
+                )
+            )
+        monitor = "val_target_mean_iou" if cfg.monitor == "auto" else cfg.monitor
+        _say(
+            cfg.verbose,
+            f"Fine-tuning {cfg.source} on {cfg.data}: kl_weight={kl_weight:g}, "
+            f"temperature={temperature:g}, kl_inputs={kl_inputs}, "
+            f"{steps} steps/epoch, {cfg.epochs} epochs -> {run.path}",
+        )
+        final_state = _fit(
+            run=run,
+            checkpoint=checkpoint,
+            model=model,
+            save_model=student,
+            train_ds=_distribute_options(train_ds),
+            steps=steps,
+            val_ds=val_ds,
+            cfg=cfg,
+            monitor=monitor,
+            callbacks=[*extra, *list(callbacks or [])],
+        )
+    best = load_model(run.model) if run.model.exists() else student
+    domains = {"target": val_ds, "source": source_val_ds}
+    after = _domain_metrics(best, domains, num_classes, cfg.ignore_value, names)
+    if baseline is None:
+        baseline = _domain_metrics(
+            source, domains, num_classes, cfg.ignore_value, names
+        )
+    result_metrics = {
+        **after,
+        "source_model": baseline,
+        "kl_weight": kl_weight,
+        "temperature": temperature,
+        "kl_inputs": kl_inputs,
+        "best_epoch": (final_state or {}).get("best_epoch"),
+        "epochs": cfg.epochs,
+        "monitor": monitor,
+        "seconds": round(time.time() - started, 1),
+    }
+    if "source" in after and "source" in baseline:
+        result_metrics["forgetting"] = (
+            baseline["source"]["mean_iou"] - after["source"]["mean_iou"]
+        )
+    write_json(run.metrics, result_metrics)
+    _write_finetune_report(run, cfg, best, source, domains, names, result_metrics)
+    return RunResult(
+        output=run.path,
+        model_path=run.model,
+        metrics=result_metrics,
+        best_epoch=result_metrics["best_epoch"],
+        epochs=cfg.epochs,
+    )
+
+
+def _miou_table(metrics):
+    return {
+        name: {d: m["mean_iou"] for d, m in block.items() if isinstance(m, dict)}
+        for name, block in metrics.items()
+    }
+
+
+def _write_finetune_report(run, cfg, model, source, domains, names, metrics):
+    from klseg import report
+
+    sections = []
+    label = f"fine-tuned (kl_weight={metrics['kl_weight']:g})"
+    table = {
+        "source model": {d: m["mean_iou"] for d, m in metrics["source_model"].items()},
+        label: {
+            d: metrics[d]["mean_iou"] for d in ("source", "target") if d in metrics
+        },
+    }
+    rows = [
+        (name, _pct(row.get("source")), _pct(row.get("target")))
+        for name, row in table.items()
+    ]
+    text = report.markdown_table(["model", "source mIoU", "target mIoU"], rows)
+    if "forgetting" in metrics:
+        text += (
+            f"\n\nForgetting (source mIoU lost): "
+            f"{100 * metrics['forgetting']:.1f} points."
+        )
+    sections.append(("Result", text))
+    bars = report.plot_domain_miou(table, run.plots / "domains.png")
+    sections.append(("Mean IoU before and after", bars))
+    if run.history.is_file():
+        rows = report.read_history(run.history)
+        if rows:
+            sections.append(
+                (
+                    "Training curves",
+                    report.plot_history(rows, run.plots / "training_curves.png"),
+                )
+            )
+    for domain, ds in domains.items():
+        if ds is None:
+            continue
+        images, masks = _first_batch(ds, 3)
+        path = report.plot_overlays(
+            images,
+            _predict_classes(model, images),
+            run.plots / f"overlays_{domain}.png",
+            masks=masks,
+            class_names=names,
+            ignore_value=cfg.ignore_value,
+            title=f"{domain}-domain validation images",
+        )
+        sections.append((f"Predictions on {domain}-domain images", path))
+    sections.append(("Settings", "```yaml\n" + _yaml_dump(cfg.to_dict()) + "```"))
+    report.write_report(
+        run.report, title=f"Fine-tuning run {run.path.name}", sections=sections
+    )
+
+
+def _weight_folder(weight):
+    return f"kl-{weight:g}"
+
+
+def _sweep(cfg, strategy, is_chief, callbacks):
+    from klseg import report
+
+    started = time.time()
+    top = RunFolder(cfg.output) if is_chief else None
+    if is_chief:
+        _open_sweep(cfg, top)
+    results, baseline = {}, None
+    for weight in cfg.kl_weight:
+        sub = Path(cfg.output) / _weight_folder(weight)
+        one = dataclasses.replace(
+            cfg,
+            kl_weight=(weight,),
+            output=str(sub),
+            resume=cfg.resume and (sub / "config.yaml").is_file(),
+            overwrite=False,
+        )
+        done = _finished_run(sub, cfg.epochs) if cfg.resume else None
+        if done is not None:
+            _say(cfg.verbose, f"kl_weight={weight:g}: finished earlier in {sub}.")
+            result = done
+        else:
+            _say(cfg.verbose, f"\n=== kl_weight={weight:g} ({sub}) ===")
+            result = _finetune_run(
+                one, strategy, is_chief, callbacks, baseline=baseline
+            )
+        baseline = result.metrics.get("source_model")
+        results[weight] = result
+    table = [
+        {
+            "kl_weight": w,
+            "source": (r.metrics.get("source") or {}).get("mean_iou"),
+            "target": (r.metrics.get("target") or {}).get("mean_iou"),
+        }
+        for w, r in results.items()
+    ]
+    if not is_chief:
+        return SweepResult(Path(cfg.output), results, table, None)
+    reference = None
+    if baseline and "source" in baseline and "target" in baseline:
+        reference = {d: baseline[d]["mean_iou"] for d in ("source", "target")}
+    plot = None
+    if all(row["source"] is not None for row in table):
+        plot = report.plot_tradeoff(
+            table, top.path / "tradeoff.png", reference=reference
+        )
+    write_json(
+        top.metrics,
+        {
+            "runs": {_weight_folder(row["kl_weight"]): row for row in table},
+            "source_model": baseline,
+            "seconds": round(time.time() - started, 1),
+        },
+    )
+    rows = [
+        (
+            f"[{row['kl_weight']:g}]({_weight_folder(row['kl_weight'])}/report.md)",
+            _pct(row["source"]),
+            _pct(row["target"]),
+        )
+        for row in table
+    ]
+    if reference:
+        rows.insert(
+            0, ("source model", _pct(reference["source"]), _pct(reference["target"]))
+        )
+    sections = [
+        (
+            "Source and target mean IoU per KL weight",
+            report.markdown_table(["kl_weight", "source mIoU", "target mIoU"], rows),
+        ),
+    ]
+    if plot is None:
+        sections.append(
+            (
+                "Trade-off plot",
+                "Not drawn: give --source-val-data to measure the source-domain mIoU.",
+            )
+        )
+    else:
+        sections.append(("Trade-off", plot))
+    report.write_report(top.report, title="KL-weight sweep", sections=sections)
+    return SweepResult(top.path, results, table, plot)
+
+
+def _open_sweep(cfg, top):
+    current = cfg.to_dict()
+    if cfg.resume:
+        if not top.config.is_file():
+            raise errors.RunError(
+                f"nothing to resume in {top.path}: it holds no klseg sweep."
+            )
+        diffs = _config_differences(_read_yaml(top.config), current)
+        if diffs:
+            raise errors.RunError(
+                f"cannot resume {top.path} with different settings: " + "; ".join(diffs)
+            )
+    elif top.path.is_dir() and any(top.path.iterdir()):
+        if not cfg.overwrite:
+            raise errors.RunError(
+                f"output folder {top.path} is not empty. Pass --resume to "
+                "continue the sweep in it, --overwrite to replace it, or choose "
+                "another folder."
+            )
+        if not top.config.is_file():
+            raise errors.RunError(
+                f"refusing to overwrite {top.path}: it is not empty and holds "
+                "no klseg run. Choose another folder."
+            )
+        shutil.rmtree(top.path)
+    _check_writable(top.path)
+    atomic_write_text(top.config, _yaml_dump(current))
+
+
+def _finished_run(path, epochs):
+    """A :class:`RunResult` for a run folder that finished ``epochs``."""
+    run = RunFolder(path)
+    if not run.metrics.is_file() or not run.model.is_file():
+        return None
+    latest = run.latest_checkpoint()
+    if latest is None or int(latest[1].get("epoch", 0)) < epochs:
+        return None
+    metrics = json.loads(run.metrics.read_text())
+    if metrics.get("epochs") != epochs:
+        return None
+    return RunResult(run.path, run.model, metrics, metrics.get("best_epoch"), epochs)
+
+
+# --------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------
+
+#: Demo settings. "full" is the README's demo (minutes on 2 CPU cores);
+#: "quick" checks the set-up in seconds (its numbers mean nothing).
+DEMO_PRESETS = {
+    "full": {
+        "image_size": 64,
+        "num_train": 192,
+        "num_target_train": 32,
+        "num_val": 48,
+        "num_unlabeled": 128,
+        "base_filters": 16,
+        "depth": 3,
+        "batch_size": 16,
+        "source_epochs": 12,
+        "source_learning_rate": 2e-3,
+        "finetune_epochs": 8,
+        "finetune_learning_rate": 1e-3,
+        "kl_weight": 0.3,
+        "temperature": 2.0,
+    },
+    "quick": {
+        "image_size": 32,
+        "num_train": 8,
+        "num_target_train": 4,
+        "num_val": 4,
+        "num_unlabeled": 8,
+        "base_filters": 4,
+        "depth": 2,
+        "batch_size": 4,
+        "source_epochs": 1,
+        "source_learning_rate": 2e-3,
+        "finetune_epochs": 1,
+        "finetune_learning_rate": 1e-3,
+        "kl_weight": 0.3,
+        "temperature": 2.0,
+    },
+}
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Options of :func:`demo` (``klseg demo``)."""
+    """Options of :func:`demo` (``klseg demo``).
+
+    Attributes:
+        output: folder for the data, the runs, the report and the export.
+        quick: the tiny preset (seconds; checks the set-up only).
+        image_size, num_train, source_epochs, finetune_epochs, kl_weight:
+            override the preset (see ``DEMO_PRESETS``).
+        seed: seed of the data and the training runs.
+        overwrite: replace an earlier demo in ``output``.
+        verbose: 0 for no progress bars.
+    """
 
     output: str = "klseg-demo"
     quick: bool = False
@@ -1719,6 +2288,192 @@ class DemoConfig:
     overwrite: bool = False
     verbose: int = 1
 
+    def __post_init__(self):
+        if not self.output:
+            _fail("demo needs output. Received: output=None")
+        for name in ("image_size", "num_train", "source_epochs", "finetune_epochs"):
+            _check_positive(name, getattr(self, name), allow_none=True)
+        if self.kl_weight is not None and not self.kl_weight >= 0:
+            _fail(f"kl_weight must be >= 0. Received: kl_weight={self.kl_weight}")
 
-def demo(cfg):  # pragma: no cover - replaced below
-    raise NotImplementedError
+    def settings(self):
+        """The preset with this config's overrides applied."""
+        settings = dict(DEMO_PRESETS["quick" if self.quick else "full"])
+        for name in (
+            "image_size",
+            "num_train",
+            "source_epochs",
+            "finetune_epochs",
+            "kl_weight",
+        ):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        return settings
+
+
+def _open_demo(cfg):
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise errors.RunError(f"output {out} exists and is not a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise errors.RunError(
+                f"output folder {out} is not empty; pass --overwrite to replace "
+                "an earlier demo, or choose another folder."
+            )
+        if not (out / "demo.json").is_file():
+            raise errors.RunError(
+                f"refusing to overwrite {out}: it is not empty and holds no klseg "
+                "demo. Choose another folder."
+            )
+        shutil.rmtree(out)
+    _check_writable(out)
+    return out
+
+
+def demo(cfg):
+    """Train a source model, fine-tune it without and with the KL term.
+
+    On the built-in two-domain benchmark (:mod:`klseg.data.synthetic`):
+
+    1. write the data to ``OUTPUT/data``;
+    2. train a U-Net on the source domain (``OUTPUT/source``);
+    3. fine-tune it on the few labelled target images with ``kl_weight=0``
+       (``OUTPUT/finetune-plain``) and with the KL term on unlabelled
+       source-domain images (``OUTPUT/finetune-kl``);
+    4. write both domains' validation mIoU of the three models to
+       ``OUTPUT/metrics.json`` and ``OUTPUT/report.md`` (with plots), and the
+       KL model as a SavedModel to ``OUTPUT/export``.
+
+    Returns:
+        A :class:`DemoResult`; its ``summary()`` is the printed table.
+    """
+    from klseg.data import synthetic
+
+    started = time.time()
+    settings = cfg.settings()
+    out = _open_demo(cfg)
+    write_json(out / "demo.json", {"settings": settings, "seed": cfg.seed})
+    say = functools.partial(_say, cfg.verbose)
+    data_dir = out / "data"
+    say(f"[1/5] Writing the two-domain benchmark to {data_dir}")
+    synthetic.write_benchmark(
+        data_dir,
+        image_size=settings["image_size"],
+        num_train=settings["num_train"],
+        num_val=settings["num_val"],
+        num_unlabeled=settings["num_unlabeled"],
+        num_target_train=settings["num_target_train"],
+        seed=cfg.seed,
+    )
+    common = {
+        "image_size": settings["image_size"],
+        "batch_size": settings["batch_size"],
+        "augment": "light",
+        "seed": cfg.seed,
+        "verbose": cfg.verbose,
+    }
+    say("[2/5] Training the source model on the source domain")
+    source_run = train(
+        TrainConfig(
+            data=str(data_dir / "source" / "train"),
+            val_data=str(data_dir / "source" / "val"),
+            output=str(out / "source"),
+            model="unet",
+            base_filters=settings["base_filters"],
+            depth=settings["depth"],
+            epochs=settings["source_epochs"],
+            learning_rate=settings["source_learning_rate"],
+            **common,
+        )
+    )
+    tuning = {
+        "source": str(source_run.model_path),
+        "data": str(data_dir / "target" / "train"),
+        "val_data": str(data_dir / "target" / "val"),
+        "source_val_data": str(data_dir / "source" / "val"),
+        "epochs": settings["finetune_epochs"],
+        "learning_rate": settings["finetune_learning_rate"],
+        "temperature": settings["temperature"],
+        **common,
+    }
+    strategy, _ = make_strategy("default")
+    say("[3/5] Fine-tuning on the target domain without the KL term")
+    plain = _finetune_run(
+        FinetuneConfig(output=str(out / "finetune-plain"), kl_weight=(0.0,), **tuning),
+        strategy,
+        True,
+        None,
+    )
+    weight = settings["kl_weight"]
+    say(f"[4/5] Fine-tuning with the KL term (kl_weight={weight:g}, on source images)")
+    kl = _finetune_run(
+        FinetuneConfig(
+            output=str(out / "finetune-kl"),
+            kl_weight=(weight,),
+            kl_inputs="source",
+            source_images=str(data_dir / "source" / "unlabeled"),
+            **tuning,
+        ),
+        strategy,
+        True,
+        None,
+        baseline=plain.metrics["source_model"],
+    )
+    say("[5/5] Writing the report and the SavedModel export")
+    baseline = plain.metrics["source_model"]
+    table = {
+        "source model": {d: baseline[d]["mean_iou"] for d in ("source", "target")},
+        "plain fine-tuning": {
+            d: plain.metrics[d]["mean_iou"] for d in ("source", "target")
+        },
+        f"KL fine-tuning (w={weight:g})": {
+            d: kl.metrics[d]["mean_iou"] for d in ("source", "target")
+        },
+    }
+    export_path = export(
+        ExportConfig(model=str(kl.model_path), output=str(out / "export"))
+    ).path
+    seconds = time.time() - started
+    write_json(
+        out / "metrics.json",
+        {
+            "mean_iou": table,
+            "forgetting": {
+                "plain fine-tuning": plain.metrics.get("forgetting"),
+                "KL fine-tuning": kl.metrics.get("forgetting"),
+            },
+            "settings": settings,
+            "seconds": round(seconds, 1),
+        },
+    )
+    _write_demo_report(out, table, settings, seconds, [source_run, plain, kl])
+    return DemoResult(out, table, seconds, export_path)
+
+
+def _write_demo_report(out, table, settings, seconds, runs_):
+    from klseg import report
+
+    rows = [
+        (name, _pct(row["source"]), _pct(row["target"])) for name, row in table.items()
+    ]
+    text = report.markdown_table(["model", "source val mIoU", "target val mIoU"], rows)
+    text += (
+        f"\n\nWall time {seconds / 60:.1f} min. Images {settings['image_size']}px; "
+        f"{settings['num_train']} labelled source images, "
+        f"{settings['num_target_train']} labelled target images, "
+        f"{settings['num_unlabeled']} unlabelled source images for the KL term, "
+        f"{settings['num_val']} validation images per domain."
+    )
+    bars = report.plot_domain_miou(table, out / "plots" / "domains.png")
+    links = "\n".join(f"- [{r.output.name}]({r.output.name}/report.md)" for r in runs_)
+    report.write_report(
+        out / "report.md",
+        title="klseg demo: fine-tuning with and without the KL term",
+        sections=[
+            ("Validation mean IoU per domain", text),
+            ("Before and after", bars),
+            ("Runs", links),
+            ("SavedModel", "`export/` (serve with `tf.saved_model.load`)."),
+        ],
+    )
