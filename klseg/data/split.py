@@ -187,8 +187,9 @@ class Split:
     def read(self, index):
         """Reads one example: ``(image uint8 (H, W, 3), mask int32 (H, W) | None)``.
 
-        For folders the file is decoded here; the class map is applied.
-        Not available for TFDS splits (use ``make_dataset``).
+        For folders the file is decoded here; the class map is applied. For a
+        TFDS split this reads the whole split into memory first (prefer
+        ``make_dataset``, which streams it).
         """
         from klseg.data import folder
 
@@ -197,11 +198,12 @@ class Split:
             mask = None
             if self._masks is not None:
                 mask = folder.read_mask(self._masks[index])
-        elif self.kind == "arrays" or self._images is not None:
+        elif self.kind == "tfds":
+            # materialised TFDS masks already hold classes
+            return np.asarray(self.images[index]), np.asarray(self.masks[index])
+        else:
             image = np.asarray(self._images[index])
             mask = None if self._masks is None else np.asarray(self._masks[index])
-        else:
-            raise TypeError(f"{self.name}: use make_dataset to read a TFDS split")
         if mask is not None:
             mask = self.apply_class_map(mask)
         return image, mask
