@@ -135,7 +135,9 @@ def _sample_layout(rng, size):
         left_edge, right_edge = _road_edges(
             base, horizon, vanish_x, road_top_half, road_left, road_right, s
         )
-        x = rng.uniform(left_edge + width * 0.3, right_edge - width * 0.3)
+        low, high = left_edge + width * 0.3, right_edge - width * 0.3
+        # A wide car on a narrow stretch of road: centre it.
+        x = rng.uniform(low, high) if high > low else (left_edge + right_edge) / 2
         objects.append(("car", base, x, width))
     objects.sort(key=lambda item: item[1])  # far to near
     return {
