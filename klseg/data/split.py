@@ -10,7 +10,7 @@ time one exists.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ class Split:
         kind: ``"folder"``, ``"arrays"`` or ``"tfds"``.
         images: For a folder, the list of image paths (sorted by file name);
             for arrays, the ``uint8`` array ``(N, H, W, 3)``; for TFDS, the
-            split is read into memory on first access (prefer
-            ``make_dataset``, which streams it).
+            split is read into memory on first item access (``len`` does not
+            read it; prefer ``make_dataset``, which streams it).
         masks: Mask paths or arrays aligned with ``images``, or ``None`` for an
             unlabelled split.
         has_masks: Whether every image has a mask.
@@ -145,13 +145,13 @@ class Split:
     @property
     def images(self):
         if self.kind == "tfds" and self._images is None:
-            self._materialize()
+            return _LazyList(self, "_images")
         return self._images
 
     @property
     def masks(self):
         if self.kind == "tfds" and self._images is None:
-            self._materialize()
+            return _LazyList(self, "_masks")
         return self._masks
 
     @property
@@ -228,6 +228,31 @@ class Split:
         from klseg.data import tfds_source
 
         self._images, self._masks = tfds_source.read_all(self)
+
+
+class _LazyList(Sequence):
+    """A TFDS split's images or masks, read into memory on first item access.
+
+    ``len()`` uses the split's example count when TFDS knows it, so counting
+    does not read the data.
+    """
+
+    def __init__(self, split, attribute):
+        self._split = split
+        self._attribute = attribute
+
+    def _items(self):
+        if self._split._images is None:
+            self._split._materialize()
+        return getattr(self._split, self._attribute)
+
+    def __len__(self):
+        if self._split._images is None and self._split._num_images is not None:
+            return self._split._num_images
+        return len(self._items())
+
+    def __getitem__(self, index):
+        return self._items()[index]
 
 
 # ----------------------------------------------------------------------

@@ -9,8 +9,12 @@ them reference images from the target domain, one reference per call (the
   amplitude spectrum; global colour and lighting). About 22 ms per 256x256
   image on a 2-core CPU.
 - ``"histogram"``: per-channel histogram matching. About 1 ms.
-- ``"pda"``: pixel distribution adaptation (fits a PCA/standard/min-max
-  transform of the pixel colours). About 4 ms.
+- ``"pda"``: pixel distribution adaptation: the image's colour distribution
+  is mapped onto the reference's by a PCA (or standard / min-max) transform.
+  klseg computes this one itself with the same parameters as
+  albumentations' ``PixelDistributionAdaptation``: in albumentations 2.0.8
+  that transform rescales pixels to [0, 1] and then casts them to uint8,
+  which turns images almost black.
 
 Use it on arrays (``style(images, seed=0)``) or inside the pipeline
 (``make_dataset(..., style=DomainStyle(...))``), where it runs before the
@@ -167,8 +171,12 @@ class DomainStyle:
             references, max_references=max_references, image_size=reference_size
         )
         class_name, self._metadata_key = METHODS[key]
-        A = import_albumentations()
-        self._template = getattr(A, class_name)(p=1.0, **self.transform_kwargs)
+        if key == "pda":
+            self._pda = _PixelDistribution(**self.transform_kwargs)
+            self._template = None
+        else:
+            A = import_albumentations()
+            self._template = getattr(A, class_name)(p=1.0, **self.transform_kwargs)
         self._local = threading.local()
 
     def __repr__(self):
@@ -191,6 +199,8 @@ class DomainStyle:
         if rng.random() >= self.p:
             return image
         reference = self.references[int(rng.integers(len(self.references)))]
+        if self._template is None:
+            return self._pda(image, reference, rng)
         transform = self._transform()
         _reseed(transform, [0x57_1E, *words, 1])
         out = transform(image=image, **{self._metadata_key: [reference]})["image"]
@@ -204,3 +214,57 @@ class DomainStyle:
         return np.stack(
             [self.apply(image, seed=[seed, i]) for i, image in enumerate(images)]
         )
+
+
+class _PixelDistribution:
+    """Pixel distribution adaptation in pixel units (0..255), numpy only.
+
+    The image's pixels are standardised with a transform fitted to the image
+    and mapped back with the same kind of transform fitted to the reference,
+    then blended with the original by a ratio drawn from ``blend_ratio``.
+    """
+
+    def __init__(self, blend_ratio=(0.25, 1.0), transform_type="pca"):
+        if transform_type not in ("pca", "standard", "minmax"):
+            raise InvalidArgumentError(
+                "`transform_type` must be 'pca', 'standard' or 'minmax'. "
+                f"Received: transform_type={transform_type!r}"
+            )
+        low, high = (
+            (blend_ratio, blend_ratio) if np.isscalar(blend_ratio) else blend_ratio
+        )
+        if not 0.0 <= float(low) <= float(high) <= 1.0:
+            raise InvalidArgumentError(
+                "`blend_ratio` must be a (low, high) pair in [0, 1]. "
+                f"Received: blend_ratio={blend_ratio!r}"
+            )
+        self.blend_ratio = (float(low), float(high))
+        self.transform_type = transform_type
+
+    def _fit(self, pixels):
+        mean = pixels.mean(0)
+        if self.transform_type == "standard":
+            scale = pixels.std(0) + 1e-6
+            return mean, np.diag(1.0 / scale), np.diag(scale)
+        if self.transform_type == "minmax":
+            low, high = pixels.min(0), pixels.max(0)
+            span = np.maximum(high - low, 1e-6)
+            # express as an affine map around `low` (mean slot holds `low`)
+            return low, np.diag(1.0 / span), np.diag(span)
+        covariance = np.cov(pixels - mean, rowvar=False) + 1e-6 * np.eye(3)
+        values, vectors = np.linalg.eigh(covariance)
+        # a fixed sign per component, so image and reference axes agree
+        vectors = vectors * np.where(vectors.sum(0) < 0, -1.0, 1.0)
+        scale = np.sqrt(np.maximum(values, 1e-6))
+        return mean, vectors / scale, (vectors * scale).T
+
+    def __call__(self, image, reference, rng):
+        pixels = image.reshape(-1, 3).astype(np.float64)
+        ref = reference.reshape(-1, 3).astype(np.float64)
+        mean, forward, _ = self._fit(pixels)
+        ref_mean, _, backward = self._fit(ref)
+        adapted = (pixels - mean) @ forward @ backward + ref_mean
+        weight = rng.uniform(*self.blend_ratio)
+        out = pixels * (1.0 - weight) + adapted * weight
+        out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        return out.reshape(image.shape)

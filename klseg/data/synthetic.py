@@ -6,12 +6,12 @@ standing on the horizon, trees with round crowns, and cars on the road. What
 differs is the look:
 
 - ``"source"``: a clear day. Blue sky, green grass, grey asphalt with a dashed
-  centre line, brick/beige/grey buildings with a window grid, green trees,
-  brightly painted cars, even lighting and little sensor noise.
+  centre line, brick or beige buildings with a window grid, dark green
+  trees, yellow and magenta cars, even lighting and little sensor noise.
 - ``"target"``: dusk in another town, seen through another camera. Purple to
   orange sky with cloud bands, sandy ploughed ground, dark cracked road with
   yellow edge lines, blue-grey buildings with floor stripes and lit windows,
-  autumn trees, dark cars with head lights; a strong lighting gradient, a
+  red autumn trees, teal cars with head lights; a strong lighting gradient, a
   vignette, a colour cast, a blur and heavy noise.
 
 The target palette reuses source colours for other classes (its buildings are
@@ -118,7 +118,7 @@ def _sample_layout(rng, size):
     for _ in range(rng.integers(0, 4)):
         base = horizon + rng.uniform(0.06, 0.45) * (s - horizon)
         depth = (base - horizon) / (s - horizon)  # 0 at horizon, 1 at bottom
-        radius = (0.08 + 0.12 * depth) * s
+        radius = (0.1 + 0.12 * depth) * s
         # trees stand beside the road
         left_edge, right_edge = _road_edges(
             base, horizon, vanish_x, road_top_half, road_left, road_right, s
@@ -131,7 +131,7 @@ def _sample_layout(rng, size):
     for _ in range(rng.integers(1, 4)):
         base = horizon + rng.uniform(0.2, 0.95) * (s - horizon)
         depth = (base - horizon) / (s - horizon)
-        width = (0.16 + 0.3 * depth) * s * rng.uniform(0.85, 1.15)
+        width = (0.18 + 0.3 * depth) * s * rng.uniform(0.85, 1.15)
         left_edge, right_edge = _road_edges(
             base, horizon, vanish_x, road_top_half, road_left, road_right, s
         )
@@ -324,7 +324,7 @@ def _paint_source(rng, mask, parts, layout, size):
     img[parts["lane"]] = _jitter(rng, (235, 235, 235), 10)
 
     # buildings: brick / beige / grey, dark window grid
-    choices = [(165, 80, 60), (205, 185, 140), (150, 150, 158)]
+    choices = [(165, 80, 60), (205, 185, 140)]
     for index in range(len(layout["buildings"])):
         colour = _jitter(rng, choices[rng.integers(len(choices))], 12)
         sel = (parts["building_id"] == index) & (mask == BUILDING)
@@ -332,15 +332,15 @@ def _paint_source(rng, mask, parts, layout, size):
     img[parts["roof"] & (mask == BUILDING)] = _jitter(rng, (110, 60, 50), 10)
     img[parts["window"] & (mask == BUILDING)] = _jitter(rng, (55, 65, 90), 8)
 
-    # trees: green crowns (darker than grass), brown trunks
-    crown = _jitter(rng, (35, 100, 35), 10)
-    leaves = rng.normal(0, 9, size=(size, size, 1)).astype(np.float32)
+    # trees: dark blue-green crowns, brown trunks
+    crown = _jitter(rng, (25, 80, 45), 8)
+    leaves = rng.normal(0, 8, size=(size, size, 1)).astype(np.float32)
     sel = mask == TREE
     img[sel] = (crown + leaves)[sel]
     img[parts["trunk"] & sel] = _jitter(rng, (95, 62, 32), 8)
 
-    # cars: bright paint, dark glass, black wheels
-    paints = [(210, 40, 40), (40, 70, 200), (235, 200, 40), (235, 235, 235)]
+    # cars: yellow or magenta paint, dark glass, black wheels
+    paints = [(235, 200, 40), (200, 40, 160)]
     for index in np.unique(parts["car_id"][parts["car_id"] >= 0]):
         sel = (parts["car_id"] == index) & (mask == CAR)
         img[sel] = _jitter(rng, paints[rng.integers(len(paints))], 15)
@@ -410,15 +410,15 @@ def _paint_target(rng, mask, parts, layout, size):
     img[lit] = _jitter(rng, (250, 225, 120), 8)
     img[parts["roof"] & (mask == BUILDING)] = _jitter(rng, (80, 90, 110), 8)
 
-    # trees: autumn crowns in brick reds and oranges, speckled; dark trunks
-    crown = _jitter(rng, (175, 75, 45), 15)
+    # trees: autumn crowns in brick reds, speckled; dark trunks
+    crown = _jitter(rng, (160, 50, 40), 12)
     speckle = (rng.random((size, size, 1)) < 0.25) * np.array([50, 45, 10], np.float32)
     sel = mask == TREE
     img[sel] = (crown + speckle)[sel]
     img[parts["trunk"] & sel] = _jitter(rng, (40, 30, 30), 6)
 
-    # cars: dark muted paint, pale glass, bright head lights
-    paints = [(45, 50, 60), (70, 40, 40), (50, 70, 55), (90, 90, 95)]
+    # cars: teal paint, pale glass, bright head lights
+    paints = [(50, 160, 130), (40, 130, 150)]
     for index in np.unique(parts["car_id"][parts["car_id"] >= 0]):
         sel = (parts["car_id"] == index) & (mask == CAR)
         img[sel] = _jitter(rng, paints[rng.integers(len(paints))], 10)
