@@ -195,31 +195,66 @@ def _check_distribution(x, name):
 # Functions -------------------------------------------------------------------
 
 
+@ops.custom_gradient
+def _kl_between_logits(a, b):
+    """KL(softmax(a) || softmax(b)) over the last axis, with a fused gradient.
+
+    The gradient is written out instead of differentiating through two
+    ``log_softmax`` calls, which saves several class-sized intermediates:
+
+        d KL / d b = softmax(b) - softmax(a)
+        d KL / d a = softmax(a) * (log softmax(a) - log softmax(b) - KL)
+    """
+    lp = ops.log_softmax(a, axis=-1)
+    lq = ops.log_softmax(b, axis=-1)
+    p = ops.exp(lp)
+    d = lp - lq
+    kl = ops.sum(p * d, axis=-1)
+
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        g = ops.expand_dims(upstream, -1)
+        grad_a = g * p * (d - ops.expand_dims(kl, -1))
+        grad_b = g * (ops.exp(lq) - p)
+        return grad_a, grad_b
+
+    return kl, grad
+
+
 def _kl_last_axis(y_true, y_pred, from_logits, target, temperature, direction, scale):
-    """Per-pixel KL, class axis last, float32 inputs; returns (values, p)."""
-    if target == "probabilities":
-        _check_distribution(y_true, "y_true")
-    if not from_logits:
-        _check_distribution(y_pred, "y_pred")
-    p, lp = log_probs(y_true, target, temperature)
-    q, lq = log_probs(y_pred, "logits" if from_logits else "probabilities", temperature)
-    if direction == "forward":
-        values = ops.sum(p * (lp - lq), axis=-1)
+    """Per-pixel KL, class axis last, float32 inputs."""
+    if target == "logits" and from_logits:
+        a, b = (y_true, y_pred) if direction == "forward" else (y_pred, y_true)
+        if temperature != 1.0:
+            a, b = a / temperature, b / temperature
+        values = _kl_between_logits(a, b)
     else:
-        values = ops.sum(q * (lq - lp), axis=-1)
-    mass = target_mass(y_true, target)
-    if mass is not None:
-        values = ops.where(mass, values, 0.0)
+        if target == "probabilities":
+            _check_distribution(y_true, "y_true")
+        if not from_logits:
+            _check_distribution(y_pred, "y_pred")
+        p, lp = log_probs(y_true, target, temperature)
+        kind = "logits" if from_logits else "probabilities"
+        q, lq = log_probs(y_pred, kind, temperature)
+        if direction == "forward":
+            values = ops.sum(p * (lp - lq), axis=-1)
+        else:
+            values = ops.sum(q * (lq - lp), axis=-1)
+        mass = target_mass(y_true, target)
+        if mass is not None:
+            values = ops.where(mass, values, 0.0)
     if scale and temperature != 1.0:
         values = values * (temperature * temperature)
-    return values, p
+    return values
 
 
-def _apply_class_weights(values, p, class_weights):
+def _apply_class_weights(values, y_true, target, temperature, class_weights):
     """Multiply per-pixel values by the target's expected class weight."""
     if class_weights is None:
         return values
-    w = _class_weight_tensor(class_weights, _num_classes(p, "y_true"))
+    w = _class_weight_tensor(class_weights, _num_classes(y_true, "y_true"))
+    p, _ = log_probs(y_true, target, temperature)
     return values * ops.sum(p * w, axis=-1)
 
 
@@ -294,10 +329,10 @@ def kl_divergence(
     _check_same_shape(y_true, y_pred)
     normalize_axis(axis, len(y_pred.shape))
     y_true, y_pred = move_axis_last(y_true, axis), move_axis_last(y_pred, axis)
-    values, p = _kl_last_axis(
+    values = _kl_last_axis(
         y_true, y_pred, from_logits, target, temperature, direction, scale
     )
-    return _apply_class_weights(values, p, class_weights)
+    return _apply_class_weights(values, y_true, target, temperature, class_weights)
 
 
 def jensen_shannon_divergence(
@@ -362,7 +397,7 @@ def jensen_shannon_divergence(
     mass = target_mass(y_true, target)
     if mass is not None:
         values = ops.where(mass, values, 0.0)
-    return _apply_class_weights(values, p, class_weights)
+    return _apply_class_weights(values, y_true, target, 1.0, class_weights)
 
 
 def _smoothed_neg_entropy(eps, num_classes):

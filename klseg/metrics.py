@@ -143,7 +143,7 @@ def _scores_and_labels(y_true, y_pred, ignore_class, axis, num_classes=None):
     return labels, y_pred, valid
 
 
-@keras.saving.register_keras_serializable(package="klseg")
+@keras.saving.register_keras_serializable(package="klseg.metrics")
 class MeanIoU(_PairMetric):
     """Mean intersection over union from logits or probabilities.
 
@@ -252,7 +252,7 @@ class MeanIoU(_PairMetric):
         return config
 
 
-@keras.saving.register_keras_serializable(package="klseg")
+@keras.saving.register_keras_serializable(package="klseg.metrics")
 class PixelAccuracy(_PairMetric):
     """Fraction of non-ignored pixels whose argmax class equals the label.
 
@@ -322,7 +322,7 @@ class PixelAccuracy(_PairMetric):
         return config
 
 
-@keras.saving.register_keras_serializable(package="klseg")
+@keras.saving.register_keras_serializable(package="klseg.metrics")
 class KLDivergence(_PairMetric):
     """Streaming mean of the per-pixel KL divergence over valid pixels.
 
@@ -412,7 +412,7 @@ class KLDivergence(_PairMetric):
         return config
 
 
-@keras.saving.register_keras_serializable(package="klseg")
+@keras.saving.register_keras_serializable(package="klseg.metrics")
 class ExpectedCalibrationError(_PairMetric):
     """Expected calibration error of per-pixel confidences, binned.
 
