@@ -18,6 +18,7 @@ Example:
 
 from klseg.errors import InvalidArgumentError, ModelError
 from klseg.models.backbones import BACKBONES
+from klseg.models.deeplab import deeplabv3_plus
 from klseg.models.layers import ClassLogits, ImagePreprocessing
 from klseg.models.unet import unet
 
@@ -27,6 +28,7 @@ __all__ = [
     "ImagePreprocessing",
     "available_models",
     "build",
+    "deeplabv3_plus",
     "get_class_names",
     "num_classes",
     "size_multiple",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 _REGISTRY = {
+    "deeplabv3_plus": deeplabv3_plus,
     "unet": unet,
 }
 

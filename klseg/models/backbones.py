@@ -176,7 +176,7 @@ def _dilation_plan(backbone, output_stride):
     return plan
 
 
-def _rebuild_dilated(app, plan):
+def _rebuild_dilated(app, plan, copy_weights):
     def clone_function(layer):
         if layer.name not in plan:
             return layer.__class__.from_config(layer.get_config())
@@ -194,9 +194,10 @@ def _rebuild_dilated(app, plan):
             "Keras version's application."
         )
     model = keras.models.clone_model(app, clone_function=clone_function)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights(app.get_layer(layer.name).get_weights())
+    if copy_weights:
+        for layer in model.layers:
+            if layer.weights:
+                layer.set_weights(app.get_layer(layer.name).get_weights())
     return model
 
 
@@ -232,6 +233,6 @@ def application_features(
         ) from error
     plan = _dilation_plan(backbone, output_stride)
     if plan:
-        app = _rebuild_dilated(app, plan)
+        app = _rebuild_dilated(app, plan, copy_weights=weights is not None)
     outputs = [app.get_layer(spec["features"][s]).output for s in strides]
     return keras.Model(app.inputs, outputs, name=name or f"{backbone}_encoder")

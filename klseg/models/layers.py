@@ -21,6 +21,9 @@ __all__ = [
     "IMAGENET_STD",
     "ImagePreprocessing",
     "ClassLogits",
+    "BilinearUpsampling",
+    "SpatialBroadcast",
+    "upsample_bilinear",
     "check_image_size",
 ]
 
@@ -38,6 +41,84 @@ def _nearest_valid(size, multiple):
     below = (size // multiple) * multiple
     above = below + multiple
     return [s for s in (below, above) if s > 0]
+
+
+def upsample_bilinear(x, factor):
+    """Bilinear upsampling of (B, H, W, C) by an integer ``factor``.
+
+    Same values as ``tf.image.resize`` / ``jax.image.resize`` with
+    ``"bilinear"`` (half-pixel centres, edges clamped), but written with
+    shape-agnostic ``keras.ops`` so it also runs when H and W are unknown
+    inside a TensorFlow graph (``keras.ops.image.resize`` needs static
+    sizes there).
+    """
+    if factor == 1:
+        return x
+    for axis in (1, 2):
+        x = _upsample_axis(x, factor, axis)
+    return x
+
+
+def _upsample_axis(x, factor, axis):
+    def take(start, stop):
+        index = [slice(None)] * 4
+        index[axis] = slice(start, stop)
+        return x[tuple(index)]
+
+    current = x
+    previous = ops.concatenate([take(0, 1), take(0, -1)], axis=axis)
+    following = ops.concatenate([take(1, None), take(-1, None)], axis=axis)
+    phases = []
+    for phase in range(factor):
+        # Output pixel (i * factor + phase) sits at source coordinate
+        # i + offset, between pixel i and its neighbour.
+        offset = (phase + 0.5) / factor - 0.5
+        if offset < 0:
+            phases.append(current * (1 + offset) + previous * (-offset))
+        else:
+            phases.append(current * (1 - offset) + following * offset)
+    y = ops.stack(phases, axis=axis + 1)
+    shape = ops.shape(x)
+    new_shape = [-1, shape[1], shape[2], x.shape[3]]
+    new_shape[axis] = shape[axis] * factor
+    return ops.reshape(y, new_shape)
+
+
+@keras.saving.register_keras_serializable(package="klseg")
+class BilinearUpsampling(keras.layers.Layer):
+    """Bilinear upsampling by an integer factor that works for any size.
+
+    ``keras.layers.UpSampling2D(interpolation="bilinear")`` fails inside a
+    TensorFlow graph whose height and width are unknown (an exported serving
+    function); this layer computes the same values with ``upsample_bilinear``.
+
+    Args:
+        factor: positive integer upsampling factor.
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise InvalidArgumentError(
+                f"`factor` must be a positive integer. Received: factor={factor!r}"
+            )
+        self.factor = factor
+
+    def call(self, inputs):
+        return upsample_bilinear(inputs, self.factor)
+
+    def compute_output_spec(self, inputs):
+        shape = list(inputs.shape)
+        for axis in (1, 2):
+            if shape[axis] is not None:
+                shape[axis] *= self.factor
+        return keras.KerasTensor(tuple(shape), dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(factor=self.factor)
+        return config
 
 
 def check_image_size(shape, multiple):
@@ -116,10 +197,10 @@ class ImagePreprocessing(keras.layers.Layer):
         size_multiple=1,
         **kwargs,
     ):
+        # No autocast: float images stay float32 until normalised, instead of
+        # being rounded to the float16 compute dtype on the way in.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        # Keep float images in float32 until normalised (no autocast to the
-        # float16 compute dtype on the way in).
-        self._convert_input_args = False
         mean = _per_channel("mean", mean)
         std = _per_channel("std", std)
         if any(s <= 0 for s in std):
@@ -276,13 +357,7 @@ class ClassLogits(keras.layers.Layer):
         x = ops.cast(features, "float32")
         logits = ops.matmul(x, ops.cast(self.kernel, "float32"))
         logits = logits + ops.cast(self.bias, "float32")
-        if self.upsample > 1:
-            shape = ops.shape(logits)
-            logits = ops.image.resize(
-                logits,
-                (shape[1] * self.upsample, shape[2] * self.upsample),
-                interpolation="bilinear",
-            )
+        logits = upsample_bilinear(logits, self.upsample)
         height, width = images.shape[1], images.shape[2]
         if (
             _static(height) is None
@@ -314,3 +389,21 @@ class ClassLogits(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config
+
+
+@keras.saving.register_keras_serializable(package="klseg")
+class SpatialBroadcast(keras.layers.Layer):
+    """Broadcasts (B, 1, 1, C) features to the height and width of a reference.
+
+    Called on ``[pooled, reference]``; used by the image-pooling branch of
+    ASPP so that it works for any (also unknown) feature-map size.
+    """
+
+    def call(self, inputs):
+        pooled, reference = inputs
+        return ops.zeros_like(reference[..., :1], dtype=pooled.dtype) + pooled
+
+    def compute_output_spec(self, inputs):
+        pooled, reference = inputs
+        shape = (reference.shape[0], reference.shape[1], reference.shape[2])
+        return keras.KerasTensor((*shape, pooled.shape[-1]), dtype=pooled.dtype)
