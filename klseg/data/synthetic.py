@@ -275,8 +275,10 @@ def _smooth_noise(rng, size, cells):
     """Low-frequency noise in [-1, 1]: bilinear upsampling of a coarse grid."""
     grid = rng.uniform(-1.0, 1.0, size=(cells + 1, cells + 1)).astype(np.float32)
     coords = np.linspace(0.0, cells, size, dtype=np.float32)
-    rows = np.stack([np.interp(coords, np.arange(cells + 1), g) for g in grid.T], 1)
-    return np.stack([np.interp(coords, np.arange(cells + 1), r) for r in rows], 0)
+    low = np.minimum(coords.astype(np.int64), cells - 1)
+    frac = (coords - low)[:, None]
+    rows = grid[low] * (1 - frac) + grid[low + 1] * frac  # (size, cells + 1)
+    return rows[:, low] * (1 - frac.T) + rows[:, low + 1] * frac.T
 
 
 def _box_blur(image, radius):
