@@ -315,8 +315,8 @@ def kl_divergence(
     >>> teacher = np.array([[[[4.0, 0.0, 0.0]]]])
     >>> student = np.array([[[[0.0, 4.0, 0.0]]]])
     >>> kl = kl_divergence(teacher, student, target="logits")
-    >>> kl.shape, round(float(kl[0, 0, 0]), 4)
-    ((1, 1, 1), 3.6074)
+    >>> tuple(kl.shape), round(float(kl[0, 0, 0]), 4)
+    ((1, 1, 1), 3.788)
     """
     target = _check_target(target)
     temperature = _check_temperature(temperature)
@@ -833,10 +833,18 @@ class WeightedSum(keras.losses.Loss):
     Example:
 
     >>> import keras
+    >>> import numpy as np
     >>> loss = WeightedSum(
-    ...     [SparseKLDivergence(ignore_class=255), keras.losses.Dice()],
+    ...     [
+    ...         SparseKLDivergence(ignore_class=255, label_smoothing=0.1),
+    ...         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    ...     ],
     ...     weights=[1.0, 0.5],
     ... )
+    >>> labels = np.array([[[0, 1]]])
+    >>> logits = np.zeros((1, 1, 2, 2), dtype="float32")
+    >>> round(float(loss(labels, logits)), 4)  # KL((.95, .05) || (.5, .5)) + 0.5 log 2
+    0.8412
     """
 
     def __init__(

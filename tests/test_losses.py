@@ -591,3 +591,13 @@ def test_bad_inputs_raise_clear_errors(rng):
         losses.KLDivergence(from_logits=False)(np.ones((1, 2)) / 2, -np.ones((1, 2)))
     with pytest.raises(ValueError, match=r"one weight per class.*len\(class_weights\)"):
         losses.KLDivergence(target="logits", class_weights=[1, 2])(logits, logits)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from klseg import metrics
+
+    for module in (losses, metrics):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
