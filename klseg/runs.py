@@ -785,6 +785,7 @@ def _truncate_history(path, epochs_done):
 # --------------------------------------------------------------------------
 
 
+@functools.cache
 def _callbacks_module():
     import keras
 
@@ -878,7 +879,42 @@ def _callbacks_module():
                 writer.close()
             self._writers = {}
 
-    return RunCheckpoint, EpochScalars
+    class EpochValidation(keras.callbacks.Callback):
+        """Validation loss, mean IoU and pixel accuracy after every epoch.
+
+        Computed eagerly with :func:`evaluate_model` on each dataset and
+        written to the epoch logs as ``val_{prefix}loss``,
+        ``val_{prefix}mean_iou`` and ``val_{prefix}pixel_accuracy``. With a
+        ``baseline`` (the source model's source-domain mean IoU) it adds
+        ``val_forgetting`` = baseline - ``val_source_mean_iou``.
+        """
+
+        def __init__(
+            self, datasets, *, eval_model, num_classes, ignore_value, baseline=None
+        ):
+            super().__init__()
+            self.datasets = {k: v for k, v in datasets.items() if v is not None}
+            self.eval_model = eval_model
+            self.num_classes = num_classes
+            self.ignore_value = ignore_value
+            self.baseline = baseline
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
+            for prefix, dataset in self.datasets.items():
+                result = evaluate_model(
+                    self.eval_model,
+                    dataset,
+                    num_classes=self.num_classes,
+                    ignore_value=self.ignore_value,
+                )
+                for key in ("loss", "mean_iou", "pixel_accuracy"):
+                    logs[f"val_{prefix}{key}"] = result[key]
+            if self.baseline is not None and "val_source_mean_iou" in logs:
+                logs["val_forgetting"] = self.baseline - logs["val_source_mean_iou"]
+
+    return RunCheckpoint, EpochScalars, EpochValidation
 
 
 def _save_model_atomic(model, path):
@@ -1034,61 +1070,30 @@ def _klseg_model_info(model, path):
         ) from None
 
 
-def _classes_json(spec):
-    """``classes.json`` in a data folder or up to three folders above it."""
-    if not spec or str(spec).startswith("tfds:"):
-        return None
-    folder = Path(spec).resolve()
-    for candidate in [folder, *list(folder.parents)[:3]]:
-        path = candidate / "classes.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError):
-                return None
-    return None
-
-
 def _load_split(spec, cfg, *, require_masks=True, name="data"):
     from klseg import data
 
-    class_map = (
-        _read_class_map(cfg.class_map) if getattr(cfg, "class_map", None) else None
+    del name  # the data module's messages name the folder or file
+    return data.load_split(
+        spec,
+        ignore_value=cfg.ignore_value,
+        class_map=getattr(cfg, "class_map", None),
+        require_masks=require_masks,
     )
-    try:
-        return data.load_split(
-            spec,
-            ignore_value=cfg.ignore_value,
-            class_map=class_map,
-            require_masks=require_masks,
-        )
-    except FileNotFoundError as e:
-        raise errors.DataError(f"{name}: {e}") from None
-
-
-def _read_class_map(path):
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise errors.DataError(f"cannot read class map {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise errors.DataError(f"class map {path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise errors.DataError(
-            f"class map {path} must be a JSON object of mask value -> class index."
-        )
-    try:
-        return {int(k): int(v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise errors.DataError(
-            f"class map {path} must map integers to integers."
-        ) from None
 
 
 def _num_images(split):
-    images = getattr(split, "images", None)
-    return len(images) if images is not None else None
+    return getattr(split, "num_images", None)
+
+
+# Decode and resize small sets once and keep them in memory (augmentation
+# still runs every epoch); larger sets stream from disk.
+_CACHE_BYTES = 256 * 2**20
+
+
+def _cache(split, image_size):
+    count = _num_images(split)
+    return count is not None and count * image_size * image_size * 4 <= _CACHE_BYTES
 
 
 def _distribute_options(dataset):
@@ -1117,45 +1122,83 @@ def _check_image_size(image_size, multiple, what="image_size"):
 # --------------------------------------------------------------------------
 
 
+def _update_confusion(confusion, masks, logits, ignore_value):
+    """Add a batch to a (C, C) confusion matrix (rows: truth); return the
+    batch's summed cross-entropy and valid pixel count."""
+    import numpy as np
+
+    num_classes = confusion.shape[0]
+    logits = np.asarray(logits, dtype=np.float64)
+    masks = np.asarray(masks).astype(np.int64)
+    valid = (masks != ignore_value) & (masks >= 0) & (masks < num_classes)
+    labels = masks[valid]
+    scores = logits[valid]
+    predicted = scores.argmax(axis=-1)
+    confusion += np.bincount(
+        labels * num_classes + predicted, minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=-1))
+    picked = shifted[np.arange(len(labels)), labels]
+    return float((log_norm - picked).sum()), int(len(labels))
+
+
 def evaluate_model(model, dataset, *, num_classes, ignore_value=255, class_names=None):
-    """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``dataset``.
+    """Loss, mean IoU, pixel accuracy and per-class IoU of ``model`` on ``dataset``.
+
+    The model runs eagerly, batch by batch (no graph to trace, which is the
+    larger cost for validation sets of a few hundred images). The counts are
+    exact over the whole dataset:
+
+    - ``mean_iou``: mean over classes with a non-empty union (in the masks
+      or the predictions) of ``TP / (TP + FP + FN)``, as
+      ``klseg.metrics.MeanIoU``;
+    - ``pixel_accuracy``: correct / valid pixels;
+    - ``loss``: cross-entropy, mean over valid pixels (equal to
+      ``klseg.losses.SparseKLDivergence`` without label smoothing).
 
     Args:
         model: a model mapping images to per-pixel logits.
-        dataset: yields ``(images, masks)`` batches.
+        dataset: yields ``(images, masks)`` batches (``images`` may be a
+            dict with ``"images"``).
         num_classes: number of classes of the model.
         ignore_value: mask value left out. Defaults to 255.
         class_names: names for ``per_class_iou``. Defaults to ``class_i``.
 
     Returns:
-        ``{"mean_iou", "pixel_accuracy", "per_class_iou": {name: iou or
-        None for a class absent from both masks and predictions},
+        ``{"loss", "mean_iou", "pixel_accuracy", "per_class_iou": {name:
+        iou, or None for a class absent from masks and predictions},
         "num_images"}``.
     """
     import keras
     import numpy as np
 
-    from klseg import metrics
-
-    miou = metrics.MeanIoU(num_classes, ignore_class=ignore_value)
-    accuracy = metrics.PixelAccuracy(ignore_class=ignore_value)
-    count = 0
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    loss_sum, valid, count = 0.0, 0, 0
     for images, masks in dataset:
         if isinstance(images, dict):
             images = images["images"]
-        logits = model(images, training=False)
-        miou.update_state(masks, logits)
-        accuracy.update_state(masks, logits)
-        count += int(keras.ops.shape(images)[0])
-    per_class = np.asarray(keras.ops.convert_to_numpy(miou.per_class_iou()), float)
+        logits = keras.ops.convert_to_numpy(model(images, training=False))
+        batch_loss, batch_valid = _update_confusion(
+            confusion, keras.ops.convert_to_numpy(masks), logits, ignore_value
+        )
+        loss_sum += batch_loss
+        valid += batch_valid
+        count += int(logits.shape[0])
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    present = union > 0
     names = (
         list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     )
     return {
-        "mean_iou": float(keras.ops.convert_to_numpy(miou.result())),
-        "pixel_accuracy": float(keras.ops.convert_to_numpy(accuracy.result())),
+        "loss": loss_sum / valid if valid else float("nan"),
+        "mean_iou": float(iou[present].mean()) if present.any() else float("nan"),
+        "pixel_accuracy": float(tp.sum() / valid) if valid else float("nan"),
         "per_class_iou": {
-            n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, per_class)
+            n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, iou)
         },
         "num_images": count,
     }
@@ -1203,23 +1246,20 @@ def _model_kwargs(cfg, num_classes, class_names):
 
 
 def _resolve_classes(cfg, split):
-    info = _classes_json(cfg.data) or {}
-    num_classes = cfg.num_classes or info.get("num_classes")
-    seen = getattr(split, "num_classes_seen", None)
-    if num_classes is None:
-        if not seen:
-            raise errors.DataError(
-                f"cannot tell the number of classes from {cfg.data}; pass "
-                "--num-classes."
-            )
-        num_classes = int(seen)
-    if seen and int(seen) > num_classes:
+    """Class count and names: options, else the data (class map, classes.json)."""
+    seen = int(getattr(split, "num_classes_seen", 0) or 0)
+    num_classes = cfg.num_classes or getattr(split, "num_classes", None) or seen
+    if not num_classes:
         raise errors.DataError(
-            f"masks in {cfg.data} hold class values up to {int(seen) - 1}, but "
+            f"cannot tell the number of classes from {cfg.data}; pass --num-classes."
+        )
+    if seen > num_classes:
+        raise errors.DataError(
+            f"masks in {cfg.data} hold class values up to {seen - 1}, but "
             f"num_classes={num_classes}. Raise --num-classes or remap the values "
             "with --class-map."
         )
-    names = cfg.class_names or info.get("class_names")
+    names = cfg.class_names or getattr(split, "class_names", None)
     if names is not None and len(names) != num_classes:
         names = None
     return int(num_classes), names
@@ -1233,15 +1273,20 @@ def _fit(
     save_model,
     train_ds,
     steps,
-    val_ds,
+    validation,
     cfg,
     monitor,
     callbacks,
 ):
-    """``model.fit`` with checkpoints, history, logs and resume."""
+    """``model.fit`` with validation, checkpoints, history, logs and resume.
+
+    ``validation`` is an ``EpochValidation`` callback; it runs first, so the
+    metrics it adds to the epoch logs reach the checkpoint, the history and
+    TensorBoard. ``callbacks`` run after klseg's own.
+    """
     import keras
 
-    RunCheckpoint, EpochScalars = _callbacks_module()
+    RunCheckpoint, EpochScalars, _ = _callbacks_module()
     state = checkpoint[1] if checkpoint else None
     initial_epoch = int(state["epoch"]) if state else 0
     if state is not None:
@@ -1264,6 +1309,7 @@ def _fit(
     if initial_epoch:
         _say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
     all_callbacks = [
+        validation,
         RunCheckpoint(run, monitor, save_model=save_model, state=state, seed=cfg.seed),
         keras.callbacks.CSVLogger(str(run.history), append=True),
         EpochScalars(run.logs),
@@ -1274,7 +1320,6 @@ def _fit(
         epochs=cfg.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=steps,
-        validation_data=val_ds,
         callbacks=all_callbacks,
         shuffle=False,  # the datasets shuffle themselves, with the run's seed
         verbose=1 if cfg.verbose else 0,
@@ -1351,12 +1396,14 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started):
             repeat=True,
             drop_remainder=True,
             ignore_value=cfg.ignore_value,
+            cache=_cache(train_split, cfg.image_size),
         )
         val_ds = data.make_dataset(
             val_split,
             batch_size=cfg.batch_size,
             image_size=cfg.image_size,
             ignore_value=cfg.ignore_value,
+            cache=_cache(val_split, cfg.image_size),
         )
         train_ds = _distribute_options(train_ds)
         val_ds = _distribute_options(val_ds)
@@ -1374,7 +1421,12 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started):
             save_model=model,
             train_ds=train_ds,
             steps=steps,
-            val_ds=val_ds,
+            validation=_callbacks_module()[2](
+                {"": val_ds},
+                eval_model=model,
+                num_classes=num_classes,
+                ignore_value=cfg.ignore_value,
+            ),
             cfg=cfg,
             monitor=monitor,
             callbacks=callbacks,
@@ -1491,6 +1543,7 @@ def evaluate(cfg):
         batch_size=cfg.batch_size,
         image_size=image_size,
         ignore_value=cfg.ignore_value,
+        cache=_cache(split, image_size),
     )
     result = evaluate_model(
         model,
@@ -1554,8 +1607,9 @@ def _write_png(path, array, palette=None):
 def predict_image(model, image, *, multiple=None):
     """Class indices (H, W) for one uint8 image (H, W, 3) of any size.
 
-    The image is padded (edge values) to the model's size multiple, the
-    logits are cropped back to the image's size.
+    The image is padded with zeros at the bottom and right to the model's
+    size multiple (as the SavedModel export does), the logits are cropped
+    back to the image's size.
     """
     import keras
     import numpy as np
@@ -1565,7 +1619,7 @@ def predict_image(model, image, *, multiple=None):
     multiple = multiple or models.size_multiple(model)
     height, width = image.shape[:2]
     pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
     logits = model(padded[None], training=False)
     classes = keras.ops.argmax(logits[0, :height, :width], axis=-1)
     return np.asarray(keras.ops.convert_to_numpy(classes)).astype(np.uint8)
@@ -1920,34 +1974,36 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
                 drop_remainder=True,
                 ignore_value=cfg.ignore_value,
                 extra_maps=maps,
+                cache=_cache(split, cfg.image_size),
             )
 
         seed = cfg.seed + initial_epoch
         n_labeled = _num_images(splits["data"]) or batch
         n_total = n_labeled
-        uses_target = kl_inputs in ("target", "both")
-        target_maps = (
-            _stored_maps(source, splits["data"], cfg.image_size, cfg.verbose)
-            if stored and uses_target and "unlabeled_data" not in splits
-            else None
+        uses_target = kl_inputs in ("target", "both") and kl_weight > 0
+
+        def maps_for(key):
+            if not stored:
+                return None
+            return _stored_maps(source, splits[key], cfg.image_size, cfg.verbose)
+
+        train_ds = train_stream(
+            splits["data"], seed, maps_for("data") if uses_target else None
         )
-        train_ds = train_stream(splits["data"], seed, target_maps)
-        if "unlabeled_data" in splits and kl_weight > 0 and uses_target:
+        # Unlabelled target images only feed the KL term on target images.
+        if "unlabeled_data" in splits and uses_target:
             n_unlabeled = _num_images(splits["unlabeled_data"]) or batch
-            unlabeled_ds = train_stream(splits["unlabeled_data"], seed + 1)
+            unlabeled_ds = train_stream(
+                splits["unlabeled_data"], seed + 1, maps_for("unlabeled_data")
+            )
             train_ds = _mix_unlabeled(
                 train_ds, unlabeled_ds, batch, n_labeled, n_unlabeled, seed
             )
             n_total += n_unlabeled
         if kl_weight > 0 and kl_inputs in ("source", "both"):
-            maps = (
-                _stored_maps(
-                    source, splits["source_images"], cfg.image_size, cfg.verbose
-                )
-                if stored
-                else None
+            source_ds = train_stream(
+                splits["source_images"], seed + 2, maps_for("source_images")
             )
-            source_ds = train_stream(splits["source_images"], seed + 2, maps)
             import tensorflow as tf
 
             train_ds = tf.data.Dataset.zip((train_ds, source_ds)).map(ft.pair_batches)
@@ -1962,21 +2018,24 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
                     batch_size=batch,
                     image_size=cfg.image_size,
                     ignore_value=cfg.ignore_value,
+                    cache=_cache(split, cfg.image_size),
                 )
             )
 
         val_ds = eval_stream(splits["val_data"])
         source_val_ds = eval_stream(splits.get("source_val_data"))
-        extra = []
-        if source_val_ds is not None:
-            extra.append(
-                ft.DomainEvaluation(
-                    {"source": source_val_ds},
-                    source_model=source,
-                    ignore_class=cfg.ignore_value,
-                    batch_size=batch,
-                )
+        domains = {"target": val_ds, "source": source_val_ds}
+        if baseline is None:
+            baseline = _domain_metrics(
+                source, domains, num_classes, cfg.ignore_value, names
             )
+        validation = _callbacks_module()[2](
+            {"target_": val_ds, "source_": source_val_ds},
+            eval_model=student,
+            num_classes=num_classes,
+            ignore_value=cfg.ignore_value,
+            baseline=(baseline.get("source") or {}).get("mean_iou"),
+        )
         monitor = "val_target_mean_iou" if cfg.monitor == "auto" else cfg.monitor
         _say(
             cfg.verbose,
@@ -1991,18 +2050,13 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
             save_model=student,
             train_ds=_distribute_options(train_ds),
             steps=steps,
-            val_ds=val_ds,
+            validation=validation,
             cfg=cfg,
             monitor=monitor,
-            callbacks=[*extra, *list(callbacks or [])],
+            callbacks=callbacks,
         )
     best = load_model(run.model) if run.model.exists() else student
-    domains = {"target": val_ds, "source": source_val_ds}
     after = _domain_metrics(best, domains, num_classes, cfg.ignore_value, names)
-    if baseline is None:
-        baseline = _domain_metrics(
-            source, domains, num_classes, cfg.ignore_value, names
-        )
     result_metrics = {
         **after,
         "source_model": baseline,

@@ -1,0 +1,551 @@
+"""The jobs behind the commands, run for real on tiny data.
+
+One chain of runs is shared by the module (32x32 images, a handful of them,
+a 2-level U-Net with 4 base filters): a training run interrupted after its
+first epoch and resumed from the command line, a two-weight fine-tuning sweep
+on top of it, then evaluate, predict, export and serving the export.
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from klseg import errors, runs
+from klseg.cli.main import cli
+from klseg.data import synthetic
+
+SIZE = 32
+TINY_MODEL = ["--base-filters", "4", "--depth", "2"]
+TINY_RUN = ["--image-size", str(SIZE), "--batch-size", "4", "--quiet"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    return synthetic.write_benchmark(
+        tmp_path_factory.mktemp("data") / "bench",
+        image_size=SIZE,
+        num_train=8,
+        num_val=4,
+        num_unlabeled=4,
+        num_target_train=4,
+    )
+
+
+class InterruptAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def source_run(bench, tmp_path_factory):
+    """A 2-epoch training run, interrupted after epoch 1, then resumed."""
+    out = tmp_path_factory.mktemp("runs") / "source"
+    cfg = runs.TrainConfig(
+        data=str(bench / "source" / "train"),
+        val_data=str(bench / "source" / "val"),
+        output=str(out),
+        epochs=2,
+        batch_size=4,
+        image_size=SIZE,
+        base_filters=4,
+        depth=2,
+        verbose=0,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        runs.train(cfg, callbacks=[InterruptAfterFirstEpoch()])
+    interrupted = {
+        "history": (out / "history.csv").read_text(),
+        "state": json.loads(
+            (out / "checkpoints" / "epoch_0001" / "state.json").read_text()
+        ),
+        "metrics_written": (out / "metrics.json").exists(),
+    }
+    # Resume from the command line: every setting comes from the saved config.
+    result = ok("train", "--output", out, "--resume", "--quiet")
+    return out, interrupted, result.output
+
+
+@pytest.fixture(scope="module")
+def sweep(bench, source_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sweep"
+    result = ok(
+        "finetune",
+        "--source",
+        source_run[0] / "model.keras",
+        "--data",
+        bench / "target" / "train",
+        "--val-data",
+        bench / "target" / "val",
+        "--source-val-data",
+        bench / "source" / "val",
+        "--source-images",
+        bench / "source" / "unlabeled",
+        "--kl-weight",
+        "0,0.5",
+        "--epochs",
+        1,
+        "--strategy",
+        "mirrored",
+        "--output",
+        out,
+        *TINY_RUN,
+    )
+    return out, result.output
+
+
+def _history_epochs(path):
+    with open(path, newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+# --------------------------------------------------------------------------
+# train, resume, run folder
+# --------------------------------------------------------------------------
+
+
+def test_interrupted_run_keeps_its_first_epoch(source_run):
+    _, interrupted, _ = source_run
+    assert interrupted["state"]["epoch"] == 1
+    assert interrupted["state"]["optimizer_iterations"] == 2  # 8 images / 4
+    assert interrupted["history"].count("\n") == 2  # header + epoch 0
+    assert not interrupted["metrics_written"]
+
+
+def test_resume_continues_from_the_last_completed_epoch(source_run):
+    out, interrupted, output = source_run
+    assert "Resuming" not in output  # --quiet
+    assert _history_epochs(out / "history.csv") == [0, 1]
+    first_row = interrupted["history"].splitlines()[1]
+    assert first_row in (out / "history.csv").read_text()  # epoch 0 kept as is
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    state = json.loads(
+        (out / "checkpoints" / latest["checkpoint"] / "state.json").read_text()
+    )
+    assert state["epoch"] == 2
+    # The optimizer continued: 2 steps per epoch, nothing restarted at 0.
+    assert state["optimizer_iterations"] == 4
+    assert state["best_epoch"] in (1, 2)
+
+
+def test_run_folder_layout(source_run):
+    out = source_run[0]
+    for name in (
+        "model.keras",
+        "metrics.json",
+        "history.csv",
+        "config.yaml",
+        "report.md",
+    ):
+        assert (out / name).is_file(), name
+    assert list((out / "logs" / "train").glob("events.out.tfevents.*"))
+    assert list((out / "logs" / "validation").glob("events.out.tfevents.*"))
+    assert (out / "plots" / "training_curves.png").stat().st_size > 1000
+    assert (out / "plots" / "overlays.png").stat().st_size > 1000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["val"]["mean_iou"] <= 1
+    assert set(metrics["val"]["per_class_iou"]) == set(synthetic.CLASS_NAMES)
+    report = (out / "report.md").read_text()
+    assert "plots/training_curves.png" in report
+    assert not list(out.rglob(".*.tmp*"))  # no temporary files left behind
+
+
+def test_tensorboard_logs_hold_the_epoch_scalars(source_run):
+    import tensorflow as tf
+
+    folder = source_run[0] / "logs" / "validation"
+    tags = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags.update(v.tag for v in event.summary.value)
+    assert "epoch_mean_iou" in tags and "epoch_loss" in tags
+
+
+def test_resume_refuses_changed_settings(source_run):
+    result = invoke("train", "--output", source_run[0], "--resume", "--batch-size", 2)
+    assert result.exit_code == 1
+    assert "batch_size: saved 4, now 2" in result.output
+
+
+def test_resume_with_nothing_left_to_do(source_run):
+    result = ok("train", "--output", source_run[0], "--resume")
+    assert "nothing to train" in result.output
+
+
+def test_new_run_refuses_a_used_folder(bench, source_run):
+    result = invoke(
+        "train",
+        "--data",
+        bench / "source" / "train",
+        "--val-data",
+        bench / "source" / "val",
+        "--output",
+        source_run[0],
+        *TINY_RUN,
+    )
+    assert result.exit_code == 1
+    assert "--resume" in result.output and "--overwrite" in result.output
+
+
+# --------------------------------------------------------------------------
+# finetune sweep, evaluate, predict, export
+# --------------------------------------------------------------------------
+
+
+def test_kl_weight_list_runs_one_finetune_per_weight(sweep):
+    out, output = sweep
+    for name in ("kl-0", "kl-0.5"):
+        run = out / name
+        assert (run / "model.keras").is_file()
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert set(metrics) >= {"source", "target", "source_model", "forgetting"}
+        assert metrics["kl_weight"] == float(name[3:])
+        assert "val_source_mean_iou" in (run / "history.csv").read_text()
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    top = json.loads((out / "metrics.json").read_text())
+    assert set(top["runs"]) == {"kl-0", "kl-0.5"}
+    assert "kl_weight  source mIoU  target mIoU" in output
+    assert "kl-0.5/report.md" in (out / "report.md").read_text()
+
+
+def test_sweep_resume_keeps_finished_weights(sweep):
+    out, _ = sweep
+    result = ok("finetune", "--output", out, "--resume")
+    assert result.output.count("finished earlier") == 2
+
+
+def test_evaluate_json(bench, sweep):
+    model = sweep[0] / "kl-0.5" / "model.keras"
+    result = ok(
+        "evaluate", "--model", model, "--data", bench / "target" / "val", "--json"
+    )
+    metrics = json.loads(result.output)
+    assert metrics["num_images"] == 4
+    assert metrics["image_size"] == SIZE  # read from the run's config.yaml
+    run_metrics = json.loads((sweep[0] / "kl-0.5" / "metrics.json").read_text())
+    assert metrics["mean_iou"] == pytest.approx(
+        run_metrics["target"]["mean_iou"], abs=1e-6
+    )
+
+
+def test_predict_export_and_serve(bench, sweep, tmp_path):
+    model = sweep[0] / "kl-0.5" / "model.keras"
+    images = bench / "target" / "val"
+    ok(
+        "predict",
+        "--model",
+        model,
+        "--images",
+        images,
+        "--output",
+        tmp_path / "pred",
+        "--quiet",
+    )
+    masks = sorted((tmp_path / "pred" / "masks").glob("*.png"))
+    assert len(masks) == 4
+    assert len(list((tmp_path / "pred" / "overlays").glob("*.png"))) == 4
+    predicted = np.asarray(Image.open(masks[0]))
+    assert predicted.shape == (SIZE, SIZE)
+    assert predicted.max() < synthetic.NUM_CLASSES
+
+    ok("export", "--model", model, "--output", tmp_path / "exported")
+    # Serve in a process that never imports klseg.
+    code = textwrap.dedent(
+        f"""
+        import sys, numpy as np, tensorflow as tf
+        from PIL import Image
+        image = np.asarray(Image.open({str(images / "images" / masks[0].name)!r}))
+        loaded = tf.saved_model.load({str(tmp_path / "exported")!r})
+        out = loaded.signatures["serving_default"](images=tf.constant(image[None]))
+        np.save({str(tmp_path / "served.npy")!r}, out["classes"][0].numpy())
+        assert not any(m.startswith("klseg") for m in sys.modules)
+        """
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    served = np.load(tmp_path / "served.npy")
+    np.testing.assert_array_equal(served, predicted)
+
+
+# --------------------------------------------------------------------------
+# clear errors
+# --------------------------------------------------------------------------
+
+
+def test_unwritable_output(bench, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = invoke(
+        "train",
+        "--data",
+        bench / "source" / "train",
+        "--val-data",
+        bench / "source" / "val",
+        "--output",
+        blocker / "run",
+        *TINY_RUN,
+    )
+    assert result.exit_code == 1
+    assert "cannot write to output folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_files(bench, tmp_path):
+    result = invoke(
+        "finetune",
+        "--source",
+        tmp_path / "missing.keras",
+        "--data",
+        bench / "target" / "train",
+        "--val-data",
+        bench / "target" / "val",
+        "--output",
+        tmp_path / "o",
+        *TINY_RUN,
+    )
+    assert result.exit_code == 1
+    assert "missing.keras does not exist" in result.output
+    result = invoke(
+        "train",
+        "--data",
+        tmp_path / "nothing",
+        "--val-data",
+        tmp_path / "x",
+        "--output",
+        tmp_path / "o2",
+        *TINY_RUN,
+    )
+    assert result.exit_code == 1
+    assert "nothing" in result.output
+    result = invoke(
+        "predict",
+        "--model",
+        tmp_path / "m.keras",
+        "--images",
+        tmp_path,
+        "-o",
+        tmp_path / "p",
+    )
+    assert result.exit_code == 1
+
+
+def test_incompatible_source_model(bench, tmp_path):
+    import klseg.models
+
+    three = klseg.models.unet(3, base_filters=4, depth=2)
+    three.save(tmp_path / "three.keras")
+    result = invoke(
+        "finetune",
+        "--source",
+        tmp_path / "three.keras",
+        "--data",
+        bench / "target" / "train",
+        "--val-data",
+        bench / "target" / "val",
+        "--output",
+        tmp_path / "o",
+        *TINY_RUN,
+    )
+    assert result.exit_code == 1
+    assert "predicts 3 classes" in result.output
+
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    plain.save(tmp_path / "plain.keras")
+    result = invoke("export", "--model", tmp_path / "plain.keras", "-o", tmp_path / "e")
+    assert result.exit_code == 1
+    assert "not a klseg segmentation model" in result.output
+    (tmp_path / "broken.keras").write_bytes(b"not a zip file")
+    result = invoke(
+        "evaluate",
+        "--model",
+        tmp_path / "broken.keras",
+        "--data",
+        bench / "target" / "val",
+    )
+    assert result.exit_code == 1
+    assert "cannot load model" in result.output
+
+
+def test_image_size_must_fit_the_model(bench, source_run, tmp_path):
+    result = invoke(
+        "evaluate",
+        "--model",
+        source_run[0] / "model.keras",
+        "--data",
+        bench / "target" / "val",
+        "--image-size",
+        30,
+    )
+    assert result.exit_code == 2
+    assert "nearest valid sizes are 28 and 32" in result.output
+
+
+def test_unlabelled_folder_cannot_be_evaluated(bench, source_run):
+    result = invoke(
+        "evaluate",
+        "--model",
+        source_run[0] / "model.keras",
+        "--data",
+        bench / "target" / "unlabeled",
+    )
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+
+
+def test_config_validation_in_python():
+    with pytest.raises(errors.InvalidArgumentError, match="jit cannot be combined"):
+        runs.TrainConfig(
+            data="a", val_data="b", output="o", jit=True, strategy="mirrored"
+        )
+    with pytest.raises(errors.InvalidArgumentError, match="kl_weight"):
+        runs.FinetuneConfig(
+            source="s", data="a", val_data="b", output="o", kl_weight=-1
+        )
+
+
+# --------------------------------------------------------------------------
+# mixed precision, demo, multi-worker
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mixed_precision_bfloat16_run(bench, tmp_path):
+    import klseg.models
+
+    with pytest.warns(UserWarning, match="slower than float32"):
+        result = runs.train(
+            runs.TrainConfig(
+                data=str(bench / "source" / "train"),
+                val_data=str(bench / "source" / "val"),
+                output=str(tmp_path / "mp"),
+                epochs=1,
+                batch_size=4,
+                image_size=SIZE,
+                base_filters=4,
+                depth=2,
+                mixed_precision="bfloat16",
+                verbose=0,
+            )
+        )
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    history = (tmp_path / "mp" / "history.csv").read_text().splitlines()
+    loss = float(history[1].split(",")[history[0].split(",").index("loss")])
+    assert np.isfinite(loss)
+    model = runs.load_model(result.model_path)
+    policies = {layer.dtype_policy.name for layer in model.layers}
+    assert "mixed_bfloat16" in policies  # the saved model keeps its policy
+    logits = model(np.zeros((1, SIZE, SIZE, 3), "uint8"))
+    assert str(logits.dtype).endswith("float32")
+    assert klseg.models.num_classes(model) == synthetic.NUM_CLASSES
+
+
+@pytest.mark.slow
+def test_quick_demo(tmp_path):
+    result = ok("demo", "--quick", "--output", tmp_path / "demo", "--quiet")
+    for row in ("source model", "plain fine-tuning", "KL fine-tuning"):
+        assert row in result.output
+    out = tmp_path / "demo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["mean_iou"]) == {
+        "source model",
+        "plain fine-tuning",
+        "KL fine-tuning (w=0.3)",
+    }
+    assert (out / "report.md").is_file()
+    assert (out / "plots" / "domains.png").is_file()
+    assert (out / "export" / "saved_model.pb").is_file()
+    again = invoke("demo", "--quick", "--output", out)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_run_of_two_local_processes(bench, tmp_path):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    out = tmp_path / "mw"
+    args = [
+        sys.executable,
+        "-m",
+        "klseg.cli.main",
+        "train",
+        "--data",
+        str(bench / "source" / "train"),
+        "--val-data",
+        str(bench / "source" / "val"),
+        "--epochs",
+        "1",
+        "--strategy",
+        "multi-worker",
+        "--output",
+        str(out),
+        *TINY_MODEL,
+        *TINY_RUN,
+    ]
+    procs = []
+    for index in range(2):
+        tf_config = {
+            "cluster": {"worker": workers},
+            "task": {"type": "worker", "index": index},
+        }
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps(tf_config),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TMPDIR": str(tmp_path / f"tmp{index}"),
+        }
+        (tmp_path / f"tmp{index}").mkdir()
+        procs.append(
+            subprocess.Popen(
+                args,
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=420)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    assert (out / "model.keras").is_file()
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    # The chief wrote the run folder; the other worker left nothing behind.
+    assert list(tmp_path.rglob("model.keras")) == [out / "model.keras"]
