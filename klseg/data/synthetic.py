@@ -8,8 +8,8 @@ differs is the look:
 - ``"source"``: a clear day. Blue sky, green grass, grey asphalt with a dashed
   centre line, brick or beige buildings with a window grid, dark green
   trees, yellow and magenta cars, even lighting and little sensor noise.
-- ``"target"``: dusk in another town, seen through another camera. Purple to
-  orange sky with cloud bands, sandy ploughed ground, dark cracked road with
+- ``"target"``: dusk in another town, seen through another camera. Deep blue
+  to lilac sky with cloud bands, sandy ploughed ground, dark cracked road with
   yellow edge lines, blue-grey buildings with floor stripes and lit windows,
   red autumn trees, teal cars with head lights; a strong lighting gradient, a
   vignette, a colour cast, a blur and heavy noise.
@@ -362,9 +362,9 @@ def _paint_target(rng, mask, parts, layout, size):
     img = np.zeros((size, size, 3), dtype=np.float32)
     horizon = layout["horizon"]
 
-    # sky: purple at the top to orange at the horizon, with cloud bands
+    # sky: deep blue at the top to lilac at the horizon, with cloud bands
     t = np.clip(yy / max(horizon, 1.0), 0, 1)[..., None]
-    top, bottom = _jitter(rng, (70, 45, 105), 12), _jitter(rng, (235, 150, 85), 12)
+    top, bottom = _jitter(rng, (45, 55, 115), 12), _jitter(rng, (170, 140, 180), 12)
     sky = (1 - t) * top + t * bottom
     bands = np.sin(yy * (2 * np.pi / (0.09 * s)) + _smooth_noise(rng, size, 3) * 3)
     sky = sky + (bands[..., None] > 0.6) * np.array([25, 20, 25], np.float32)
@@ -379,7 +379,7 @@ def _paint_target(rng, mask, parts, layout, size):
     img[sel] = ground[sel]
 
     # road: dark, cracked, yellow edge lines, no centre dashes
-    tar = _jitter(rng, (62, 55, 60), 8)
+    tar = _jitter(rng, (88, 82, 90), 8)
     cracks = (np.abs(_smooth_noise(rng, size, 10)) < 0.06)[..., None]
     road = tar - cracks * 25.0
     left, right = _road_edges(
