@@ -298,7 +298,7 @@ class FinetuneConfig(_RunOptions):
             source-domain mIoU (what fine-tuning keeps or forgets).
         source_images: unlabelled source-domain images for the KL term.
         kl_weight: one weight, or several (a sweep: one run per weight in
-            ``OUTPUT/kl-W/`` and a trade-off plot). ``0`` is plain
+            ``OUTPUT/kl_W/`` and a trade-off plot). ``0`` is plain
             fine-tuning. ``None`` uses the library default.
         temperature: softmax temperature of the KL term. ``None`` uses the
             library default.
@@ -502,7 +502,7 @@ class SweepResult:
     """A fine-tuning sweep over several KL weights.
 
     Attributes:
-        output: the sweep folder (one ``kl-W`` run folder per weight).
+        output: the sweep folder (one ``kl_W`` run folder per weight).
         runs: ``{kl_weight: RunResult}``.
         table: rows ``{"kl_weight", "source", "target"}`` (mIoU in [0, 1]).
         tradeoff_plot: the PNG of source vs target mIoU.
@@ -1315,6 +1315,8 @@ def _fit(
         EpochScalars(run.logs),
         *list(callbacks or []),
     ]
+    if cfg.strategy == "multi-worker":
+        _multi_worker_fit_fixes(model, train_ds)
     model.fit(
         train_ds,
         epochs=cfg.epochs,
@@ -1326,6 +1328,46 @@ def _fit(
     )
     latest = run.latest_checkpoint()
     return latest[1] if latest else state
+
+
+def _multi_worker_fit_fixes(model, dataset):
+    """Work around two failures of Keras 3 ``fit`` under MultiWorkerMirroredStrategy.
+
+    Seen with Keras 3.15 and TensorFlow 2.21 (tensorflow/tensorflow#72388):
+
+    1. ``fit`` builds the metrics from the first batch after averaging it
+       with ``strategy.reduce``, which fails for an ``(images, masks)``
+       tuple ("Attempt to convert a value (PerReplica ...) to a Tensor").
+       Here the model is built from the dataset's ``element_spec``.
+    2. Each step's logs are averaged with ``strategy.reduce("MEAN", v,
+       axis=0)``, which fails for scalars ("Invalid reduction dimension 0").
+       Here the train function returns the first local replica's values
+       instead. The per-step values on the progress bar are then this
+       worker's; the epoch's values (history, checkpoints) are read from the
+       metrics at the end of the epoch, summed over every replica.
+    """
+    import tensorflow as tf
+    from keras import tree
+
+    strategy = model.distribute_strategy
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+    def first(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    @tf.function(reduce_retracing=True)
+    def one_step(data):
+        outputs = strategy.run(model.train_step, args=(data,))
+        return tree.map_structure(first, outputs)
+
+    def train_function(iterator):
+        return one_step(next(iterator))
+
+    model.train_function = train_function
 
 
 def train(cfg, *, callbacks=None):
@@ -1845,7 +1887,7 @@ def finetune(cfg, *, callbacks=None):
     """Fine-tune a source model on a target domain with the KL term.
 
     One KL weight writes one run folder. Several weights (``kl_weight=(0,
-    0.1, 0.3, 1)``) write ``OUTPUT/kl-W/`` per weight, ``OUTPUT/tradeoff.png``
+    0.1, 0.3, 1)``) write ``OUTPUT/kl_W/`` per weight, ``OUTPUT/tradeoff.png``
     (source vs target mIoU), ``OUTPUT/metrics.json`` and
     ``OUTPUT/report.md``; with ``resume`` the finished weights are kept and
     the interrupted one continues.
@@ -1926,6 +1968,14 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
     splits = _finetune_inputs(cfg)
     kl_inputs = _resolve_kl_inputs(cfg)
     kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
+    if cfg.unlabeled_data and (kl_inputs == "source" or kl_weight == 0):
+        _say(
+            cfg.verbose,
+            f"Note: unlabeled_data ({cfg.unlabeled_data}) is not used: unlabelled "
+            "target images only feed the KL term on target images "
+            f"(kl_inputs='target' or 'both'; here kl_inputs={kl_inputs!r}, "
+            f"kl_weight={kl_weight:g}).",
+        )
     temperature = cfg.temperature or ft.DEFAULT_TEMPERATURE
     batch = cfg.batch_size
     with _precision(cfg.mixed_precision, cfg.verbose) as policy:
@@ -2144,7 +2194,7 @@ def _write_finetune_report(run, cfg, model, source, domains, names, metrics):
 
 
 def _weight_folder(weight):
-    return f"kl-{weight:g}"
+    return f"kl_{weight:g}"
 
 
 def _sweep(cfg, strategy, is_chief, callbacks):
