@@ -13,6 +13,7 @@ status 1, an interrupted run with 130; none of them prints a traceback.
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 
 import click
@@ -41,6 +42,20 @@ def _prepare_runtime():
     """Quieter TensorFlow start-up; only when a command actually runs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # klseg's warnings are meant for the user: one line, no source location.
+    if warnings.formatwarning is not _format_warning:
+        global _python_formatwarning
+        _python_formatwarning = warnings.formatwarning
+        warnings.formatwarning = _format_warning
+
+
+_python_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    if "klseg" in str(filename).replace("\\", "/").split("/"):
+        return f"Warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
 
 
 def _run_errors(fn):

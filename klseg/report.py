@@ -334,7 +334,8 @@ def plot_overlays(
 
     Args:
         images: uint8 array (N, H, W, 3) or list of (H, W, 3).
-        predictions: integer masks (N, H, W).
+        predictions: integer masks (N, H, W), or a dict ``{column title:
+            masks}`` to compare several models side by side.
         path: PNG file to write.
         masks: optional true masks (N, H, W); adds a column.
         class_names: names for the legend. Defaults to ``class_0``, ...
@@ -350,15 +351,17 @@ def plot_overlays(
     n = len(images)
     if n == 0:
         raise ValueError("images must hold at least one image. Received: 0 images")
+    if not isinstance(predictions, dict):
+        predictions = {"prediction": predictions}
     num_classes = len(class_names) if class_names else None
     if num_classes is None:
-        seen = [np.asarray(p) for p in predictions]
+        seen = [np.asarray(p) for preds in predictions.values() for p in preds]
         num_classes = int(max(int(p.max()) for p in seen)) + 1
     names = (
         list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     )
     colors = palette(num_classes) if colors is None else np.asarray(colors)
-    columns = [("image", None), ("prediction", predictions)]
+    columns = [("image", None), *predictions.items()]
     if masks is not None:
         columns.insert(1, ("ground truth", masks))
     fig = _figure(2.4 * len(columns), 2.4 * n + 0.8)

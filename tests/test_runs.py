@@ -289,6 +289,82 @@ def test_predict_export_and_serve(bench, sweep, tmp_path):
     np.testing.assert_array_equal(served, predicted)
 
 
+@pytest.mark.slow
+def test_finetune_with_every_kind_of_input(bench, source_run, tmp_path):
+    """Unlabelled target images, KL on both domains, stored source
+    predictions, frozen BatchNorm and bfloat16 in one run."""
+    out = tmp_path / "all"
+    with pytest.warns(UserWarning, match="slower than float32"):
+        result = ok(
+            "finetune",
+            "--source",
+            source_run[0] / "model.keras",
+            "--data",
+            bench / "target" / "train",
+            "--unlabeled-data",
+            bench / "target" / "unlabeled",
+            "--val-data",
+            bench / "target" / "val",
+            "--source-images",
+            bench / "source" / "unlabeled",
+            "--kl-inputs",
+            "both",
+            "--source-predictions",
+            "stored",
+            "--student-bn",
+            "frozen",
+            "--mixed-precision",
+            "bfloat16",
+            "--kl-weight",
+            "0.5",
+            "--epochs",
+            1,
+            "--output",
+            out,
+            "--image-size",
+            SIZE,
+            "--batch-size",
+            4,
+        )
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    assert "Stored source predictions" in result.output  # the memory estimate
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kl_inputs"] == "both"
+    assert "source" not in metrics  # no --source-val-data
+    history = (out / "history.csv").read_text().splitlines()
+    header = history[0].split(",")
+    kl = float(history[1].split(",")[header.index("kl_loss")])
+    assert np.isfinite(kl) and kl > 0
+    student = runs.load_model(out / "model.keras")
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in student.layers}
+    logits = student(np.zeros((1, SIZE, SIZE, 3), "uint8"))
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+
+
+def test_synth_command(tmp_path):
+    out = tmp_path / "synth"
+    ok(
+        "data",
+        "synth",
+        "--output",
+        out,
+        "--image-size",
+        16,
+        "--num-train",
+        2,
+        "--num-val",
+        1,
+        "--num-unlabeled",
+        1,
+    )
+    for domain in ("source", "target"):
+        assert len(list((out / domain / "train" / "images").glob("*.png"))) >= 1
+        assert (out / domain / "val" / "masks").is_dir()
+        assert (out / domain / "unlabeled" / "images").is_dir()
+    again = invoke("data", "synth", "--output", out)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+
+
 # --------------------------------------------------------------------------
 # clear errors
 # --------------------------------------------------------------------------
@@ -428,37 +504,6 @@ def test_config_validation_in_python():
 # --------------------------------------------------------------------------
 # mixed precision, demo, multi-worker
 # --------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_mixed_precision_bfloat16_run(bench, tmp_path):
-    import klseg.models
-
-    with pytest.warns(UserWarning, match="slower than float32"):
-        result = runs.train(
-            runs.TrainConfig(
-                data=str(bench / "source" / "train"),
-                val_data=str(bench / "source" / "val"),
-                output=str(tmp_path / "mp"),
-                epochs=1,
-                batch_size=4,
-                image_size=SIZE,
-                base_filters=4,
-                depth=2,
-                mixed_precision="bfloat16",
-                verbose=0,
-            )
-        )
-    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
-    history = (tmp_path / "mp" / "history.csv").read_text().splitlines()
-    loss = float(history[1].split(",")[history[0].split(",").index("loss")])
-    assert np.isfinite(loss)
-    model = runs.load_model(result.model_path)
-    policies = {layer.dtype_policy.name for layer in model.layers}
-    assert "mixed_bfloat16" in policies  # the saved model keeps its policy
-    logits = model(np.zeros((1, SIZE, SIZE, 3), "uint8"))
-    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
-    assert klseg.models.num_classes(model) == synthetic.NUM_CLASSES
 
 
 @pytest.mark.slow
