@@ -331,12 +331,12 @@ def train(ctx, **_):
     type=FloatList(),
     help="Weight of the KL term; 0 is plain fine-tuning. A list such as "
     "0,0.1,0.3,1 runs one fine-tune per weight into subfolders and plots "
-    "the source-vs-target trade-off.",
+    "the source-vs-target trade-off.  [default: 0.3]",
 )
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
-    help="Softmax temperature of the KL term.",
+    help="Softmax temperature of the KL term.  [default: 2]",
 )
 @click.option(
     "--kl-inputs",

@@ -80,6 +80,14 @@ def test_every_command_has_help(runner, command):
     assert "--help" in result.output
 
 
+def test_help_states_the_library_defaults(runner):
+    import klseg.finetune
+
+    text = " ".join(runner.invoke(cli, ["finetune", "--help"]).output.split())
+    assert f"[default: {klseg.finetune.DEFAULT_KL_WEIGHT:g}]" in text
+    assert f"[default: {klseg.finetune.DEFAULT_TEMPERATURE:g}]" in text
+
+
 def test_version(runner):
     result = runner.invoke(cli, ["--version"])
     assert result.exit_code == 0
