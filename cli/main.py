@@ -147,8 +147,9 @@ def _run_options(fn):
             "--monitor",
             default="auto",
             show_default=True,
-            help="Validation metric that picks the best epoch for model.keras "
-            "(a history column, higher is better), or 'auto'.",
+            help="History column that picks the best epoch for model.keras "
+            "(lowest for *loss and val_forgetting, else highest), or 'auto' "
+            "(val_mean_iou for train, val_target_mean_iou for finetune).",
         ),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option(

@@ -810,7 +810,11 @@ def _callbacks_module():
                     f"Columns: {names}."
                 )
             value = float(logs[self.monitor])
-            if math.isfinite(value) and (self.best is None or value > self.best):
+            if _lower_is_better(self.monitor):
+                better = self.best is None or value < self.best
+            else:
+                better = self.best is None or value > self.best
+            if math.isfinite(value) and better:
                 self.best, self.best_epoch = value, epoch + 1
                 _save_model_atomic(self.save_model, self.run.model)
             state = {
@@ -918,6 +922,11 @@ def _callbacks_module():
                 logs["val_forgetting"] = self.baseline - logs["val_source_mean_iou"]
 
     return RunCheckpoint, EpochScalars, EpochValidation
+
+
+def _lower_is_better(monitor):
+    """Losses and the forgetting improve downwards; everything else upwards."""
+    return monitor.endswith("loss") or monitor.endswith("forgetting")
 
 
 def _save_model_atomic(model, path):

@@ -490,6 +490,14 @@ def test_unlabelled_folder_cannot_be_evaluated(bench, source_run):
     assert "Traceback" not in result.output
 
 
+def test_monitor_direction():
+    assert runs._lower_is_better("val_loss")
+    assert runs._lower_is_better("val_target_loss")
+    assert runs._lower_is_better("val_forgetting")
+    assert not runs._lower_is_better("val_mean_iou")
+    assert not runs._lower_is_better("val_source_mean_iou")
+
+
 def test_config_validation_in_python():
     with pytest.raises(errors.InvalidArgumentError, match="jit cannot be combined"):
         runs.TrainConfig(
