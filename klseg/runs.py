@@ -653,6 +653,19 @@ def _config_differences(saved, current):
     return diffs
 
 
+def _abandoned(run):
+    """A run folder whose run stopped before finishing its first epoch
+    (bad data, a bad option found late, an interruption): nothing in it is
+    worth keeping."""
+    return (
+        run.config.is_file()
+        and not (run.checkpoints / "latest.json").exists()
+        and not run.metrics.exists()
+        and not run.model.exists()
+        and not any(p.name.startswith("kl_") for p in run.path.iterdir())
+    )
+
+
 def _open_run(cfg, *, is_chief=True):
     """Prepare the run folder; returns ``(RunFolder, checkpoint or None)``.
 
@@ -684,6 +697,12 @@ def _open_run(cfg, *, is_chief=True):
         checkpoint = run.latest_checkpoint()
         atomic_write_text(run.config, _yaml_dump(current))
         return run, checkpoint
+    if _abandoned(run):
+        _say(
+            cfg.verbose,
+            f"Reusing {run.path}: its earlier run stopped before finishing an epoch.",
+        )
+        shutil.rmtree(run.path)
     if run.path.exists() and run.path.is_dir() and any(run.path.iterdir()):
         if not cfg.overwrite:
             raise errors.RunError(
@@ -2334,7 +2353,7 @@ def _open_sweep(cfg, top):
                 f"cannot resume {top.path} with different settings: " + "; ".join(diffs)
             )
     elif top.path.is_dir() and any(top.path.iterdir()):
-        if not cfg.overwrite:
+        if not (cfg.overwrite or _abandoned_sweep(top)):
             raise errors.RunError(
                 f"output folder {top.path} is not empty. Pass --resume to "
                 "continue the sweep in it, --overwrite to replace it, or choose "
@@ -2348,6 +2367,14 @@ def _open_sweep(cfg, top):
         shutil.rmtree(top.path)
     _check_writable(top.path)
     atomic_write_text(top.config, _yaml_dump(current))
+
+
+def _abandoned_sweep(top):
+    """A sweep folder none of whose runs finished an epoch."""
+    if not top.config.is_file() or top.metrics.exists():
+        return False
+    subs = [p for p in top.path.iterdir() if p.is_dir() and p.name.startswith("kl_")]
+    return all(_abandoned(RunFolder(p)) for p in subs)
 
 
 def _finished_run(path, epochs):

@@ -427,6 +427,18 @@ def test_missing_files(bench, tmp_path):
     assert result.exit_code == 1
 
 
+def test_a_run_that_failed_early_leaves_a_reusable_folder(bench, tmp_path):
+    args = ["train", "--data", bench / "source" / "train", "--output", tmp_path / "o"]
+    first = invoke(
+        *args, "--val-data", bench / "source" / "val", "--depth", 2, "--image-size", 30
+    )
+    assert first.exit_code == 2 and "nearest valid sizes" in first.output
+    assert (tmp_path / "o" / "config.yaml").is_file()
+    second = invoke(*args, "--val-data", tmp_path / "missing", *TINY_RUN)
+    assert second.exit_code == 1
+    assert "missing" in second.output and "not empty" not in second.output
+
+
 def test_incompatible_source_model(bench, tmp_path):
     import klseg.models
 
