@@ -1,0 +1,130 @@
+"""KL fine-tuning under tf.distribute.MirroredStrategy on 2 logical CPUs.
+
+TensorFlow fixes its logical devices when it first initialises, so the
+distributed run happens in a fresh subprocess that splits the CPU into two
+logical devices before anything else. It computes the fine-tuning loss at
+identical weights and trains a few steps, once under a 2-replica
+MirroredStrategy and once on the default (single-device) strategy, and
+prints the results as JSON.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute needs the TensorFlow backend",
+)
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+
+    import keras
+    from klseg import losses, models
+    from klseg.finetune import KLRegularizedModel, clone_student
+
+    SIZE, N = 16, 8
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
+    source_images = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
+    masks = rng.integers(0, 3, (N, SIZE, SIZE)).astype("int32")
+    # The same number of ignored pixels in every image, so that the mean of
+    # per-replica means equals the global mean over valid pixels.
+    masks[:, :4, :] = 255
+    x = {"images": images, "source_images": source_images}
+
+    keras.utils.set_random_seed(1)
+    source = models.unet(3, base_filters=4, depth=2)
+    keras.utils.set_random_seed(2)
+    student = models.unet(3, base_filters=4, depth=2)
+    source_weights = source.get_weights()
+    student_weights = student.get_weights()
+
+    def dataset():
+        return tf.data.Dataset.from_tensor_slices((x, masks)).batch(4)
+
+    def run(strategy):
+        with strategy.scope():
+            src = models.unet(3, base_filters=4, depth=2)
+            src.set_weights(source_weights)
+            stu = clone_student(src)
+            stu.set_weights(student_weights)
+            model = KLRegularizedModel(
+                stu, src, kl_weight=0.7, temperature=2.0, kl_inputs="both",
+                student_bn="frozen",
+            )
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.05),
+                loss=losses.SparseKLDivergence(ignore_class=255),
+            )
+        before = model.evaluate(dataset(), verbose=0, return_dict=True)
+        history = model.fit(dataset(), epochs=2, verbose=0, shuffle=False)
+        after = model.evaluate(dataset(), verbose=0, return_dict=True)
+        return {
+            "replicas": strategy.num_replicas_in_sync,
+            "before": before,
+            "train_loss": history.history["loss"],
+            "after": after,
+            "weights": [w.tolist() for w in stu.get_weights()[:4]],
+        }
+
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    result = {
+        "mirrored": run(mirrored),
+        "single": run(tf.distribute.get_strategy()),
+    }
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    import numpy as np
+
+    script = tmp_path / "distributed.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    mirrored, single = out["mirrored"], out["single"]
+    assert mirrored["replicas"] == 2 and single["replicas"] == 1
+
+    # The loss at identical weights, and each of its terms.
+    for key in ("loss", "task_loss", "kl_loss"):
+        np.testing.assert_allclose(
+            mirrored["before"][key], single["before"][key], rtol=1e-5, atol=1e-6
+        )
+    assert single["before"]["kl_loss"] > 1e-3
+    # A few training steps give the same losses and the same weights.
+    np.testing.assert_allclose(
+        mirrored["train_loss"], single["train_loss"], rtol=1e-5, atol=1e-6
+    )
+    for key in ("loss", "task_loss", "kl_loss"):
+        np.testing.assert_allclose(
+            mirrored["after"][key], single["after"][key], rtol=1e-5, atol=1e-6
+        )
+    assert single["after"]["loss"] < single["before"]["loss"]
+    for a, b in zip(mirrored["weights"], single["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

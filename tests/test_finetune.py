@@ -1,0 +1,468 @@
+"""Tests for klseg.finetune (runs on the TensorFlow and JAX backends)."""
+
+import keras
+import numpy as np
+import pytest
+
+from klseg import finetune, losses, metrics, models
+from klseg.errors import InvalidArgumentError, ModelError, ResourceError
+from klseg.finetune import KLRegularizedModel
+
+IGNORE = 255
+SIZE = 8
+
+
+def _unet(num_classes=3, seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    return models.unet(num_classes, base_filters=2, depth=1, **kwargs)
+
+
+def _pixel_model(num_classes, seed=0):
+    """A per-pixel model (1x1 convolutions): commutes with flips exactly."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(4, 1, activation="tanh")(x)
+    outputs = keras.layers.Conv2D(num_classes, 1)(x)
+    return keras.Model(inputs, outputs)
+
+
+def _images(n, seed, size=SIZE):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), "uint8")
+
+
+def _masks(n, seed, num_classes=3):
+    masks = np.random.default_rng(seed).integers(0, num_classes, (n, SIZE, SIZE))
+    return masks.astype("int32")
+
+
+def _compiled(model, lr=0.0):
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=losses.SparseKLDivergence(ignore_class=IGNORE),
+        metrics=[metrics.MeanIoU(model.num_classes, ignore_class=IGNORE)],
+    )
+    return model
+
+
+# float64 references --------------------------------------------------------
+
+
+def _log_softmax(z):
+    z = np.asarray(z, "float64")
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _ce(logits, labels):
+    """Mean over non-ignored pixels of -log softmax(logits)[label]."""
+    lp = _log_softmax(logits)
+    valid = labels != IGNORE
+    if not valid.any():
+        return 0.0
+    picked = np.take_along_axis(lp, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    return float(-picked[valid].mean())
+
+
+def _kl(teacher_log_probs, student_logits, temperature):
+    """T^2 * mean over pixels of KL(softmax(t / T) || softmax(s / T))."""
+    lp = _log_softmax(np.asarray(teacher_log_probs, "float64") / temperature)
+    lq = _log_softmax(np.asarray(student_logits, "float64") / temperature)
+    return float(temperature**2 * (np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def _predict(model, images):
+    return np.asarray(model.predict_on_batch(images), "float64")
+
+
+def _loss(model, x, y):
+    y_pred = model(x, training=False)
+    return float(model.compute_loss(x, y, y_pred, training=False))
+
+
+# The loss ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kl_inputs", ["target", "source", "both"])
+def test_loss_equals_float64_reference(kl_inputs):
+    source, student = _unet(seed=1), _unet(seed=2)
+    model = _compiled(
+        KLRegularizedModel(
+            student, source, kl_weight=0.7, temperature=2.0, kl_inputs=kl_inputs
+        )
+    )
+    images, src_images = _images(3, 0), _images(3, 1)
+    masks = _masks(3, 0)
+    masks[0, :3] = IGNORE  # some ignored pixels
+    masks[2] = IGNORE  # an unlabelled target image
+    x = {"images": images, "source_images": src_images}
+
+    s_t, s_s = _predict(student, images), _predict(student, src_images)
+    t_t, t_s = _predict(source, images), _predict(source, src_images)
+    task = _ce(s_t, masks)
+    kl_student = {
+        "target": s_t,
+        "source": s_s,
+        "both": np.concatenate([s_t, s_s]),
+    }[kl_inputs]
+    kl_teacher = {
+        "target": t_t,
+        "source": t_s,
+        "both": np.concatenate([t_t, t_s]),
+    }[kl_inputs]
+    expected = task + 0.7 * _kl(_log_softmax(kl_teacher), kl_student, 2.0)
+    np.testing.assert_allclose(_loss(model, x, masks), expected, rtol=2e-5)
+
+    if kl_inputs != "both":
+        return
+    # evaluate() reports the same loss, and the two terms separately.
+    logs = model.evaluate(x, masks, batch_size=3, verbose=0, return_dict=True)
+    np.testing.assert_allclose(logs["loss"], expected, rtol=2e-5)
+    np.testing.assert_allclose(logs["task_loss"], task, rtol=2e-5)
+    np.testing.assert_allclose(
+        logs["kl_loss"], (expected - task) / 0.7, rtol=2e-5, atol=1e-7
+    )
+
+
+def test_unlabelled_images_add_only_the_kl_term():
+    source, student = _unet(seed=1), _unet(seed=2)
+    model = _compiled(
+        KLRegularizedModel(student, source, kl_weight=0.5, kl_inputs="target")
+    )
+    unlabelled = _images(2, 5)
+    no_labels = np.full((2, SIZE, SIZE), IGNORE, "int32")
+    kl = _kl(
+        _log_softmax(_predict(source, unlabelled)),
+        _predict(student, unlabelled),
+        model.temperature,
+    )
+    # Unlabelled images alone: the loss is exactly the weighted KL term.
+    np.testing.assert_allclose(_loss(model, unlabelled, no_labels), 0.5 * kl, rtol=2e-5)
+    # Added to labelled images, they leave the task term unchanged.
+    labelled, masks = _images(2, 6), _masks(2, 6)
+    both = np.concatenate([labelled, unlabelled])
+    both_masks = np.concatenate([masks, no_labels])
+    expected = _ce(_predict(student, labelled), masks) + 0.5 * _kl(
+        _log_softmax(_predict(source, both)), _predict(student, both), 2.0
+    )
+    np.testing.assert_allclose(_loss(model, both, both_masks), expected, rtol=2e-5)
+
+    # Without a KL term the unlabelled images change nothing.
+    plain = _compiled(KLRegularizedModel(student, source, kl_weight=0.0))
+    np.testing.assert_allclose(
+        _loss(plain, both, both_masks), _loss(plain, labelled, masks), rtol=1e-6
+    )
+
+
+def _map_probs(probs, class_map, num_target):
+    out = np.zeros(probs.shape[:-1] + (num_target,))
+    for s, t in enumerate(class_map):
+        if t is not None:
+            out[..., t] += probs[..., s]
+    return out / out.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "class_map", [[0, 1, 1, 2], [0, None, 1, 2], {0: 0, 1: 1, 3: 2}]
+)
+def test_class_map_merges_and_drops(class_map):
+    source, student = _unet(4, seed=1), _unet(3, seed=2)
+    model = _compiled(
+        KLRegularizedModel(
+            student,
+            source,
+            kl_weight=1.0,
+            temperature=1.5,
+            kl_inputs="target",
+            class_map=class_map,
+        )
+    )
+    images = _images(2, 3)
+    no_labels = np.full((2, SIZE, SIZE), IGNORE, "int32")
+    if isinstance(class_map, dict):
+        class_map = [class_map.get(s) for s in range(4)]
+    probs = np.exp(_log_softmax(_predict(source, images)))
+    teacher = _map_probs(probs, class_map, 3)
+    expected = _kl(np.log(teacher), _predict(student, images), 1.5)
+    np.testing.assert_allclose(_loss(model, images, no_labels), expected, rtol=2e-5)
+
+
+def test_make_class_map_and_map_labels():
+    class_map = finetune.make_class_map(
+        ["bg", "car", "truck", "sky"],
+        ["bg", "vehicle"],
+        merge={"car": "vehicle", "truck": "vehicle"},
+        drop=["sky"],
+    )
+    assert class_map == [0, 1, 1, None]
+    masks = np.array([[0, 1, 2, 3, IGNORE]])
+    np.testing.assert_array_equal(
+        finetune.map_labels(masks, class_map), [[0, 1, 1, IGNORE, IGNORE]]
+    )
+    with pytest.raises(InvalidArgumentError, match="truck"):
+        finetune.make_class_map(["bg", "truck"], ["bg", "car"])
+    with pytest.raises(InvalidArgumentError, match="not a target class"):
+        finetune.make_class_map(["bg", "truck"], ["bg"], merge={"truck": "car"})
+
+
+# Gradients, BatchNorm, training --------------------------------------------
+
+
+def _bn_moving_stats(model):
+    return [
+        keras.ops.convert_to_numpy(v)
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for v in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
+def _weights(model):
+    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+@pytest.mark.parametrize("student_bn", ["trainable", "frozen"])
+def test_source_is_never_trained_and_bn_policy(student_bn):
+    source, student = _unet(seed=1), _unet(seed=2)
+    model = _compiled(
+        KLRegularizedModel(
+            student, source, kl_weight=1.0, kl_inputs="both", student_bn=student_bn
+        ),
+        lr=0.5,
+    )
+    assert not source.trainable_weights
+    trainable_ids = {id(v) for v in model.trainable_weights}
+    assert trainable_ids == {id(v) for v in student.trainable_weights}
+    assert not trainable_ids & {id(v) for v in source.weights}
+
+    source_before = _weights(source)
+    student_before = _weights(student)
+    bn_before = _bn_moving_stats(student)
+    x = {"images": _images(4, 0), "source_images": _images(4, 1)}
+    model.fit(x, _masks(4, 0), batch_size=2, epochs=1, verbose=0)
+
+    for before, after in zip(source_before, _weights(source)):
+        np.testing.assert_array_equal(before, after)
+    assert any(
+        not np.array_equal(b, a) for b, a in zip(student_before, _weights(student))
+    )
+    bn_changed = [
+        not np.array_equal(b, a) for b, a in zip(bn_before, _bn_moving_stats(student))
+    ]
+    if student_bn == "frozen":
+        assert not any(bn_changed)
+        assert all(
+            not layer.trainable
+            for layer in student._flatten_layers()
+            if isinstance(layer, keras.layers.BatchNormalization)
+        )
+    else:
+        assert all(bn_changed)
+
+
+@pytest.mark.slow
+def test_fit_evaluate_save_load_of_wrapper_and_student(tmp_path):
+    source = _unet(seed=1, class_names=["a", "b", "c"])
+    student = finetune.clone_student(source)
+    model = _compiled(
+        KLRegularizedModel(student, source, kl_weight=0.3, kl_inputs="source"),
+        lr=0.1,
+    )
+    images, masks = _images(4, 0), _masks(4, 0)
+    x = {"images": images, "source_images": _images(4, 1)}
+    history = model.fit(x, masks, batch_size=2, epochs=2, verbose=0)
+    assert set(history.history) >= {"loss", "task_loss", "kl_loss", "mean_iou"}
+    assert history.history["kl_loss"][0] > 0
+
+    logs = model.evaluate(x, masks, batch_size=2, verbose=0, return_dict=True)
+    predictions = model.predict(images, verbose=0)
+    assert predictions.shape == (4, SIZE, SIZE, 3)
+
+    path = tmp_path / "wrapper.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, KLRegularizedModel)
+    assert loaded.get_config()["kl_inputs"] == "source"
+    assert loaded.kl_weight == 0.3 and loaded.temperature == model.temperature
+    assert not loaded.source.trainable_weights
+    np.testing.assert_allclose(
+        loaded.predict(images, verbose=0), predictions, atol=1e-6
+    )
+    loaded_logs = loaded.evaluate(x, masks, batch_size=2, verbose=0, return_dict=True)
+    for key in ("loss", "task_loss", "kl_loss", "mean_iou"):
+        np.testing.assert_allclose(loaded_logs[key], logs[key], rtol=1e-5)
+    loaded.fit(x, masks, batch_size=2, epochs=1, verbose=0)  # training resumes
+
+    # The fine-tuned student stands alone.
+    student_path = tmp_path / "student.keras"
+    model.student.save(student_path)
+    alone = keras.saving.load_model(student_path)
+    assert models.get_class_names(alone) == ["a", "b", "c"]
+    np.testing.assert_allclose(alone.predict(images, verbose=0), predictions, atol=1e-6)
+
+
+# Stored predictions --------------------------------------------------------
+
+
+def test_stored_predictions_match_live_loss():
+    source, student = _unet(seed=1), _unet(seed=2)
+    images, src_images = _images(3, 0), _images(3, 1)
+    stored = finetune.store_source_predictions(source, images, verbose=0)
+    stored_src = finetune.store_source_predictions(source, src_images, verbose=0)
+    assert stored.dtype == np.float16 and stored.shape == (3, SIZE, SIZE, 3)
+    np.testing.assert_allclose(
+        stored, np.exp(_log_softmax(_predict(source, images))), atol=1e-3
+    )
+    masks = _masks(3, 0)
+    model = _compiled(KLRegularizedModel(student, source, kl_inputs="both"))
+    live = {"images": images, "source_images": src_images}
+    kept = dict(live, source_probs=stored, source_images_probs=stored_src)
+    np.testing.assert_allclose(
+        _loss(model, kept, masks), _loss(model, live, masks), rtol=2e-3
+    )
+
+
+def test_stored_predictions_refuse_before_any_work():
+    source = _unet(seed=1)
+    assert finetune.estimate_predictions_bytes(10, 64, 32, 3) == 10 * 64 * 32 * 3 * 2
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the source model ran")
+
+    source.predict_on_batch = fail
+    with pytest.raises(ResourceError, match="3.0 KiB"):
+        finetune.store_source_predictions(
+            source, np.zeros((4, 16, 8, 3), "uint8"), max_bytes=1000, verbose=0
+        )
+
+
+def test_stored_and_live_agree_under_the_same_augmentation():
+    import albumentations as A
+
+    from klseg import data
+
+    source = _pixel_model(3, seed=1)
+    images = _images(6, 0, size=16)
+    masks = np.random.default_rng(0).integers(0, 3, (6, 16, 16)).astype("uint8")
+    stored = finetune.store_source_predictions(source, images, verbose=0)
+    augment = A.Compose(
+        [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    )
+    dataset = data.make_dataset(
+        (images, masks),
+        batch_size=3,
+        image_size=16,
+        augment=augment,
+        shuffle=True,
+        seed=3,
+        extra_maps={"source_probs": stored},
+    )
+    seen, augmented = 0, 0
+    for x, y in dataset:
+        x_images = np.asarray(x["images"])
+        probs = np.asarray(x["source_probs"], "float32")
+        # The source model on the augmented images gives the stored maps
+        # moved by the same transform.
+        live = np.exp(_log_softmax(_predict(source, x_images)))
+        np.testing.assert_allclose(probs, live, atol=1e-3)
+        assert np.asarray(y).shape == (3, 16, 16)
+        for image in x_images:
+            seen += 1
+            augmented += not any(np.array_equal(image, im) for im in images)
+    assert seen == 6
+    assert augmented > 0  # the check above compared transformed maps
+
+
+# evaluate_domains / DomainEvaluation ---------------------------------------
+
+
+def test_domain_scores_and_forgetting_every_epoch():
+    source, student = _unet(seed=1), _unet(seed=2)
+    model = _compiled(
+        KLRegularizedModel(student, source, kl_weight=0.1, kl_inputs="target"),
+        lr=0.1,
+    )
+    target = (_images(4, 0), _masks(4, 0))
+    source_val = (_images(4, 1), _masks(4, 1))
+    scores = finetune.evaluate_domains(source, {"source": source_val})
+    own = finetune.evaluate_domains(model, {"target": target, "source": source_val})
+    assert set(own) == {
+        "target_mean_iou",
+        "source_mean_iou",
+        "source_model_mean_iou",
+        "forgetting",
+    }
+    np.testing.assert_allclose(own["source_model_mean_iou"], scores["source_mean_iou"])
+    np.testing.assert_allclose(
+        own["forgetting"], own["source_model_mean_iou"] - own["source_mean_iou"]
+    )
+    reference = metrics.MeanIoU(3, ignore_class=IGNORE)
+    reference.update_state(target[1], student.predict_on_batch(target[0]))
+    np.testing.assert_allclose(
+        own["target_mean_iou"], float(reference.result()), rtol=1e-6
+    )
+
+    callback = finetune.DomainEvaluation({"target": target, "source": source_val})
+    history = model.fit(
+        target[0], target[1], batch_size=2, epochs=2, verbose=0, callbacks=[callback]
+    )
+    for key in ("val_target_mean_iou", "val_source_mean_iou", "val_forgetting"):
+        assert len(history.history[key]) == 2
+    assert callback.source_baseline == pytest.approx(own["source_model_mean_iou"])
+    last = finetune.evaluate_domains(model, {"target": target})
+    assert history.history["val_target_mean_iou"][-1] == pytest.approx(
+        last["target_mean_iou"]
+    )
+
+
+# Errors --------------------------------------------------------------------
+
+
+def test_errors_for_bad_models_and_inputs():
+    source = _unet(seed=1)
+    with pytest.raises(InvalidArgumentError, match="class_map"):
+        KLRegularizedModel(_unet(4, seed=2), source)
+    with pytest.raises(InvalidArgumentError, match="class_map"):
+        KLRegularizedModel(_unet(seed=2), source, class_map=[0, 1])
+
+    inputs = keras.Input((None, None, 3))
+    probs = keras.layers.Conv2D(3, 1, activation="softmax")(inputs)
+    with pytest.raises(ModelError, match="softmax.*logits"):
+        KLRegularizedModel(keras.Model(inputs, probs), source)
+    softmax_layer = keras.layers.Softmax()(keras.layers.Conv2D(3, 1)(inputs))
+    with pytest.raises(ModelError, match="probabilities"):
+        KLRegularizedModel(_unet(seed=2), keras.Model(inputs, softmax_layer))
+
+    keras.utils.set_random_seed(0)
+    fixed = models.unet(3, base_filters=2, depth=1, input_shape=(16, 16, 3))
+    other = models.unet(3, base_filters=2, depth=1, input_shape=(32, 32, 3))
+    with pytest.raises(InvalidArgumentError, match="height"):
+        KLRegularizedModel(fixed, other)
+
+    with pytest.raises(InvalidArgumentError, match="same model"):
+        KLRegularizedModel(source, source)
+    frozen = _unet(seed=2)
+    frozen.trainable = False
+    with pytest.raises(InvalidArgumentError, match="clone_student"):
+        KLRegularizedModel(frozen, source)
+    for kwargs, name in [
+        ({"kl_weight": -1.0}, "kl_weight"),
+        ({"temperature": 0}, "temperature"),
+        ({"kl_inputs": "all"}, "kl_inputs"),
+        ({"student_bn": "train"}, "student_bn"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=name):
+            KLRegularizedModel(_unet(seed=2), source, **kwargs)
+
+    model = _compiled(KLRegularizedModel(_unet(seed=2), source, kl_inputs="both"))
+    masks = _masks(2, 0)
+    with pytest.raises(InvalidArgumentError, match="same height and width"):
+        model({"images": _images(2, 0), "source_images": _images(2, 1, size=16)})
+    with pytest.raises(InvalidArgumentError, match="Unknown input keys"):
+        model({"images": _images(2, 0), "masks": masks})
+    with pytest.raises(InvalidArgumentError, match="source_images"):
+        model.train_on_batch(_images(2, 0), masks)
+    stored = np.zeros((2, SIZE, SIZE, 5), "float16")
+    x = {"images": _images(2, 0), "source_probs": stored}
+    with pytest.raises(InvalidArgumentError, match="one channel per source class"):
+        model.compute_loss(x, masks, model(x), training=False)
