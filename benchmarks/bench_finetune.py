@@ -22,7 +22,7 @@ weights, and prints target and source validation mean IoU for each.
 Usage::
 
     python benchmarks/bench_finetune.py overhead [--size 256 --batch 4]
-    python benchmarks/bench_finetune.py tradeoff [--epochs 12 ...]
+    python benchmarks/bench_finetune.py tradeoff [--epochs 15 ...]
 """
 
 import argparse
@@ -240,12 +240,12 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--source-images", type=int, default=256)
     p.add_argument("--source-epochs", type=int, default=10)
-    p.add_argument("--labelled", type=int, default=32)
-    p.add_argument("--unlabelled", type=int, default=32)
+    p.add_argument("--labelled", type=int, default=48)
+    p.add_argument("--unlabelled", type=int, default=48)
     p.add_argument("--val", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--weights", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     p.add_argument("--seed", type=int, default=0)

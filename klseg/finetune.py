@@ -899,9 +899,13 @@ def evaluate_domains(
     ignore_class = 255 if ignore_class is None else ignore_class
     num_classes = _check_segmentation_model(student, "student")
     if class_map is not None:
-        num_source = len(class_map) if not isinstance(class_map, dict) else None
-        if num_source is not None:
-            class_map = _standardize_class_map(class_map, num_source, num_classes)
+        if source_model is not None:
+            num_source = _check_segmentation_model(source_model, "source_model")
+        elif isinstance(class_map, dict):
+            num_source = max(int(k) for k in class_map) + 1
+        else:
+            num_source = len(class_map)
+        class_map = _standardize_class_map(class_map, num_source, num_classes)
     results = {}
     for domain, data in datasets.items():
         label_map = class_map if domain == "source" else None
@@ -913,7 +917,9 @@ def evaluate_domains(
             batch_size,
             label_map=label_map,
         )
-    if "source" in datasets and (source_model is not None or source_baseline):
+    if "source" in datasets and (
+        source_model is not None or source_baseline is not None
+    ):
         if source_baseline is None:
             source_baseline = _mean_iou(
                 source_model,
@@ -936,7 +942,8 @@ class DomainEvaluation(keras.callbacks.Callback):
     ``val_<domain>_mean_iou`` for each domain and ``val_forgetting`` into
     the epoch logs, so they appear in ``History`` and in every later
     callback (CSVLogger, checkpoints monitoring them, ...). The source
-    model's score, computed once at the start, is ``source_baseline``.
+    model's score, computed once (at the first epoch end), is kept as
+    ``source_baseline``.
 
     Args:
         datasets: as for ``evaluate_domains``; re-iterated every epoch.

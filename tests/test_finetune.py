@@ -186,6 +186,17 @@ def test_class_map_merges_and_drops(class_map):
     expected = _kl(np.log(teacher), _predict(student, images), 1.5)
     np.testing.assert_allclose(_loss(model, images, no_labels), expected, rtol=2e-5)
 
+    # Source-domain scores map the source labels (and predictions) too.
+    source_masks = np.random.default_rng(0).integers(0, 4, (2, SIZE, SIZE))
+    scores = finetune.evaluate_domains(model, {"source": (images, source_masks)})
+    expected_iou = metrics.MeanIoU(3, ignore_class=IGNORE)
+    expected_iou.update_state(
+        finetune.map_labels(source_masks, class_map), teacher.astype("float32")
+    )
+    np.testing.assert_allclose(
+        scores["source_model_mean_iou"], float(expected_iou.result()), rtol=1e-5
+    )
+
 
 def test_make_class_map_and_map_labels():
     class_map = finetune.make_class_map(
