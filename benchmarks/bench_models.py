@@ -7,8 +7,10 @@ not timed; the result is the median over ``--steps`` timed steps.
 
 CPU (default): 256x256, batch 8, float32, the backend Keras is set to::
 
-    python benchmarks/bench_models.py
+    python benchmarks/bench_models.py            # about 8 min on 2 cores
     python benchmarks/bench_models.py --models unet-small unet
+    python benchmarks/bench_models.py --size 64 --batch 16 \
+        --models unet-tiny unet-small unet     # the demo's image size
 
 GPU: 512x512, batch 8, mixed precision, meant for the JAX backend::
 
@@ -28,6 +30,7 @@ import time
 import numpy as np
 
 MODELS = {
+    "unet-tiny": ("unet", {"base_filters": 8, "depth": 3}),
     "unet-small": ("unet", {"base_filters": 16, "depth": 3}),
     "unet": ("unet", {}),
     "unet-mobilenetv2": ("unet", {"backbone": "mobilenetv2"}),
@@ -102,8 +105,8 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true", help="512x512, mixed precision")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps")
     parser.add_argument(
         "--policy",
         default=None,
@@ -119,7 +122,7 @@ def main(argv=None):
     if args.gpu and keras.backend.backend() != "jax":
         print("note: --gpu is meant for KERAS_BACKEND=jax")
     keras.mixed_precision.set_global_policy(policy)
-    names = args.models or list(MODELS)
+    names = args.models or [n for n in MODELS if n != "unet-tiny"]
     header = {
         "backend": keras.backend.backend(),
         "device": _device(),
