@@ -122,8 +122,9 @@ def deeplabv3_plus(
 
     Example:
 
+    >>> import numpy as np
     >>> model = deeplabv3_plus(2, backbone="plain", base_filters=8, filters=16)
-    >>> model(np.zeros((1, 32, 32, 3), "uint8")).shape
+    >>> tuple(model(np.zeros((1, 32, 32, 3), "uint8")).shape)
     (1, 32, 32, 2)
     """
     class_names = check_num_classes(num_classes, class_names)

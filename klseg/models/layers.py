@@ -183,6 +183,7 @@ class ImagePreprocessing(keras.layers.Layer):
 
     Example:
 
+    >>> import numpy as np
     >>> layer = ImagePreprocessing(mean=127.5, std=127.5, size_multiple=4)
     >>> y = layer(np.full((1, 8, 8, 3), 255, dtype="uint8"))
     >>> float(y[0, 0, 0, 0])
@@ -297,9 +298,10 @@ class ClassLogits(keras.layers.Layer):
 
     Example:
 
+    >>> import numpy as np
     >>> head = ClassLogits(class_names=["sky", "road"], upsample=2)
     >>> logits = head([np.zeros((1, 4, 4, 8)), np.zeros((1, 8, 8, 3))])
-    >>> tuple(logits.shape), str(logits.dtype).split(".")[-1].strip("'>")
+    >>> tuple(logits.shape), keras.backend.standardize_dtype(logits.dtype)
     ((1, 8, 8, 2), 'float32')
     """
 

@@ -69,8 +69,9 @@ def unet(
 
     Example:
 
+    >>> import numpy as np
     >>> model = unet(3, base_filters=8, depth=2)
-    >>> model(np.zeros((1, 32, 32, 3), "uint8")).shape
+    >>> tuple(model(np.zeros((1, 32, 32, 3), "uint8")).shape)
     (1, 32, 32, 3)
     """
     class_names = check_num_classes(num_classes, class_names)
