@@ -525,6 +525,17 @@ class _KlsegLoss(keras.losses.Loss):
         config["dtype"] = self._dtype_arg
         return config
 
+    def _mark_soft_ignored(self, values, y_true):
+        """With ``ignore_class`` set, mask pixels whose soft target is empty.
+
+        A pixel is ignored when its target row carries no mass (sums to 0 for
+        probabilities); see ``target_mass``.
+        """
+        if self.ignore_class is None:
+            return values
+        y_true = move_axis_last(as_float32(y_true), self.axis)
+        return _mark_valid(values, target_mass(y_true, self.target))
+
 
 def _mark_valid(values, valid):
     """Zero ``values`` outside ``valid`` and attach ``valid`` as Keras mask."""
@@ -627,10 +638,7 @@ class KLDivergence(_KlsegLoss):
             class_weights=self.class_weights,
             axis=self.axis,
         )
-        if self.ignore_class is not None:
-            y_true = move_axis_last(as_float32(y_true), self.axis)
-            values = _mark_valid(values, target_mass(y_true, self.target))
-        return values
+        return self._mark_soft_ignored(values, y_true)
 
     def get_config(self):
         config = super().get_config()
@@ -779,10 +787,7 @@ class JensenShannonDivergence(_KlsegLoss):
             class_weights=self.class_weights,
             axis=self.axis,
         )
-        if self.ignore_class is not None:
-            y_true = move_axis_last(as_float32(y_true), self.axis)
-            values = _mark_valid(values, target_mass(y_true, self.target))
-        return values
+        return self._mark_soft_ignored(values, y_true)
 
     def get_config(self):
         config = super().get_config()
