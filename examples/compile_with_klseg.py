@@ -54,10 +54,10 @@ def main(tiny=False):
     for name, value in scores.items():
         print(f"{name}: {value:.4f}")
 
-    # The model saves and loads like any Keras model (klseg's classes are
-    # registered with Keras).
+    # The model saves like any Keras model; klseg.load_model registers
+    # klseg's classes with Keras, then calls keras.saving.load_model.
     model.save("klseg_unet.keras")
-    reloaded = keras.saving.load_model("klseg_unet.keras")
+    reloaded = klseg.load_model("klseg_unet.keras")
     print("class names:", klseg.models.get_class_names(reloaded))
     return scores
 

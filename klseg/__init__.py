@@ -3,6 +3,11 @@
 Importing ``klseg`` is cheap: the submodules (which import Keras and, for
 ``data`` and ``export``, TensorFlow) load on first attribute access, so
 ``klseg.losses.KLDivergence`` works after a plain ``import klseg``.
+
+Because of that laziness Keras does not know klseg's classes until a
+submodule is imported: load saved models with ``klseg.load_model`` (or
+import ``klseg.models`` first) rather than with a bare
+``keras.saving.load_model`` right after ``import klseg``.
 """
 
 import importlib
@@ -22,7 +27,37 @@ _SUBMODULES = (
     "runs",
 )
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", "load_model", "register_keras_objects", *_SUBMODULES]
+
+
+def register_keras_objects():
+    """Register every klseg loss, metric, layer and model class with Keras.
+
+    Importing ``klseg.losses``, ``klseg.metrics``, ``klseg.models`` and
+    ``klseg.finetune`` does this; this function imports them all, so that
+    ``keras.saving.load_model`` can rebuild any model klseg wrote.
+    """
+    for name in ("losses", "metrics", "models", "finetune"):
+        __getattr__(name)
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """``keras.saving.load_model`` with every klseg class registered first.
+
+    Loads ``.keras`` files holding klseg models, compiled with klseg losses
+    and metrics, and ``KLRegularizedModel`` wrappers. The arguments are
+    Keras'.
+
+    Example:
+        >>> import klseg
+        >>> model = klseg.load_model("model.keras")  # doctest: +SKIP
+    """
+    register_keras_objects()
+    import keras
+
+    return keras.saving.load_model(
+        filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
+    )
 
 
 def __getattr__(name):

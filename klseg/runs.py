@@ -44,6 +44,7 @@ import time
 import warnings
 from pathlib import Path
 
+import klseg
 from klseg import errors
 
 __all__ = [
@@ -703,22 +704,30 @@ def _open_run(cfg, *, is_chief=True):
             f"Reusing {run.path}: its earlier run stopped before finishing an epoch.",
         )
         shutil.rmtree(run.path)
-    if run.path.exists() and run.path.is_dir() and any(run.path.iterdir()):
-        if not cfg.overwrite:
-            raise errors.RunError(
-                f"output folder {run.path} is not empty. Pass --resume to "
-                "continue the run in it, --overwrite to replace it, or choose "
-                "another folder."
-            )
-        if not run.config.is_file():
-            raise errors.RunError(
-                f"refusing to overwrite {run.path}: it is not empty and holds "
-                "no klseg run. Choose another folder."
-            )
-        shutil.rmtree(run.path)
+    if run.path.is_dir() and any(run.path.iterdir()):
+        _replace_folder(run.path, run.config, cfg.overwrite, "run")
     _check_writable(run.path)
     atomic_write_text(run.config, _yaml_dump(current))
     return run, None
+
+
+def _replace_folder(path, config_file, allowed, what):
+    """Delete the non-empty output folder ``path`` if ``allowed``, else refuse.
+
+    A folder that holds no klseg run (no ``config_file``) is never deleted.
+    """
+    if not allowed:
+        raise errors.RunError(
+            f"output folder {path} is not empty. Pass --resume to "
+            f"continue the {what} in it, --overwrite to replace it, or choose "
+            "another folder."
+        )
+    if not config_file.is_file():
+        raise errors.RunError(
+            f"refusing to overwrite {path}: it is not empty and holds "
+            "no klseg run. Choose another folder."
+        )
+    shutil.rmtree(path)
 
 
 def _save_checkpoint(run, model, optimizer, state, keep=2):
@@ -1052,16 +1061,6 @@ def _jit(cfg):
 # --------------------------------------------------------------------------
 
 
-def _import_custom_objects():
-    """Register klseg's Keras classes before loading a saved model."""
-    import klseg.losses  # noqa: F401
-    import klseg.metrics  # noqa: F401
-    import klseg.models  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import klseg.finetune  # noqa: F401
-
-
 def load_model(path_or_model):
     """Load a ``.keras`` model (uncompiled); a ``keras.Model`` passes through.
 
@@ -1081,7 +1080,7 @@ def load_model(path_or_model):
             f"model {path} is not a .keras file (klseg reads models saved with "
             "model.save('NAME.keras'); a SavedModel folder is for serving only)."
         )
-    _import_custom_objects()
+    klseg.register_keras_objects()
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:
@@ -1711,7 +1710,6 @@ def predict_image(model, image, *, multiple=None):
     size multiple (as the SavedModel export does), the logits are cropped
     back to the image's size.
     """
-    import keras
     import numpy as np
 
     from klseg import models
@@ -1720,9 +1718,11 @@ def predict_image(model, image, *, multiple=None):
     height, width = image.shape[:2]
     pad_h, pad_w = (-height) % multiple, (-width) % multiple
     padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-    logits = model(padded[None], training=False)
-    classes = keras.ops.argmax(logits[0, :height, :width], axis=-1)
-    return np.asarray(keras.ops.convert_to_numpy(classes)).astype(np.uint8)
+    # predict_on_batch runs Keras' compiled predict function (traced once per
+    # input shape, with relaxed shapes on TensorFlow): about 3x faster than
+    # an eager call of the model on a 2-core CPU.
+    logits = np.asarray(model.predict_on_batch(padded[None]))
+    return np.argmax(logits[0, :height, :width], axis=-1).astype(np.uint8)
 
 
 def predict(cfg):
@@ -2353,18 +2353,8 @@ def _open_sweep(cfg, top):
                 f"cannot resume {top.path} with different settings: " + "; ".join(diffs)
             )
     elif top.path.is_dir() and any(top.path.iterdir()):
-        if not (cfg.overwrite or _abandoned_sweep(top)):
-            raise errors.RunError(
-                f"output folder {top.path} is not empty. Pass --resume to "
-                "continue the sweep in it, --overwrite to replace it, or choose "
-                "another folder."
-            )
-        if not top.config.is_file():
-            raise errors.RunError(
-                f"refusing to overwrite {top.path}: it is not empty and holds "
-                "no klseg run. Choose another folder."
-            )
-        shutil.rmtree(top.path)
+        allowed = cfg.overwrite or _abandoned_sweep(top)
+        _replace_folder(top.path, top.config, allowed, "sweep")
     _check_writable(top.path)
     atomic_write_text(top.config, _yaml_dump(current))
 

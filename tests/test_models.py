@@ -347,3 +347,60 @@ def test_a_few_training_steps_reduce_the_kl_loss_deeplab():
     losses = _train("deeplabv3_plus", backbone="plain", base_filters=4, filters=8)
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_klseg_load_model_in_a_fresh_process(tmp_path):
+    """``import klseg; klseg.load_model`` rebuilds a compiled klseg model.
+
+    A fresh process matters: in this one the classes are registered already.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from klseg.metrics import MeanIoU
+
+    model = km.unet(3, base_filters=4, depth=2)
+    model.compile(
+        optimizer="adam",
+        loss=SparseKLDivergence(ignore_class=255, label_smoothing=0.1),
+        metrics=[MeanIoU(3, ignore_class=255)],
+    )
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype="uint8")
+    labels = np.zeros((2, 16, 16), "int32")
+    model.train_on_batch(images, labels)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    np.save(tmp_path / "images.npy", images)
+    expected = keras.ops.convert_to_numpy(model(images, training=False))
+    script = (
+        "import json, sys, numpy as np, klseg\n"
+        "m = klseg.load_model(sys.argv[1])\n"
+        "out = np.asarray(m(np.load(sys.argv[2]), training=False))\n"
+        "np.save(sys.argv[3], out)\n"
+        "print(json.dumps({'loss': type(m.loss).__name__,\n"
+        "  'smoothing': m.loss.label_smoothing,\n"
+        "  'scores': m.evaluate(np.load(sys.argv[2]), np.zeros((2, 16, 16), 'int32'),\n"
+        "                       return_dict=True, verbose=0)}))\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(path),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "out.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": BACKEND},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["loss"] == "SparseKLDivergence"
+    assert info["smoothing"] == pytest.approx(0.1)
+    assert set(info["scores"]) == {"loss", "mean_iou"}
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
