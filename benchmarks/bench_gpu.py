@@ -50,11 +50,11 @@ def _time_steps(model, x, y, *, steps, warmup, repeats):
     return statistics.median(times), logs
 
 
-def _build(name, num_classes, policy):
+def _build(name, num_classes, policy, unet_kwargs):
     keras.mixed_precision.set_global_policy(policy)
     try:
         if name == "unet":
-            return klseg.models.build("unet", num_classes=num_classes)
+            return klseg.models.build("unet", num_classes=num_classes, **unet_kwargs)
         return klseg.models.build(
             "deeplabv3_plus", num_classes=num_classes, backbone="resnet50"
         )
@@ -76,8 +76,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mixed", default="mixed_bfloat16")
     parser.add_argument("--models", default="unet,deeplabv3_plus")
+    parser.add_argument("--unet-filters", type=int, help="base filters (default 32)")
+    parser.add_argument("--unet-depth", type=int, help="(default 4)")
     parser.add_argument("--json", default=None, help="also write results here")
     args = parser.parse_args(argv)
+    unet_kwargs = {"base_filters": args.unet_filters, "depth": args.unet_depth}
+    unet_kwargs = {k: v for k, v in unet_kwargs.items() if v is not None}
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
@@ -91,7 +95,7 @@ def main(argv=None):
     results = []
     for name in args.models.split(","):
         for policy in ("float32", args.mixed):
-            model = _build(name, args.classes, policy)
+            model = _build(name, args.classes, policy, unet_kwargs)
             model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=_task_loss())
             seconds, logs = _time_steps(model, x, y, **timing)
             row = {
@@ -102,8 +106,8 @@ def main(argv=None):
                 "loss": float(logs["loss"]),
             }
             if name == "unet":
-                source = _build(name, args.classes, policy)
-                student = _build(name, args.classes, policy)
+                source = _build(name, args.classes, policy, unet_kwargs)
+                student = _build(name, args.classes, policy, unet_kwargs)
                 student.set_weights(source.get_weights())
                 wrapped = klseg.finetune.KLRegularizedModel(
                     student, source, kl_weight=1.0, temperature=2.0, kl_inputs="target"

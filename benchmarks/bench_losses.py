@@ -14,13 +14,17 @@ compiles a training step on the current backend (``tf.function`` without
 XLA on TensorFlow, ``--xla`` to add it; ``jax.jit`` on JAX). Times are
 medians over ``--repeats`` runs. The memory-traffic floor is the bytes one
 step must move (read teacher and student logits, write the gradient:
-3 x the logits' size) divided by the copy bandwidth measured here with
-NumPy. Peak memory is the largest resident-set growth during a step,
-measured in a fresh child process per variant (sampled every 0.2 ms).
+3 x the logits' size) divided by the copy bandwidth measured here: with
+NumPy on a CPU, with a compiled on-device copy when JAX or TensorFlow runs
+on a GPU. Peak memory is measured in a fresh child process per variant: the
+largest resident-set growth during a step on a CPU (sampled every 0.2 ms),
+the device allocator's peak over what was in use before the step on a GPU
+with JAX.
 
 Usage:
     python benchmarks/bench_losses.py [--batches 4 16] [--repeats 10] [--xla]
-    KERAS_BACKEND=jax python benchmarks/bench_losses.py
+    KERAS_BACKEND=jax python benchmarks/bench_losses.py     # also on a GPU
+    python benchmarks/bench_losses.py --batches 1 --size 32 --repeats 1  # smoke
 """
 
 import argparse
@@ -35,13 +39,13 @@ import time
 import numpy as np
 
 VARIANTS = ("klseg", "keras", "naive")
-HEIGHT = WIDTH = 256
 CLASSES = 19
+SIZE = 256  # height and width; --size changes it
 
 
 def make_inputs(batch, seed=0):
     rng = np.random.default_rng(seed)
-    shape = (batch, HEIGHT, WIDTH, CLASSES)
+    shape = (batch, SIZE, SIZE, CLASSES)
     teacher = (rng.normal(size=shape) * 3).astype("float32")
     student = (rng.normal(size=shape) * 3).astype("float32")
     return teacher, student
@@ -106,8 +110,57 @@ def make_step(variant, xla):
     return run, convert
 
 
+def accelerator():
+    """``"gpu"`` (or another device kind) when the backend computes there."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return None if jax.default_backend() == "cpu" else jax.default_backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_logical_devices("GPU") else None
+    return None
+
+
+def device_copy_bandwidth(nbytes=256 * 2**20, repeats=7):
+    """Bytes moved (read + write) per second by a compiled on-device copy."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        src = jax.numpy.ones(nbytes // 4, dtype="float32")
+        copy = jax.jit(lambda x: x * 2.0)
+
+        def run():
+            copy(src).block_until_ready()
+
+    else:
+        import tensorflow as tf
+
+        src = tf.ones(nbytes // 4, dtype="float32")
+        copy = tf.function(lambda x: x * 2.0)
+
+        def run():
+            copy(src).numpy()[:1]
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
 def copy_bandwidth(nbytes=256 * 2**20, repeats=7):
-    """Bytes moved (read + write) per second by a large NumPy copy."""
+    """Bytes moved (read + write) per second by a large copy on the device."""
+    if accelerator():
+        return device_copy_bandwidth(nbytes, repeats)
     src = np.ones(nbytes // 4, dtype="float32")
     dst = np.empty_like(src)
     np.copyto(dst, src)
@@ -125,11 +178,19 @@ def _rss_bytes():
 
 
 def child_peak_memory(variant, batch, xla):
-    """Run in a child process: peak RSS growth during one step, in bytes."""
+    """Run in a child process: peak memory growth during one step, in bytes."""
     run, convert = make_step(variant, xla)
     teacher, student = (convert(x) for x in make_inputs(batch))
     run(teacher, student)  # trace / compile
     run(teacher, student)
+    if accelerator():
+        import jax  # GPU memory statistics: JAX only
+
+        device = jax.devices()[0]
+        base = device.memory_stats()["bytes_in_use"]
+        for _ in range(3):
+            run(teacher, student)
+        return device.memory_stats()["peak_bytes_in_use"] - base
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()
@@ -154,6 +215,7 @@ def peak_memory(variant, batch, xla):
     env.update(MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_TRIM_THRESHOLD_="0")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cmd = [sys.executable, __file__, "--child", variant, "--batches", str(batch)]
+    cmd += ["--size", str(SIZE)]
     if xla:
         cmd.append("--xla")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -177,13 +239,16 @@ def time_variants(batch, repeats, xla):
 
 
 def main():
+    global SIZE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--size", type=int, default=SIZE, help="height = width")
     parser.add_argument("--xla", action="store_true", help="jit_compile on TF")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SIZE = args.size
     if args.child:
         peak = child_peak_memory(args.child, args.batches[0], args.xla)
         print(json.dumps({"peak": peak}))
@@ -194,18 +259,20 @@ def main():
     backend = keras.backend.backend()
     mode = "jax.jit" if backend == "jax" else ("XLA" if args.xla else "tf.function")
     bandwidth = copy_bandwidth()
-    print(f"backend: {backend} ({mode}); cpu count: {os.cpu_count()}")
+    device = accelerator() or "cpu"
+    print(f"backend: {backend} ({mode}) on {device}; cpu count: {os.cpu_count()}")
     print(f"measured copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + write)")
+    memory_ok = not args.no_memory and (device == "cpu" or backend == "jax")
     for batch in args.batches:
-        logits_bytes = batch * HEIGHT * WIDTH * CLASSES * 4
+        logits_bytes = batch * SIZE * SIZE * CLASSES * 4
         floor = 3 * logits_bytes / bandwidth
         medians, values = time_variants(batch, args.repeats, args.xla)
         memory = {}
-        if not args.no_memory:
+        if memory_ok:
             memory = {v: peak_memory(v, batch, args.xla) for v in VARIANTS}
         print()
         print(
-            f"batch {batch}x{HEIGHT}x{WIDTH}x{CLASSES} float32 "
+            f"batch {batch}x{SIZE}x{SIZE}x{CLASSES} float32 "
             f"({logits_bytes / 2**20:.0f} MiB per logits tensor); "
             f"memory-traffic floor {floor * 1e3:.1f} ms; "
             f"median of {args.repeats}"

@@ -1,0 +1,101 @@
+"""Every benchmark script runs end to end on tiny settings and prints its table.
+
+The scripts are run as users run them (a subprocess, on the current Keras
+backend), so an error in a code path used only on the full-size run, such as
+an argument or a report line, shows here rather than on a GPU machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = keras.backend.backend()
+
+
+def _run(script, args, tmp_path):
+    """Run ``benchmarks/SCRIPT`` with the whitespace-separated ``args``."""
+    env = {**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args.split()],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result.stdout
+
+
+def _table_rows(text, first_cell):
+    return [line for line in text.splitlines() if line.startswith(f"| {first_cell} ")]
+
+
+def test_bench_losses_prints_ratios_and_agreeing_losses(tmp_path):
+    out = _run("bench_losses.py", "--batches 1 --size 16 --repeats 1", tmp_path)
+    assert "copy bandwidth" in out
+    rows = {v: _table_rows(out, v) for v in ("klseg", "keras", "naive")}
+    assert all(len(r) == 1 for r in rows.values()), out
+    cells = {v: [c.strip() for c in r[0].split("|")[1:-1]] for v, r in rows.items()}
+    assert cells["keras"][3] == "1.00x"
+    # klseg and the naive formula agree on random logits; Keras is near.
+    klseg_loss, naive_loss = float(cells["klseg"][1]), float(cells["naive"][1])
+    assert klseg_loss == pytest.approx(naive_loss, rel=1e-4)
+    assert float(cells["keras"][1]) == pytest.approx(klseg_loss, rel=1e-2)
+    assert cells["klseg"][5] != "-"  # peak memory measured
+
+
+def test_bench_gpu_script_runs_on_this_backend(tmp_path):
+    out = _run(
+        "bench_gpu.py",
+        "--size 32 --batch 1 --steps 1 --warmup 1 --repeats 1 --models unet "
+        "--unet-filters 4 --unet-depth 2 --json gpu.json",
+        tmp_path,
+    )
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    steps = {(r["policy"], r["step"]) for r in results}
+    assert steps == {
+        ("float32", "train"),
+        ("float32", "kl_finetune"),
+        ("mixed_bfloat16", "train"),
+        ("mixed_bfloat16", "kl_finetune"),
+    }, out
+    assert all(r["images_per_s"] > 0 for r in results)
+
+
+def test_bench_models_script_runs(tmp_path):
+    out = _run(
+        "bench_models.py",
+        "--models unet-tiny --size 32 --batch 1 --steps 1 --warmup 1 "
+        "--json models.json",
+        tmp_path,
+    )
+    results = json.loads((tmp_path / "models.json").read_text())
+    assert results, out
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data pipeline")
+def test_bench_data_throughput_script_runs(tmp_path):
+    out = _run(
+        "bench_data.py",
+        "throughput --size 32 --batch 2 --images 4 --batches 2 "
+        "--warmup-batches 1 --train-steps 1 --repeats 1",
+        tmp_path,
+    )
+    assert "light" in out
+
+
+def test_bench_finetune_overhead_script_runs(tmp_path):
+    out = _run(
+        "bench_finetune.py",
+        "overhead --size 32 --batch 1 --base-filters 4 --depth 2 --rounds 1 --steps 1",
+        tmp_path,
+    )
+    assert "stored" in out and "live" in out
