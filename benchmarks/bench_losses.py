@@ -146,7 +146,7 @@ def device_copy_bandwidth(nbytes=256 * 2**20, repeats=7):
         copy = tf.function(lambda x: x * 2.0)
 
         def run():
-            copy(src).numpy()[:1]
+            copy(src)[:1].numpy()  # wait for the copy; fetch one element
 
     run()
     times = []

@@ -1080,9 +1080,8 @@ def load_model(path_or_model):
             f"model {path} is not a .keras file (klseg reads models saved with "
             "model.save('NAME.keras'); a SavedModel folder is for serving only)."
         )
-    klseg.register_keras_objects()
     try:
-        return keras.saving.load_model(path, compile=False)
+        return klseg.load_model(path, compile=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.ModelError(f"cannot load model {path}: {first}") from None
