@@ -361,6 +361,20 @@ def train(ctx, **_):
     show_default=True,
     help="Run the source model every step, or store its predictions once.",
 )
+@click.option(
+    "--class-names",
+    type=NameList(),
+    help="Comma-separated classes of the fine-tuned model when they differ from "
+    "the source model's: the model gets a new head for them  [default: the "
+    "source model's classes].",
+)
+@click.option(
+    "--source-class-map",
+    type=_PATH,
+    help='JSON file {"merge": {source: target}, "drop": [source, ...]} for the '
+    "source classes that are not target classes (with --class-names, or with "
+    "class names in the target data's class map or classes.json).",
+)
 @_run_options
 @click.pass_context
 @_run_errors

@@ -39,6 +39,7 @@ from keras import ops
 
 from klseg import losses as klseg_losses
 from klseg import metrics as klseg_metrics
+from klseg import models as klseg_models
 from klseg.errors import InvalidArgumentError, ModelError, ResourceError
 from klseg.ops import LOG_TINY, safe_log
 
@@ -53,6 +54,7 @@ __all__ = [
     "evaluate_domains",
     "make_class_map",
     "map_labels",
+    "map_log_probs",
     "pair_batches",
     "store_source_predictions",
 ]
@@ -135,7 +137,7 @@ def _check_input_sizes(student, source):
             )
 
 
-def clone_student(source, *, name=None):
+def clone_student(source, *, class_names=None, name=None):
     """A trainable copy of ``source`` (same architecture and weights).
 
     Use it to start fine-tuning: ``keras.models.clone_model`` copies the
@@ -143,8 +145,14 @@ def clone_student(source, *, name=None):
     ``KLRegularizedModel`` has already frozen would give a frozen student;
     this helper makes the copy trainable again.
 
+    With ``class_names`` that differ from the source's, the copy gets a new
+    head for those classes (``klseg.models.with_classes``: every other layer
+    keeps the source weights, the head starts fresh); pair it with a
+    ``class_map`` (``make_class_map``) in ``KLRegularizedModel``.
+
     Args:
         source: a Functional segmentation model.
+        class_names: the student's classes. Defaults to None (the source's).
         name: name of the copy. Defaults to ``"<source name>_student"``.
 
     Returns:
@@ -154,7 +162,12 @@ def clone_student(source, *, name=None):
     student.set_weights(source.get_weights())
     for layer in student._flatten_layers(include_self=True):
         layer.trainable = True
-    student.name = name or f"{source.name}_student"
+    name = name or f"{source.name}_student"
+    if class_names is not None and [str(c) for c in class_names] != (
+        klseg_models.get_class_names(student)
+    ):
+        return klseg_models.with_classes(student, class_names, name=name)
+    student.name = name
     return student
 
 
@@ -289,6 +302,31 @@ def map_labels(masks, class_map, *, ignore_class=255):
     valid = (masks >= 0) & (masks < len(class_map)) & (masks != ignore_class)
     out[valid] = table[masks[valid]]
     return out
+
+
+def map_log_probs(log_probs, class_map, num_target):
+    """Source-class log-probabilities to target-class log-scores.
+
+    Merged source classes get ``log(sum of their probabilities)``; dropped
+    classes are left out, so the result is renormalised by a ``log_softmax``
+    (as the KL term does) or compared by ``argmax``; a target class that no
+    source class maps to gets ``LOG_TINY`` (probability 0). This is how
+    ``KLRegularizedModel`` maps the source model's predictions.
+
+    Args:
+        log_probs: (..., num_source) log-probabilities.
+        class_map: one target index (or None / -1 to drop) per source class,
+            e.g. from ``make_class_map``; None is the identity.
+        num_target: number of target classes.
+
+    Returns:
+        (..., num_target) log-scores.
+    """
+    if class_map is not None:
+        class_map = _standardize_class_map(
+            class_map, int(log_probs.shape[-1]), num_target
+        )
+    return _apply_class_map(log_probs, class_map, num_target)
 
 
 def _apply_class_map(log_probs, class_map, num_target):

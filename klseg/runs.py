@@ -309,6 +309,18 @@ class FinetuneConfig(_RunOptions):
         student_bn: ``"trainable"`` or ``"frozen"`` BatchNorm statistics.
         source_predictions: ``"live"`` (source model run each step) or
             ``"stored"`` (computed once).
+        class_names: the fine-tuned model's classes when they differ from
+            the source model's; the student gets a new head for them and
+            the KL term maps the source classes onto them. ``None`` keeps
+            the source model's classes (or, with ``source_class_map``,
+            takes them from the target data's class map / ``classes.json``).
+        source_class_map: JSON file ``{"merge": {source name: target name},
+            "drop": [source names]}`` saying where the source classes that
+            are not target classes go (see
+            ``klseg.finetune.make_class_map``). When the classes change,
+            ``class_map`` (mask values) applies to the target folders only;
+            ``source_val_data`` is read in the source model's classes and
+            mapped with this map (dropped classes are ignored).
         learning_rate: Adam learning rate. ``None`` means 1e-4.
         monitor: history column that picks ``model.keras``; ``"auto"`` is
             the target-domain validation mIoU.
@@ -325,9 +337,15 @@ class FinetuneConfig(_RunOptions):
     kl_inputs: str = "auto"
     student_bn: str = "trainable"
     source_predictions: str = "live"
+    class_names: tuple | None = None
+    source_class_map: str | None = None
 
     def __post_init__(self):
         self._check_run_options()
+        if self.class_names is not None:
+            self.class_names = tuple(str(c) for c in self.class_names)
+            if not self.class_names:
+                _fail("class_names must not be empty. Received: class_names=()")
         if not self.source or not self.data or not self.val_data:
             _fail(
                 "finetune needs source, data and val_data. Received: "
@@ -1099,14 +1117,14 @@ def _klseg_model_info(model, path):
         ) from None
 
 
-def _load_split(spec, cfg, *, require_masks=True, name="data"):
+def _load_split(spec, cfg, *, require_masks=True, name="data", remap=True):
     from klseg import data
 
     del name  # the data module's messages name the folder or file
     return data.load_split(
         spec,
         ignore_value=cfg.ignore_value,
-        class_map=getattr(cfg, "class_map", None),
+        class_map=getattr(cfg, "class_map", None) if remap else None,
         require_masks=require_masks,
     )
 
@@ -1926,7 +1944,7 @@ def _stored_maps(source, split, image_size, verbose):
     }
 
 
-def _domain_metrics(model, datasets, num_classes, ignore_value, names):
+def _domain_metrics(model, datasets, num_classes, ignore_value, names, forward=None):
     return {
         domain: evaluate_model(
             model,
@@ -1934,6 +1952,7 @@ def _domain_metrics(model, datasets, num_classes, ignore_value, names):
             num_classes=num_classes,
             ignore_value=ignore_value,
             class_names=names,
+            forward=forward,
         )
         for domain, ds in datasets.items()
         if ds is not None
@@ -1989,8 +2008,13 @@ def _finetune_inputs(cfg):
             cfg.unlabeled_data, cfg, require_masks=False, name="unlabeled_data"
         )
     if cfg.source_val_data:
+        # With a class change the source-domain masks hold the source
+        # model's classes; class_map (mask values) describes the target data.
         splits["source_val_data"] = _load_split(
-            cfg.source_val_data, cfg, name="source_val_data"
+            cfg.source_val_data,
+            cfg,
+            name="source_val_data",
+            remap=not _changes_classes(cfg),
         )
     if cfg.source_images:
         splits["source_images"] = _load_split(
@@ -1999,10 +2023,110 @@ def _finetune_inputs(cfg):
     return splits
 
 
-def _check_classes(splits, cfg, num_classes):
+def _changes_classes(cfg):
+    return bool(cfg.class_names or cfg.source_class_map)
+
+
+def _read_source_class_map(path):
+    """``(merge, drop)`` from a ``{"merge": {...}, "drop": [...]}`` JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise errors.DataError(f"{path}: source class map file not found.")
+    try:
+        content = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.DataError(
+            f"{path}: source class map is not valid JSON ({e})."
+        ) from None
+    if not isinstance(content, dict) or set(content) - {"merge", "drop"}:
+        got = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise errors.DataError(
+            f'{path}: a source class map is an object {{"merge": {{source name: '
+            'target name}, "drop": [source names]}. Received keys: '
+            f"{got}"
+        )
+    merge, drop = content.get("merge", {}), content.get("drop", [])
+    if not isinstance(merge, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in merge.items()
+    ):
+        raise errors.DataError(
+            f'{path}: "merge" must map source class names to target class names. '
+            f"Received: {merge!r}"
+        )
+    if not isinstance(drop, list) or not all(isinstance(n, str) for n in drop):
+        raise errors.DataError(
+            f'{path}: "drop" must be a list of source class names. Received: {drop!r}'
+        )
+    return merge, drop
+
+
+def _target_classes(cfg, splits, source_names):
+    """``(target class names, class_map or None)`` of a fine-tuning run."""
+    from klseg import finetune as ft
+
+    if not _changes_classes(cfg):
+        return list(source_names), None
+    names = list(cfg.class_names or getattr(splits["data"], "class_names", None) or [])
+    if not names:
+        _fail(
+            f"source_class_map ({cfg.source_class_map}) needs the target classes: "
+            "give class_names (--class-names), or a class map with class_names "
+            f"or a classes.json for {cfg.data}."
+        )
+    merge, drop = ({}, [])
+    if cfg.source_class_map:
+        merge, drop = _read_source_class_map(cfg.source_class_map)
+    if names == list(source_names) and not merge and not drop:
+        return names, None
+    try:
+        class_map = ft.make_class_map(source_names, names, merge=merge, drop=drop)
+    except errors.InvalidArgumentError as e:
+        where = cfg.source_class_map or "no source_class_map given"
+        raise errors.RunError(
+            f"cannot map the classes of {cfg.source} onto the target classes "
+            f"{names} ({where}): {e}"
+        ) from None
+    return names, class_map
+
+
+def _label_lut(class_map, ignore_value):
+    """A 256-entry table mapping source mask values to target classes."""
+    import numpy as np
+
+    from klseg import finetune as ft
+
+    return ft.map_labels(np.arange(256), class_map, ignore_class=ignore_value)
+
+
+def _mapped_forward(source, class_map, num_classes):
+    """``images -> target-class log-probabilities`` of the source model."""
+    import keras
+
+    from klseg import finetune as ft
+
+    base = inference_function(source)
+
+    def forward(images):
+        logits = keras.ops.convert_to_tensor(base(images), "float32")
+        log_probs = keras.ops.log_softmax(logits, axis=-1)
+        return ft.map_log_probs(log_probs, class_map, num_classes)
+
+    return forward
+
+
+def _check_classes(splits, cfg, num_classes, num_source_classes=None):
     for key in ("data", "val_data", "source_val_data"):
         split = splits.get(key)
         seen = getattr(split, "num_classes_seen", None) if split else None
+        if key == "source_val_data" and num_source_classes is not None:
+            if seen and int(seen) > num_source_classes:
+                raise errors.ModelError(
+                    f"masks in {cfg.source_val_data} hold class values up to "
+                    f"{int(seen) - 1}, but the source model {cfg.source} predicts "
+                    f"{num_source_classes} classes (source-domain masks are read "
+                    "in the source model's classes when the classes change)."
+                )
+            continue
         if seen and int(seen) > num_classes:
             raise errors.ModelError(
                 f"the source model {cfg.source} predicts {num_classes} classes, "
@@ -2038,16 +2162,28 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
     with _precision(cfg.mixed_precision, cfg.verbose) as policy:
         with strategy.scope():
             source = load_model(cfg.source)
-            num_classes, multiple = _klseg_model_info(source, cfg.source)
+            num_source_classes, multiple = _klseg_model_info(source, cfg.source)
             _check_image_size(cfg.image_size, multiple)
-            _check_classes(splits, cfg, num_classes)
+            names, class_map = _target_classes(
+                cfg, splits, models.get_class_names(source)
+            )
+            num_classes = len(names)
+            _check_classes(
+                splits,
+                cfg,
+                num_classes,
+                num_source_classes if _changes_classes(cfg) else None,
+            )
             student = make_student(source, policy=policy)
+            if class_map is not None:
+                student = models.with_classes(student, names)
             model = ft.KLRegularizedModel(
                 student,
                 source,
                 kl_weight=kl_weight,
                 temperature=temperature,
                 kl_inputs=kl_inputs,
+                class_map=class_map,
                 student_bn=cfg.student_bn,
                 ignore_class=cfg.ignore_value,
             )
@@ -2066,7 +2202,6 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
             )
             if checkpoint:
                 _restore_checkpoint(checkpoint[0], model, optimizer)
-        names = models.get_class_names(source)
         stored = cfg.source_predictions == "stored" and kl_weight > 0
 
         def train_stream(split, seed, maps=None):
@@ -2131,10 +2266,27 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
 
         val_ds = eval_stream(splits["val_data"])
         source_val_ds = eval_stream(splits.get("source_val_data"))
+        source_forward = None
+        if class_map is not None:
+            # Score in the target classes: source-domain masks mapped, the
+            # source model's probabilities merged / dropped as the KL sees them.
+            source_forward = _mapped_forward(source, class_map, num_classes)
+            if source_val_ds is not None:
+                import tensorflow as tf
+
+                lut = tf.constant(_label_lut(class_map, cfg.ignore_value), tf.int32)
+                source_val_ds = source_val_ds.map(
+                    lambda images, masks: (images, tf.gather(lut, masks))
+                )
         domains = {"target": val_ds, "source": source_val_ds}
         if baseline is None:
             baseline = _domain_metrics(
-                source, domains, num_classes, cfg.ignore_value, names
+                source,
+                domains,
+                num_classes,
+                cfg.ignore_value,
+                names,
+                forward=source_forward,
             )
         validation = _callbacks_module()[2](
             {"target_": val_ds, "source_": source_val_ds},
@@ -2170,6 +2322,7 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
         "kl_weight": kl_weight,
         "temperature": temperature,
         "kl_inputs": kl_inputs,
+        "class_map": _class_map_names(models.get_class_names(source), names, class_map),
         "best_epoch": (final_state or {}).get("best_epoch"),
         "epochs": cfg.epochs,
         "monitor": monitor,
@@ -2188,6 +2341,16 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started):
         best_epoch=result_metrics["best_epoch"],
         epochs=cfg.epochs,
     )
+
+
+def _class_map_names(source_names, target_names, class_map):
+    """``{source name: target name or None}``, or None without a class change."""
+    if class_map is None:
+        return None
+    return {
+        s: (None if t is None or t < 0 else target_names[t])
+        for s, t in zip(source_names, class_map)
+    }
 
 
 def _miou_table(metrics):

@@ -216,6 +216,52 @@ def test_make_class_map_and_map_labels():
         finetune.make_class_map(["bg", "truck"], ["bg"], merge={"truck": "car"})
 
 
+def test_clone_student_with_other_classes_keeps_the_body_and_trains():
+    source = _unet(4, seed=3, class_names=["bg", "car", "truck", "sky"])
+    student = finetune.clone_student(source, class_names=["bg", "vehicle"])
+    assert models.get_class_names(student) == ["bg", "vehicle"]
+    assert models.get_class_names(source) == ["bg", "car", "truck", "sky"]
+    assert student.output.shape[-1] == 2
+    assert models.size_multiple(student) == models.size_multiple(source)
+    # Every weight but the head's equals the source's; the head is new.
+    head = [w.path for w in student.get_layer("logits").weights]
+    body = {w.path: w for w in source.weights if w.path not in head}
+    assert body and len(student.weights) == len(source.weights)
+    for w in student.weights:
+        if w.path in body:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(w), keras.ops.convert_to_numpy(body[w.path])
+            )
+    assert tuple(student.get_layer("logits").kernel.shape)[-1] == 2
+    # The source model is untouched and the pair fine-tunes with a class map.
+    class_map = finetune.make_class_map(
+        models.get_class_names(source),
+        models.get_class_names(student),
+        merge={"car": "vehicle", "truck": "vehicle"},
+        drop=["sky"],
+    )
+    model = _compiled(
+        KLRegularizedModel(
+            student, source, kl_weight=0.5, kl_inputs="target", class_map=class_map
+        ),
+        lr=0.05,
+    )
+    x, y = _images(4, 1), _masks(4, 2, num_classes=2)
+    before = _loss(model, x, y)
+    model.fit(x, y, epochs=3, batch_size=4, verbose=0)
+    after = _loss(model, x, y)
+    assert np.isfinite(after) and after < before
+    # Same names: an ordinary copy.
+    same = finetune.clone_student(source, class_names=["bg", "car", "truck", "sky"])
+    assert same.get_layer("logits") is not source.get_layer("logits")
+    np.testing.assert_array_equal(_predict(same, x), _predict(source, x))
+
+
+def test_with_classes_rejects_empty_names():
+    with pytest.raises(InvalidArgumentError, match="class_names"):
+        models.with_classes(_unet(3), [])
+
+
 # Gradients, BatchNorm, training --------------------------------------------
 
 

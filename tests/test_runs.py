@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from klseg import errors, runs
+from klseg import errors, models, runs
 from klseg.cli.main import cli
 from klseg.data import synthetic
 
@@ -614,3 +614,105 @@ def test_multi_worker_run_of_two_local_processes(bench, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
     # The chief wrote the run folder; the other worker left nothing behind.
     assert list(tmp_path.rglob("model.keras")) == [out / "model.keras"]
+
+
+def _read_folder(folder):
+    stems = sorted(p.stem for p in (folder / "images").iterdir())
+    images = np.stack(
+        [np.asarray(Image.open(folder / "images" / f"{s}.png")) for s in stems]
+    )
+    masks = np.stack(
+        [np.asarray(Image.open(folder / "masks" / f"{s}.png")) for s in stems]
+    )
+    return images, masks.astype("int64")
+
+
+def _miou64(labels, predicted, num_classes, ignore=255):
+    valid = labels != ignore
+    confusion = np.bincount(
+        labels[valid] * num_classes + predicted[valid], minlength=num_classes**2
+    ).reshape(num_classes, num_classes)
+    tp = np.diag(confusion).astype("float64")
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return float((tp[union > 0] / union[union > 0]).mean())
+
+
+def test_finetune_to_another_class_set(bench, source_run, tmp_path):
+    """Merge tree into ground and car into a new 'vehicle' class."""
+    target = ["sky", "ground", "road", "building", "vehicle"]
+    mask_map = tmp_path / "target_masks.json"
+    mask_map.write_text(json.dumps({"0": 0, "1": 1, "2": 2, "3": 3, "4": 1, "5": 4}))
+    source_map = tmp_path / "source_classes.json"
+    source_map.write_text(json.dumps({"merge": {"tree": "ground", "car": "vehicle"}}))
+    common = [
+        "finetune",
+        "--source",
+        source_run[0] / "model.keras",
+        "--data",
+        bench / "target" / "train",
+        "--val-data",
+        bench / "target" / "val",
+        "--source-val-data",
+        bench / "source" / "val",
+        "--source-images",
+        bench / "source" / "unlabeled",
+        "--class-map",
+        mask_map,
+        "--class-names",
+        ",".join(target),
+        "--epochs",
+        1,
+        *TINY_RUN,
+    ]
+    # Without a map for tree and car: a clear error naming them, exit 1.
+    result = invoke(*common, "--output", tmp_path / "unmapped")
+    assert result.exit_code == 1, result.output
+    assert "tree" in result.output and "car" in result.output
+    assert "vehicle" in result.output
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"merge": {"tree": 3}}')
+    result = invoke(*common, "--source-class-map", bad, "--output", tmp_path / "bad")
+    assert result.exit_code == 1 and "bad.json" in result.output, result.output
+
+    out = tmp_path / "mapped"
+    ok(*common, "--source-class-map", source_map, "--output", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["class_map"] == {
+        "sky": "sky",
+        "ground": "ground",
+        "road": "road",
+        "building": "building",
+        "tree": "ground",
+        "car": "vehicle",
+    }
+    assert list(metrics["target"]["per_class_iou"]) == target
+    assert list(metrics["source"]["per_class_iou"]) == target
+    model = runs.load_model(out / "model.keras")
+    assert models.get_class_names(model) == target
+    assert model.output.shape[-1] == 5
+    # The source model's source-domain score, in the target classes,
+    # against a float64 reference: merged probabilities, mapped labels.
+    source = runs.load_model(source_run[0] / "model.keras")
+    images, masks = _read_folder(bench / "source" / "val")
+    probs = keras.ops.convert_to_numpy(
+        keras.ops.softmax(source.predict(images, verbose=0).astype("float64"))
+    )
+    merged = np.stack(
+        [
+            probs[..., 0],
+            probs[..., 1] + probs[..., 4],
+            probs[..., 2],
+            probs[..., 3],
+            probs[..., 5],
+        ],
+        axis=-1,
+    )
+    lut = np.array([0, 1, 2, 3, 1, 4] + [255] * 250)
+    expected = _miou64(lut[masks], merged.argmax(-1), 5)
+    got = metrics["source_model"]["source"]["mean_iou"]
+    assert 0 < expected < 1
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert metrics["forgetting"] == pytest.approx(
+        got - metrics["source"]["mean_iou"], abs=1e-9
+    )

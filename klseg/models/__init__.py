@@ -33,6 +33,7 @@ __all__ = [
     "num_classes",
     "size_multiple",
     "unet",
+    "with_classes",
 ]
 
 _REGISTRY = {
@@ -110,3 +111,56 @@ def get_class_names(model):
     if head.class_names is None:
         return [f"class_{i}" for i in range(head.num_classes)]
     return list(head.class_names)
+
+
+def with_classes(model, class_names, *, name=None):
+    """``model`` with a new, freshly initialised head for other classes.
+
+    The new model shares every layer of ``model`` (and so its weights) up
+    to the ``ClassLogits`` head, which is replaced by one with
+    ``class_names`` (same upsampling and initializer, new weights). Use it
+    to fine-tune a model towards a different class set; call it on a copy
+    (``klseg.finetune.clone_student(source, class_names=...)`` does) to keep
+    the original intact.
+
+    Args:
+        model: a klseg segmentation model.
+        class_names: the new classes' names, in order (unique strings).
+        name: name of the new model. Defaults to ``model.name``.
+
+    Returns:
+        A ``keras.Model`` with ``len(class_names)`` output channels.
+
+    Raises:
+        klseg.errors.ModelError: ``model`` is not a klseg model or its
+            ``ClassLogits`` layer is not its output.
+        ValueError: (``InvalidArgumentError``) for empty or repeated names.
+
+    Example:
+
+    >>> model = unet(3, base_filters=4, depth=2, class_names=["a", "b", "c"])
+    >>> new = with_classes(model, ["a", "bc"])
+    >>> get_class_names(new), new.output.shape[-1]
+    (['a', 'bc'], 2)
+    """
+    import keras
+
+    head = _find(model, ClassLogits)
+    if len(model.outputs) != 1 or head.output is not model.outputs[0]:
+        raise ModelError(
+            f"Model {model.name!r}: its ClassLogits layer {head.name!r} is not "
+            "its output, so the head cannot be replaced."
+        )
+    names = [str(c) for c in class_names] if class_names is not None else []
+    if not names:
+        raise InvalidArgumentError(
+            "`class_names` must list at least one class. "
+            f"Received: class_names={class_names!r}"
+        )
+    new_head = ClassLogits(
+        class_names=names,
+        upsample=head.upsample,
+        kernel_initializer=head.kernel_initializer,
+        name=head.name,
+    )
+    return keras.Model(model.input, new_head(head.input), name=name or model.name)
