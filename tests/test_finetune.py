@@ -523,3 +523,10 @@ def test_errors_for_bad_models_and_inputs():
     x = {"images": _images(2, 0), "source_probs": stored}
     with pytest.raises(InvalidArgumentError, match="one channel per source class"):
         model.compute_loss(x, masks, model(x), training=False)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(finetune)
+    assert result.attempted > 0 and result.failed == 0

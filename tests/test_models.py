@@ -404,3 +404,13 @@ def test_klseg_load_model_in_a_fresh_process(tmp_path):
     assert info["smoothing"] == pytest.approx(0.1)
     assert set(info["scores"]) == {"loss", "mean_iou"}
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from klseg.models import layers
+
+    for module in (km, layers):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
