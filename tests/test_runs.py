@@ -87,10 +87,9 @@ def source_run(bench, tmp_path_factory):
     return out, interrupted, result.output
 
 
-@pytest.fixture(scope="module")
-def sweep(bench, source_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "sweep"
-    result = ok(
+def finetune_args(bench, source_run):
+    """``klseg finetune`` of the source run on the benchmark's folders."""
+    return [
         "finetune",
         "--source",
         source_run[0] / "model.keras",
@@ -102,6 +101,14 @@ def sweep(bench, source_run, tmp_path_factory):
         bench / "source" / "val",
         "--source-images",
         bench / "source" / "unlabeled",
+    ]
+
+
+@pytest.fixture(scope="module")
+def sweep(bench, source_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sweep"
+    result = ok(
+        *finetune_args(bench, source_run),
         "--kl-weight",
         "0,0.5",
         "--epochs",
@@ -645,17 +652,7 @@ def test_finetune_to_another_class_set(bench, source_run, tmp_path):
     source_map = tmp_path / "source_classes.json"
     source_map.write_text(json.dumps({"merge": {"tree": "ground", "car": "vehicle"}}))
     common = [
-        "finetune",
-        "--source",
-        source_run[0] / "model.keras",
-        "--data",
-        bench / "target" / "train",
-        "--val-data",
-        bench / "target" / "val",
-        "--source-val-data",
-        bench / "source" / "val",
-        "--source-images",
-        bench / "source" / "unlabeled",
+        *finetune_args(bench, source_run),
         "--class-map",
         mask_map,
         "--class-names",
