@@ -5,6 +5,7 @@ import math
 import click
 
 __all__ = [
+    "FiniteFloat",
     "FloatList",
     "NameList",
     "MixedPrecision",
@@ -14,6 +15,31 @@ __all__ = [
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 MIXED_PRECISION_CHOICES = ("off", "auto", "float16", "bfloat16")
+
+
+class FiniteFloat(click.FloatRange):
+    """A finite float, optionally within bounds (``nan`` and ``inf`` refused).
+
+    Takes the arguments of ``click.FloatRange`` (``min``, ``max``,
+    ``min_open``, ``max_open``, ``clamp``) and shows the range in ``--help``
+    the same way. ``click.FloatRange`` lets ``nan`` through every bound (a
+    comparison with NaN is false) and ``inf`` through an open upper end; this
+    type refuses both, and refuses ``True``/``False`` (a ``bool`` is an
+    ``int`` in Python, so a config file's ``true`` would otherwise read as 1).
+
+    Example:
+
+    >>> FiniteFloat(min=0, min_open=True).convert("0.5", None, None)
+    0.5
+    """
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        number = click.types.FloatParamType.convert(self, value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 class FloatList(click.ParamType):
