@@ -22,7 +22,7 @@ from klseg import errors
 from klseg._version import __version__
 
 from .config import resolve_options
-from .types import STRATEGIES, FloatList, MixedPrecision, NameList
+from .types import STRATEGIES, FiniteFloat, FloatList, MixedPrecision, NameList
 
 __all__ = ["cli", "main"]
 
@@ -121,7 +121,7 @@ def _run_options(fn):
         ),
         click.option(
             "--learning-rate",
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloat(min=0, min_open=True),
             help="Adam learning rate  [default: 1e-3 train, 1e-4 finetune].",
         ),
         click.option(
@@ -336,7 +336,7 @@ def train(ctx, **_):
 )
 @click.option(
     "--temperature",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     help="Softmax temperature of the KL term.  [default: 2]",
 )
 @click.option(
@@ -452,7 +452,7 @@ def evaluate(ctx, **_):
 )
 @click.option(
     "--alpha",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloat(0, 1),
     default=0.5,
     show_default=True,
     help="Opacity of the overlay colours.",
@@ -562,9 +562,7 @@ def synth(ctx, **_):
 @click.option(
     "--finetune-epochs", type=click.IntRange(min=1), help="Fine-tuning epochs."
 )
-@click.option(
-    "--kl-weight", type=click.FloatRange(min=0), help="KL weight of the KL run."
-)
+@click.option("--kl-weight", type=FiniteFloat(min=0), help="KL weight of the KL run.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
