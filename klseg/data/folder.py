@@ -25,6 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from klseg.data.images import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIXES,
+    image_size,
+    read_image,
+    read_mask,
+)
 from klseg.data.split import Split, class_map_lut, load_class_map
 from klseg.errors import DataError
 
@@ -36,96 +43,14 @@ __all__ = [
     "read_mask",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-MASK_EXTENSIONS = (".png",)
+# The suffixes of klseg.data.images, under this module's older names.
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
+MASK_EXTENSIONS = MASK_SUFFIXES
 _LIST_AT_MOST = 5
 
 
-def _pil():
-    from PIL import Image
-
-    return Image
-
-
-def read_image(path):
-    """Decodes an image file to ``uint8 (H, W, 3)`` RGB.
-
-    Grey images are repeated to three channels; an alpha channel is dropped.
-    EXIF orientation is not applied (masks carry none), as in
-    ``tf.io.decode_jpeg``.
-
-    Raises:
-        DataError: the file is missing, corrupt or not an image.
-    """
-    Image = _pil()
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            return np.asarray(image, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found.") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error}).") from None
-
-
-def read_mask(path):
-    """Decodes a mask file to an integer ``(H, W)`` array of raw values.
-
-    Single-channel PNGs (8 or 16 bit) give their values, palette PNGs their
-    palette indices. A colour mask whose three channels are equal is read as
-    grey; any other colour mask is rejected.
-
-    Raises:
-        DataError: the file is missing, corrupt, or a colour mask.
-    """
-    Image = _pil()
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode == "1":
-                return np.asarray(image, dtype=np.uint8)
-            if mode in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                array = np.asarray(image)
-                if array.dtype.kind not in "ui" or array.dtype.itemsize > 2:
-                    array = array.astype(np.int32)
-                return array
-            if mode in ("RGB", "RGBA", "LA"):
-                array = np.asarray(image)
-                channels = array[..., :3] if mode != "LA" else array[..., :1]
-                if mode == "LA" or (
-                    np.array_equal(channels[..., 0], channels[..., 1])
-                    and np.array_equal(channels[..., 0], channels[..., 2])
-                ):
-                    return np.ascontiguousarray(channels[..., 0])
-            raise DataError(
-                f"{path}: mask has mode {mode!r} with colours; klseg expects a "
-                "single-channel or palette PNG of class indices. Convert colours "
-                "to indices first (or save as a palette PNG)."
-            )
-    except FileNotFoundError:
-        raise DataError(f"{path}: mask file not found.") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode mask ({error}).") from None
-
-
 def _image_size(path, full):
-    """Returns ``(width, height)``; decodes fully when ``full``."""
-    Image = _pil()
-    try:
-        if full:
-            image = read_image(path)
-            return image.shape[1], image.shape[0]
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
-        return size
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error}).") from None
+    return image_size(path, full=full)
 
 
 def _list_files(folder, extensions, what):

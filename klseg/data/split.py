@@ -208,6 +208,48 @@ class Split:
             mask = self.apply_class_map(mask)
         return image, mask
 
+    def check_labels(self, num_classes, *, what="data"):
+        """Checks that every mask value is a class index or the ignore value.
+
+        Args:
+            num_classes: Mask values (after the class map) must be below it,
+                or equal to the ignore value.
+            what: Names the split in the message (for example
+                ``"--val-data"``). Defaults to ``"data"``.
+
+        Raises:
+            DataError: naming the first (up to 3) offending files (for TFDS
+                and arrays: the split and the example index) and their
+                values, and how many more there are.
+        """
+        from klseg.data.classes import format_offenders, mask_values
+
+        if not self.has_masks:
+            return
+        num_classes = int(num_classes)
+        offenders, total = [], 0
+        for index in range(len(self)):
+            _, mask = self.read(index)
+            classes = mask_values(mask)
+            classes = classes[classes != self.ignore_value]
+            bad = classes[(classes < 0) | (classes >= num_classes)]
+            if bad.size:
+                total += 1
+                if len(offenders) < 3:
+                    where = (
+                        str(self._masks[index])
+                        if self.kind == "folder"
+                        else f"example {index}"
+                    )
+                    offenders.append((where, bad))
+        if total:
+            raise DataError(
+                f"{what} {self.name}: mask values {format_offenders(offenders, total)}"
+                f" are neither a class index below num_classes={num_classes} nor "
+                f"the ignore value {self.ignore_value}. Raise the number of "
+                "classes, or map the values to classes with a class map."
+            )
+
     def apply_class_map(self, mask):
         """Maps raw mask values to class indices (identity without a map)."""
         mask = np.asarray(mask).astype(np.int32, copy=False)
