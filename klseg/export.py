@@ -92,30 +92,17 @@ def _class_names(model, num_classes, class_names):
 
 
 def _check_model(model):
+    """Number of classes of ``model``; raises for a model export cannot take."""
     import keras
 
-    if not isinstance(model, keras.Model):
-        raise InvalidArgumentError(
-            f"Expected a keras.Model. Received: model={type(model).__name__}"
-        )
-    if not model.built:
+    from klseg import models as klseg_models
+
+    if isinstance(model, keras.Model) and not model.built:
         raise ModelError(
             "The model has not been built yet; call it on a batch of images "
             "(or build it from a keras.Input) before exporting."
         )
-    inputs = getattr(model, "inputs", None)
-    if inputs is not None and len(inputs) != 1:
-        raise ModelError(
-            "Export expects a model with a single image input. "
-            f"Received a model with {len(inputs)} inputs."
-        )
-    output_shape = tuple(model.outputs[0].shape) if model.outputs else None
-    if output_shape is None or len(output_shape) != 4 or output_shape[-1] is None:
-        raise ModelError(
-            "Export expects per-pixel logits of shape (batch, height, width, "
-            f"num_classes). Received: output_shape={output_shape}"
-        )
-    return int(output_shape[-1])
+    return klseg_models.check_segmentation_model(model, "model")
 
 
 def export_saved_model(model, path, *, class_names=None, size_multiple=None):

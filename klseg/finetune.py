@@ -40,7 +40,7 @@ from keras import ops
 from klseg import losses as klseg_losses
 from klseg import metrics as klseg_metrics
 from klseg import models as klseg_models
-from klseg.errors import InvalidArgumentError, ModelError, ResourceError
+from klseg.errors import InvalidArgumentError, ResourceError
 from klseg.ops import LOG_TINY, safe_log
 
 __all__ = [
@@ -69,60 +69,13 @@ DEFAULT_TEMPERATURE = 2.0
 _KL_INPUTS = ("target", "source", "both")
 _BN_POLICIES = ("trainable", "frozen")
 _INPUT_KEYS = ("images", "source_images", "source_probs", "source_images_probs")
-_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 # Model checks -------------------------------------------------------------
 
-
-def _output_layer(model):
-    outputs = getattr(model, "outputs", None)
-    if not outputs:
-        return None
-    history = getattr(outputs[0], "_keras_history", None)
-    return history[0] if history else None
-
-
-def _check_segmentation_model(model, role):
-    """Returns the number of classes of ``model``; raises for bad models."""
-    if not isinstance(model, keras.Model):
-        raise InvalidArgumentError(
-            f"`{role}` must be a keras.Model. Received: {role}={model!r}"
-        )
-    outputs = getattr(model, "outputs", None)
-    if not outputs:
-        raise ModelError(
-            f"The {role} model must be a built Functional model with one output "
-            "(build it from a keras.Input, as klseg.models does)."
-        )
-    if len(outputs) != 1 or len(model.inputs) != 1:
-        raise ModelError(
-            f"The {role} model must have one image input and one logits output. "
-            f"Received: {len(model.inputs)} inputs, {len(outputs)} outputs."
-        )
-    shape = tuple(outputs[0].shape)
-    if len(shape) != 4 or shape[-1] is None:
-        raise ModelError(
-            f"The {role} model must output per-pixel logits of shape (batch, "
-            f"height, width, num_classes). Received: output_shape={shape}"
-        )
-    layer = _output_layer(model)
-    activation = None
-    if isinstance(layer, keras.layers.Softmax):
-        activation = "softmax"
-    else:
-        fn = getattr(layer, "activation", None)
-        name = getattr(fn, "__name__", None)
-        if name in _PROBABILITY_ACTIVATIONS:
-            activation = name
-    if activation is not None:
-        raise ModelError(
-            f"The {role} model's output layer '{layer.name}' applies "
-            f"{activation}, so the model outputs probabilities; klseg expects "
-            "logits. Remove the activation (use activation=None) and let the "
-            "losses apply log_softmax."
-        )
-    return int(shape[-1])
+# The one model check (klseg.models.check_segmentation_model), under the name
+# the functions of this module call it by.
+_check_segmentation_model = klseg_models.check_segmentation_model
 
 
 def _check_input_sizes(student, source):

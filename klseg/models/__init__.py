@@ -16,6 +16,8 @@ Example:
 ['class_0', 'class_1', 'class_2']
 """
 
+import keras
+
 from klseg.errors import InvalidArgumentError, ModelError
 from klseg.models.backbones import BACKBONES
 from klseg.models.deeplab import deeplabv3_plus
@@ -28,6 +30,7 @@ __all__ = [
     "ImagePreprocessing",
     "available_models",
     "build",
+    "check_segmentation_model",
     "deeplabv3_plus",
     "get_class_names",
     "num_classes",
@@ -67,6 +70,159 @@ def build(name, **kwargs):
             f"Received: name={name!r}"
         )
     return _REGISTRY[name](**kwargs)
+
+
+# Layers that pass their input's values on (moved, cropped, resized, copied,
+# never rescaled): a probability map stays one after them. An Activation
+# layer passes values on only with activation="linear".
+_PASS_THROUGH = (
+    "BilinearUpsampling",
+    "Cropping2D",
+    "Dropout",
+    "GaussianDropout",
+    "Identity",
+    "Permute",
+    "Reshape",
+    "Resizing",
+    "SpatialDropout2D",
+    "UpSampling2D",
+    "ZeroPadding2D",
+)
+# Activations whose outputs are probabilities, not logits.
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _model_outputs(model):
+    try:
+        return list(getattr(model, "outputs", None) or [])
+    except (AttributeError, ValueError):  # an unbuilt Sequential
+        return []
+
+
+def _activation_name(operation):
+    return getattr(getattr(operation, "activation", None), "__name__", None)
+
+
+def _probability_activation(operation):
+    """'softmax' or 'sigmoid' if ``operation`` outputs probabilities."""
+    name = type(operation).__name__
+    if name in ("Softmax", "Sigmoid"):
+        # keras.layers.Softmax, or keras.ops.softmax / sigmoid applied to a
+        # symbolic tensor (a keras.ops operation of that name).
+        return name.lower()
+    activation = _activation_name(operation)
+    return activation if activation in _PROBABILITY_ACTIVATIONS else None
+
+
+def _passes_values(operation):
+    if type(operation).__name__ == "Activation":
+        return _activation_name(operation) == "linear"
+    return type(operation).__name__ in _PASS_THROUGH
+
+
+def _trailing_probability_layer(model):
+    """(path of the layer, activation) of an output softmax/sigmoid, or None.
+
+    Follows the output back through layers that pass values on and into
+    nested models.
+    """
+    tensor, prefix = _model_outputs(model)[0], model.name
+    for _ in range(10_000):  # a bound, in case of a malformed graph
+        history = getattr(tensor, "_keras_history", None)
+        if not history:
+            return None
+        operation, node_index, tensor_index = history[:3]
+        path = f"{prefix}/{operation.name}"
+        activation = _probability_activation(operation)
+        if activation is not None:
+            return path, activation
+        inner = _model_outputs(operation) if isinstance(operation, keras.Model) else []
+        if inner:
+            tensor, prefix = inner[min(tensor_index, len(inner) - 1)], path
+            continue
+        nodes = getattr(operation, "_inbound_nodes", None) or []
+        if not _passes_values(operation) or node_index >= len(nodes):
+            return None
+        inputs = list(nodes[node_index].input_tensors)
+        if len(inputs) != 1:
+            return None
+        tensor = inputs[0]
+    return None
+
+
+def check_segmentation_model(model, role="model"):
+    """Checks that ``model`` maps images to per-pixel logits.
+
+    The one check every entry point applies to a model it loads or wraps
+    (fine-tuning, stored predictions, evaluation, export): a built
+    Functional model with one image input and one output of shape (batch,
+    height, width, num_classes) that holds logits. An output that is a
+    probability map is refused: a trailing ``Softmax`` layer, a layer with
+    ``activation="softmax"`` or ``"sigmoid"``, ``keras.ops.softmax`` applied
+    in a Functional graph, also when it sits inside a nested model (a klseg
+    model wrapped in another model) or is followed only by layers that move
+    values without rescaling them (cropping, resizing, dropout, identity).
+    klseg's losses apply ``log_softmax`` themselves; probabilities fed to
+    them give wrong losses without any error.
+
+    Args:
+        model: the model to check.
+        role: how messages name the model (``"student"``, ``"source"``).
+            Defaults to ``"model"``.
+
+    Returns:
+        The number of classes (channels of the output).
+
+    Raises:
+        klseg.errors.InvalidArgumentError: ``model`` is not a ``keras.Model``.
+        klseg.errors.ModelError: the model is not built, has several inputs
+            or outputs, does not output per-pixel values, or outputs
+            probabilities (the message names the layer).
+
+    Example:
+
+    >>> import keras
+    >>> model = build("unet", num_classes=3, base_filters=4, depth=2)
+    >>> check_segmentation_model(model)
+    3
+    >>> probs = keras.Model(model.input, keras.layers.Softmax()(model.output))
+    >>> check_segmentation_model(probs, "source")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    klseg.errors.ModelError: The source model's output layer ...
+    """
+    if not isinstance(model, keras.Model):
+        raise InvalidArgumentError(
+            f"`{role}` must be a keras.Model. Received: {role}={model!r}"
+        )
+    outputs = _model_outputs(model)
+    if not outputs:
+        raise ModelError(
+            f"The {role} model must be a built Functional model with one output "
+            "(build it from a keras.Input, as klseg.models does)."
+        )
+    inputs = list(getattr(model, "inputs", None) or [])
+    if len(outputs) != 1 or len(inputs) != 1:
+        raise ModelError(
+            f"The {role} model must have one image input and one logits output. "
+            f"Received: {len(inputs)} inputs, {len(outputs)} outputs."
+        )
+    shape = tuple(outputs[0].shape)
+    if len(shape) != 4 or shape[-1] is None:
+        raise ModelError(
+            f"The {role} model must output per-pixel logits of shape (batch, "
+            f"height, width, num_classes). Received: output_shape={shape}"
+        )
+    found = _trailing_probability_layer(model)
+    if found is not None:
+        path, activation = found
+        raise ModelError(
+            f"The {role} model's output layer '{path}' applies {activation}, "
+            "so the model outputs probabilities; klseg expects logits. Remove "
+            "the activation (use activation=None) and let the losses apply "
+            "log_softmax."
+        )
+    return int(shape[-1])
 
 
 def _walk_layers(model):
@@ -143,8 +299,6 @@ def with_classes(model, class_names, *, name=None):
     >>> get_class_names(new), new.output.shape[-1]
     (['a', 'bc'], 2)
     """
-    import keras
-
     head = _find(model, ClassLogits)
     if len(model.outputs) != 1 or head.output is not model.outputs[0]:
         raise ModelError(
