@@ -11,19 +11,53 @@ from the first of these that sets it:
 4. the option's default.
 
 Keys are option names with ``-`` or ``_`` (``kl-weight`` or ``kl_weight``).
-A key that is no option of any klseg command is an error (a typo should not
-pass silently); a key that belongs to another command is ignored, so one file
-can hold the settings of several commands.
+``klseg data synth`` reads a ``synth:`` section, or a ``synth:`` mapping
+inside a ``data:`` mapping (a ``data:`` mapping is the section of the ``klseg
+data`` commands; a ``data:`` string is the ``--data`` option).
+
+The rules, all checked before a command does any work; a broken rule is
+exit 2 with a message that names the file, the section (or "top level"), the
+key and the value:
+
+- A key that is no option of any klseg command is an error (a typo should not
+  pass silently). At the top level, a key that belongs to another command is
+  ignored, so one file can hold the settings of several commands. Inside a
+  command's section, a key that belongs only to other commands is an error
+  that names the commands which take it.
+- Each value has the type of its option, with no conversion between types:
+  an integer option takes an integer (not ``1.5``, not ``true``, not the
+  string ``"8"``); a number option takes an integer or a float (``2`` reads as
+  ``2.0``) that is finite (not ``nan``, ``.inf``, ``Infinity``); a flag takes
+  ``true`` or ``false``; a path, a name or a choice takes a string (a number
+  or a date where a path belongs is refused: quote it), and a choice must be
+  one of the listed strings; list options (``kl_weight``, ``class_names``)
+  take a list of numbers or strings, or one number or string. The same range
+  checks as on the command line apply.
+- ``null`` (YAML ``null`` or ``~``, JSON ``null``) means "not set here": the
+  next layer applies (the file's top level under a section, then the saved
+  run config, then the default). TOML has no null.
+- The top level and every section are mappings with string keys; a key given
+  twice (also as ``batch-size`` and ``batch_size``) is an error. An empty
+  file sets nothing. A file that cannot be read, is not UTF-8 text or is not
+  valid for its format is an error that names it.
+- YAML numbers follow YAML 1.2: ``1e-3`` is a float (YAML 1.1, which PyYAML
+  implements, reads it as a string).
+- The ``config.yaml`` saved in a resumed run goes through the same type
+  checks, naming that file. Keys there that the command does not take are
+  ignored (a run saves fields that are no options).
 
 This module imports only the standard library and click at module level; YAML
 and TOML readers load on first use.
 """
 
 import json
+import math
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
+
+from .types import FloatList, MixedPrecision, NameList
 
 __all__ = ["read_config_file", "resolve_options", "EXPLICIT_SOURCES"]
 
@@ -36,61 +70,87 @@ _NOT_FROM_FILES = frozenset({"config", "help"})
 #: Options a resumed run never takes from the saved config of the run.
 _NOT_FROM_SAVED = frozenset({"config", "help", "resume", "overwrite", "quiet"})
 
+_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
 
-def read_config_file(path):
+
+# --------------------------------------------------------------------------
+# Reading a file
+# --------------------------------------------------------------------------
+
+
+def read_config_file(path, *, param_hint="'--config'"):
     """Read a YAML, TOML or JSON file into a dict.
 
     Args:
         path: file path; the format follows the suffix (``.yaml``/``.yml``,
             ``.toml``, ``.json``).
+        param_hint: the option named in error messages. Defaults to
+            ``"'--config'"``.
 
     Returns:
-        The mapping at the file's top level.
+        The mapping at the file's top level (empty for an empty file).
 
     Raises:
-        click.BadParameter: the file is missing, unreadable, not valid for its
-            format, or its top level is not a mapping.
+        click.BadParameter: the file is missing, a folder, unreadable, not
+            UTF-8 text, not valid for its format, or its top level is not a
+            mapping. The message names the file.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
+
+    def fail(message):
+        raise click.BadParameter(message, param_hint=param_hint)
+
+    fmt = _SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        fail(f"config file {path} must end in .yaml, .yml, .toml or .json.")
+    if path.is_dir():
+        fail(f"config file {path} is a folder; give a {fmt} file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
-        raise click.BadParameter(
-            f"cannot read config file {path}: {e.strerror or e}",
-            param_hint="'--config'",
-        ) from None
+        fail(f"cannot read config file {path}: {e.strerror or e}")
     try:
-        if suffix in (".yaml", ".yml"):
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        fail(
+            f"config file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} "
+            f"at offset {e.start})."
+        )
+    if not text.strip():
+        return {}
+    try:
+        if fmt == "YAML":
             import yaml
 
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
+            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
+            if data is None:  # only comments
+                data = {}
+        elif fmt == "TOML":
             data = _load_toml(text)
-        elif suffix == ".json":
-            data = json.loads(text)
         else:
-            raise click.BadParameter(
-                f"config file {path} must end in .yaml, .yml, .toml or .json.",
-                param_hint="'--config'",
-            )
+            data = json.loads(text, object_pairs_hook=_json_mapping)
     except click.BadParameter:
         raise
     except Exception as e:  # parser errors differ per format
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise click.BadParameter(
-            f"config file {path} is not valid {suffix[1:].upper()}: {first_line}",
-            param_hint="'--config'",
-        ) from None
-    if data is None:
-        data = {}
+        fail(f"config file {path} is not valid {fmt}: {_parser_message(e)}")
     if not isinstance(data, dict):
-        raise click.BadParameter(
-            f"config file {path} must hold a mapping of option names to values; "
-            f"found a {type(data).__name__}.",
-            param_hint="'--config'",
+        found = "null" if data is None else _kind(data)
+        fail(
+            f"config file {path} must hold a mapping of option names to values "
+            f"at its top level; found {found}."
         )
     return data
+
+
+def _parser_message(error):
+    problem = getattr(error, "problem", None)  # yaml.MarkedYAMLError
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply."
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load_toml(text):
@@ -108,82 +168,366 @@ def _load_toml(text):
     return tomllib.loads(text)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _json_mapping(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(f"key {key!r} is given twice in one object.")
+        result[key] = value
+    return result
+
+
+_YAML_LOADER = None
+
+
+def _yaml_loader():
+    """PyYAML's SafeLoader, with YAML 1.2 floats and duplicate keys refused."""
+    global _YAML_LOADER
+    if _YAML_LOADER is not None:
+        return _YAML_LOADER
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                    except TypeError:  # unhashable; the base class says so
+                        continue
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            None,
+                            None,
+                            f"key {key!r} is given twice in one mapping",
+                            key_node.start_mark,
+                        )
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    # YAML 1.2 reads 1e-3 as a float; PyYAML (YAML 1.1) needs a dot.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    _YAML_LOADER = Loader
+    return Loader
+
+
+# --------------------------------------------------------------------------
+# Which keys a command takes
+# --------------------------------------------------------------------------
+
+
 def _key(name):
-    return str(name).replace("-", "_")
+    return name.replace("-", "_")
 
 
-def _all_option_names(ctx):
-    """Option names of every command in the ``klseg`` tree (for typo checks)."""
-    names = set()
-    root = ctx.find_root().command
-
-    def walk(command):
-        for param in getattr(command, "params", ()):
-            names.add(param.name)
-        for sub in getattr(command, "commands", {}).values():
-            walk(sub)
-
-    walk(root)
-    return names
+def _option_keys(command):
+    """``{key: param}``: the param names and long option names a file may use."""
+    keys = {}
+    for param in getattr(command, "params", ()):
+        if not isinstance(param, click.Option) or param.name in _NOT_FROM_FILES:
+            continue
+        keys[_key(param.name)] = param
+        for opt in param.opts:
+            if opt.startswith("--"):
+                keys[_key(opt[2:])] = param
+    return keys
 
 
-def _section_names(ctx):
-    names = set()
-    root = ctx.find_root().command
+def _display_key(param):
+    long = [opt[2:] for opt in param.opts if opt.startswith("--")]
+    return long[0] if long else param.name.replace("_", "-")
 
-    def walk(command):
+
+def _command_tree(ctx):
+    """``{path: command}`` for every command below the root (``"data synth"``)."""
+    found = {}
+
+    def walk(command, prefix):
         for name, sub in getattr(command, "commands", {}).items():
-            names.add(name)
-            walk(sub)
+            path = f"{prefix} {name}".strip()
+            found[path] = sub
+            walk(sub, path)
 
-    walk(root)
-    return names
+    walk(ctx.find_root().command, "")
+    return found
+
+
+def _command_path(ctx):
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
+
+
+class _Location:
+    """Where a value sits: file, section and key, for error messages."""
+
+    def __init__(self, path, where, key=None):
+        self.path, self.where, self.key = path, where, key
+
+    def at(self, key):
+        return _Location(self.path, self.where, key)
+
+    def __str__(self):
+        text = f"{self.path}, {self.where}"
+        return f"{text}, key {self.key!r}" if self.key is not None else text
+
+
+def _show(value):
+    """A value as a config file writes it, shortened for messages."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, (str, int, float, list, dict)):
+        text = repr(value)
+    else:  # dates and times from YAML or TOML
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value):
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _sections(raw, tree, path):
+    """Split a file's top level into plain keys and command sections.
+
+    Returns:
+        ``(top, sections)``: the top-level items that are no section, and
+        ``{command path: [(location, mapping), ...]}``.
+    """
+    by_name = {}
+    for command_path in tree:
+        by_name.setdefault(command_path.split()[-1], []).append(command_path)
+    all_options = set()
+    for command in tree.values():
+        all_options.update(_option_keys(command))
+    top, sections = [], {}
+    for key, value in raw.items():
+        where = _Location(path, "top level", key)
+        if not isinstance(key, str):
+            _bad_file(f"{where}: a key must be a string (an option or command name).")
+        name = _key(key)
+        if name in by_name and isinstance(value, dict):
+            for command_path in by_name[name]:
+                section = _Location(path, f"section {key!r}")
+                sections.setdefault(command_path, []).append((section, value))
+                _subsections(tree, command_path, key, section, value, sections)
+        elif name in by_name and name not in all_options:
+            _bad_file(
+                f"{where}: {_show(value)} is {_kind(value)}; the section of "
+                f"'klseg {by_name[name][0]}' must be a mapping of option names "
+                "to values."
+            )
+        else:
+            top.append((key, value))
+    return top, sections
+
+
+def _subsections(tree, command_path, outer, section, mapping, sections):
+    """A group's section (``data:``) holds its commands' sections (``synth:``)."""
+    prefix = command_path + " "
+    children = {p[len(prefix) :]: p for p in tree if p.startswith(prefix)}
+    children = {name: p for name, p in children.items() if " " not in name}
+    if not children:
+        return
+    for key, value in mapping.items():
+        name = _key(key) if isinstance(key, str) else None
+        if name in children and isinstance(value, dict):
+            inner = _Location(section.path, f"section '{outer}.{key}'")
+            sections.setdefault(children[name], []).append((inner, value))
+            continue
+        listed = ", ".join(sorted(children))
+        _bad_file(
+            f"{section.at(key)}: the section of 'klseg {command_path}' holds only "
+            f"the sections of its commands ({listed}), each a mapping; "
+            f"{_show(value)} is {_kind(value)}. (An option '{outer}' takes a "
+            "string, not a mapping.)"
+        )
+
+
+def _bad_file(message, param_hint="'--config'"):
+    raise click.BadParameter(message, param_hint=param_hint)
+
+
+# --------------------------------------------------------------------------
+# Checking values
+# --------------------------------------------------------------------------
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parses_as(text, number_class):
+    try:
+        return math.isfinite(number_class(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def _type_problem(param, value):
+    """Why ``value`` from a file does not fit ``param``'s type, or ``None``."""
+    kind = _kind(value)
+    shown = _show(value)
+    ptype = param.type
+    if isinstance(ptype, FloatList):
+        items = value if isinstance(value, list) else [value]
+        if items and all(_is_number(v) for v in items):
+            return None
+        return f"{shown} is not a number or a list of numbers ({kind})."
+    if isinstance(ptype, NameList):
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(v, str) for v in items):
+            return None
+        return f"{shown} is not a list of names ({kind}); quote each name."
+    if isinstance(ptype, MixedPrecision):
+        if isinstance(value, (str, bool)):
+            return None
+        return f"{shown} is not one of {_choices(ptype)}, true or false ({kind})."
+    if isinstance(ptype, click.types.BoolParamType):
+        if isinstance(value, bool):
+            return None
+        return f"{shown} is not true or false ({kind})."
+    if isinstance(ptype, click.types.IntParamType):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        hint = ""
+        if isinstance(value, str) and _parses_as(value, int):
+            hint = f"; write {value.strip()} without quotes"
+        return f"{shown} is not a valid integer ({kind}{hint})."
+    if isinstance(ptype, click.types.FloatParamType):
+        if _is_number(value):
+            return None
+        hint = ""
+        if isinstance(value, str) and _parses_as(value, float):
+            hint = "; write the number without quotes"
+        return f"{shown} is not a valid number ({kind}{hint})."
+    if isinstance(ptype, click.Choice):
+        if isinstance(value, str):
+            return None
+        return f"{shown} is not one of {_choices(ptype)} ({kind})."
+    if isinstance(value, str):
+        return None
+    hint = "; write it in quotes" if not isinstance(value, (list, dict)) else ""
+    return f"{shown} is not a string ({kind}{hint})."
+
+
+def _choices(ptype):
+    return ", ".join(repr(c) for c in ptype.choices)
+
+
+def _check_value(ctx, param, value, location):
+    """Convert one value from a file, or exit 2 naming where it came from."""
+    problem = _type_problem(param, value)
+    if problem is None:
+        try:
+            return param.type_cast_value(ctx, value)
+        except click.BadParameter as e:
+            problem = e.message
+        except Exception as e:  # a type that did not expect this value
+            problem = f"{_show(value)} is not valid here ({e})."
+    raise click.BadParameter(f"{location}: {problem}", ctx=ctx, param=param)
 
 
 def _file_values(ctx, path):
-    """Values for ``ctx.command`` from a config file, keyed by param name."""
+    """Values for ``ctx.command`` from a config file, keyed by param name.
+
+    Returns:
+        ``{param name: (value, origin)}`` with converted values.
+    """
     raw = read_config_file(path)
-    own = {p.name for p in ctx.command.params} - _NOT_FROM_FILES
-    known = _all_option_names(ctx)
-    sections = _section_names(ctx)
+    tree = _command_tree(ctx)
+    me = _command_path(ctx)
+    own = _option_keys(ctx.command)
+    owners = {}
+    for command_path, command in tree.items():
+        for name in _option_keys(command):
+            owners.setdefault(name, []).append(command_path)
+    top, sections = _sections(raw, tree, path)
+    layers = [(_Location(path, "top level"), top)]
+    layers += [(where, list(m.items())) for where, m in sections.get(me, [])]
     values = {}
-    # A mapping under a command's name is that command's section; other
-    # values under such a name (``data: DIR``) are plain options.
-    top = {
-        k: v
-        for k, v in raw.items()
-        if not (_key(k) in sections and isinstance(v, dict))
-    }
-    layers = [("top level", top)]
-    section = raw.get(ctx.info_name)
-    if isinstance(section, dict):
-        layers.append((f"section '{ctx.info_name}'", section))
-    for where, layer in layers:
-        for key, value in layer.items():
+    for where, items in layers:
+        seen = {}
+        for key, value in items:
+            location = where.at(key)
+            if not isinstance(key, str):
+                _bad_file(f"{location}: a key must be a string (an option name).")
             name = _key(key)
             if name in own:
-                values[name] = (value, f"{path} ({where})")
-            elif name in known or name in sections:
-                continue  # another command's option or section
+                param = own[name]
+                if param.name in seen:
+                    _bad_file(
+                        f"{location}: the same option as key "
+                        f"{seen[param.name]!r} there; give it once."
+                    )
+                seen[param.name] = key
+                if value is None:
+                    continue  # null: not set here
+                converted = _check_value(ctx, param, value, location)
+                values[param.name] = (converted, f"{path} ({where.where})")
+            elif name == "config":
+                _bad_file(f"{location}: a config file cannot name another one.")
+            elif name in owners:
+                if where.where == "top level":
+                    continue  # another command's option: one file, many commands
+                takers = ", ".join(f"'klseg {c}'" for c in owners[name])
+                _bad_file(
+                    f"{location}: '{key}' is no option of 'klseg {me}'; it is an "
+                    f"option of {takers}. Move it to that command's section or "
+                    "to the top level."
+                )
             else:
-                valid = ", ".join(sorted(n.replace("_", "-") for n in own))
-                raise click.BadParameter(
-                    f"unknown key '{key}' in {where} of {path}. "
-                    f"Valid keys for '{ctx.info_name}': {valid}.",
-                    param_hint="'--config'",
+                valid = ", ".join(sorted({_display_key(p) for p in own.values()}))
+                _bad_file(
+                    f"unknown key {key!r} in {where.where} of {path}. "
+                    f"Valid keys for '{me}': {valid}."
                 )
     return values
 
 
-def _convert(ctx, param, value, origin):
-    if value is None:
-        return None
-    try:
-        return param.type_cast_value(ctx, value)
-    except click.BadParameter as e:
-        raise click.BadParameter(
-            f"{e.message} (value from {origin})", ctx=ctx, param=param
-        ) from None
+def _saved_values(ctx, path):
+    """Values for ``ctx.command`` from a resumed run's saved ``config.yaml``."""
+    raw = read_config_file(path, param_hint="'--resume'")
+    own = _option_keys(ctx.command)
+    where = _Location(path, "top level")
+    values = {}
+    for key, value in raw.items():
+        param = own.get(_key(key)) if isinstance(key, str) else None
+        if param is None or param.name in _NOT_FROM_SAVED or value is None:
+            continue  # a run saves fields that are no options
+        converted = _check_value(ctx, param, value, where.at(key))
+        values[param.name] = (converted, str(path))
+    return values
 
 
 def resolve_options(ctx, *, saved_config_for=None):
@@ -200,6 +544,10 @@ def resolve_options(ctx, *, saved_config_for=None):
         ``(values, origins)``: the resolved values keyed by parameter name,
         and where each came from (``"command line"``, a file, or
         ``"default"``).
+
+    Raises:
+        click.BadParameter: a config file breaks one of the rules in this
+            module's docstring (exit 2).
     """
     params = {p.name: p for p in ctx.command.params}
     explicit = {
@@ -212,17 +560,13 @@ def resolve_options(ctx, *, saved_config_for=None):
 
     def merged(saved):
         values, origins = {}, {}
-        for name, param in params.items():
+        for name in params:
             if name in explicit:
                 values[name], origins[name] = explicit[name], "command line"
             elif name in from_file:
-                raw, origin = from_file[name]
-                values[name] = _convert(ctx, param, raw, origin)
-                origins[name] = origin
+                values[name], origins[name] = from_file[name]
             elif name in saved:
-                raw, origin = saved[name]
-                values[name] = _convert(ctx, param, raw, origin)
-                origins[name] = origin
+                values[name], origins[name] = saved[name]
             else:
                 values[name], origins[name] = ctx.params.get(name), "default"
         return values, origins
@@ -231,12 +575,6 @@ def resolve_options(ctx, *, saved_config_for=None):
     if saved_config_for is not None:
         saved_path = saved_config_for(values)
         if saved_path is not None:
-            raw = read_config_file(saved_path)
-            saved = {
-                _key(k): (v, str(saved_path))
-                for k, v in raw.items()
-                if _key(k) in params and _key(k) not in _NOT_FROM_SAVED
-            }
-            values, origins = merged(saved)
+            values, origins = merged(_saved_values(ctx, saved_path))
     ctx.meta["klseg.values"] = values
     return values, origins

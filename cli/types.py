@@ -17,6 +17,10 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 MIXED_PRECISION_CHOICES = ("off", "auto", "float16", "bfloat16")
 
 
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class FiniteFloat(click.FloatRange):
     """A finite float, optionally within bounds (``nan`` and ``inf`` refused).
 
@@ -46,8 +50,8 @@ class FloatList(click.ParamType):
     """One number or a comma-separated list of numbers, each >= ``minimum``.
 
     Accepts ``"0.3"``, ``"0,0.1,0.3,1"`` and, from config files, a number or a
-    list of numbers. Converts to a tuple of floats without duplicates, in the
-    order given.
+    list of numbers (not strings, not booleans). Converts to a tuple of floats
+    without duplicates, in the order given.
     """
 
     name = "FLOAT[,FLOAT...]"
@@ -73,8 +77,11 @@ class FloatList(click.ParamType):
                 )
         else:
             self.fail(f"{value!r} is not a number or a list of numbers.", param, ctx)
+        from_text = isinstance(value, str)
         result = []
         for item in items:
+            if isinstance(item, bool) or not (from_text or _is_real(item)):
+                self.fail(f"{item!r} is not a number.", param, ctx)
             try:
                 number = float(item)
             except (TypeError, ValueError):
@@ -93,13 +100,15 @@ class FloatList(click.ParamType):
 
 
 class NameList(click.ParamType):
-    """Comma-separated names (``sky,road,car``); a list in config files."""
+    """Comma-separated names (``sky,road,car``); a list of strings in files."""
 
     name = "NAME[,NAME...]"
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
-            items = [str(v).strip() for v in value]
+            if not all(isinstance(v, str) for v in value):
+                self.fail(f"{value!r} holds a name that is not a string.", param, ctx)
+            items = [v.strip() for v in value]
         elif isinstance(value, str):
             items = [v.strip() for v in value.split(",")]
         else:
