@@ -124,10 +124,14 @@ class MixedPrecision(click.Choice):
     """``off``, ``auto``, ``float16`` or ``bfloat16``; a bare flag means auto.
 
     Config files may also say ``true`` (auto) or ``false`` (off).
+
+    Args:
+        choices: the modes; pass the run layer's list so that the CLI keeps
+            no copy of its own. Defaults to ``MIXED_PRECISION_CHOICES``.
     """
 
-    def __init__(self):
-        super().__init__(MIXED_PRECISION_CHOICES, case_sensitive=False)
+    def __init__(self, choices=MIXED_PRECISION_CHOICES):
+        super().__init__(tuple(choices), case_sensitive=False)
 
     def convert(self, value, param, ctx):
         if value is True:
