@@ -9,8 +9,14 @@ numpy-only and nothing heavy is imported by ``import klseg.data``):
   ``tf.data.Dataset`` of ``(images uint8, masks int32)``;
 - ``load_arrays(split_or_spec, image_size)`` -> numpy arrays;
 - ``DomainStyle`` (``klseg.data.style``): restyle images towards a domain;
+- ``load_class_map`` (``klseg.data.classes``): read a class map;
 - submodules ``synthetic``, ``augment``, ``style``, ``folder``,
-  ``tfds_source``, ``pipeline``, ``split``.
+  ``tfds_source``, ``pipeline``, ``split``, ``images`` (the one image reader),
+  ``classes``, ``sources``, ``resize``.
+
+Modules import in one direction, leaves first: ``classes``, ``images``,
+``resize``, ``synthetic``; then ``sources``, ``augment``; ``split``;
+``folder``, ``tfds_source``, ``style``; ``pipeline``.
 """
 
 import importlib
@@ -19,13 +25,17 @@ __all__ = [
     "DomainStyle",
     "Split",
     "augment",
+    "classes",
     "fit_to_size",
     "folder",
+    "images",
     "load_arrays",
     "load_class_map",
     "load_split",
     "make_dataset",
     "pipeline",
+    "resize",
+    "sources",
     "split",
     "style",
     "synthetic",
@@ -35,16 +45,20 @@ __all__ = [
 _ATTRIBUTES = {
     "DomainStyle": "klseg.data.style",
     "Split": "klseg.data.split",
-    "fit_to_size": "klseg.data.pipeline",
+    "fit_to_size": "klseg.data.resize",
     "load_arrays": "klseg.data.pipeline",
-    "load_class_map": "klseg.data.split",
+    "load_class_map": "klseg.data.classes",
     "load_split": "klseg.data.pipeline",
     "make_dataset": "klseg.data.pipeline",
 }
 _SUBMODULES = (
     "augment",
+    "classes",
     "folder",
+    "images",
     "pipeline",
+    "resize",
+    "sources",
     "split",
     "style",
     "synthetic",

@@ -30,9 +30,10 @@ import threading
 
 import numpy as np
 
+from klseg.data.resize import size_pair
 from klseg.errors import InvalidArgumentError
 
-__all__ = ["PRESETS", "Augmenter", "import_albumentations", "preset"]
+__all__ = ["PRESETS", "Augmenter", "import_albumentations", "preset", "reseed"]
 
 PRESETS = ("none", "light", "strong")
 
@@ -43,19 +44,6 @@ def import_albumentations():
     import albumentations
 
     return albumentations
-
-
-def _size_pair(image_size):
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        return int(image_size), int(image_size)
-    try:
-        height, width = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(
-            "`image_size` must be an int or a (height, width) pair. "
-            f"Received: image_size={image_size!r}"
-        ) from None
-    return height, width
 
 
 def preset(name, image_size):
@@ -79,7 +67,7 @@ def preset(name, image_size):
     if name == "none":
         return None
     A = import_albumentations()
-    size = _size_pair(image_size)
+    size = size_pair(image_size)
     if name == "light":
         transforms = [
             A.HorizontalFlip(p=0.5),
@@ -114,7 +102,7 @@ def _seed_int(words):
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
-def _reseed(node, words):
+def reseed(node, words):
     """Gives every transform in the tree its own stream derived from ``words``.
 
     ``Compose.set_random_seed`` hands the same seed to every transform, which
@@ -124,7 +112,7 @@ def _reseed(node, words):
     node.set_random_seed(seed)
     for index, child in enumerate(getattr(node, "transforms", None) or []):
         if hasattr(child, "set_random_seed"):
-            _reseed(child, [*words, index + 1])
+            reseed(child, [*words, index + 1])
 
 
 def _walk(node):
@@ -153,7 +141,7 @@ class Augmenter:
     """
 
     def __init__(self, augment, image_size, *, ignore_value=255, extra_names=()):
-        self.size = _size_pair(image_size)
+        self.size = size_pair(image_size)
         self.ignore_value = int(ignore_value)
         self.extra_names = tuple(extra_names)
         if augment is None or isinstance(augment, str):
@@ -214,7 +202,7 @@ class Augmenter:
             return image, mask, extras
         compose = self._compose()
         words = [int(s) & 0xFFFFFFFF for s in np.atleast_1d(seed)]
-        _reseed(compose, [0x5EED, *words])
+        reseed(compose, [0x5EED, *words])
         data = {"image": image}
         if mask is not None:
             # Shift by one so that 0 marks pixels a transform filled.

@@ -6,67 +6,112 @@ Layout::
     DIR/images/0002.png   DIR/masks/0002.png
     ...
 
-Images are PNG or JPEG (grey, RGB or RGBA; converted to RGB). Masks are
-single-channel PNGs holding class indices; a palette-mode PNG is read as its
-indices, not its colours. A folder with only ``images/`` (or a folder of image
-files) is an unlabelled set. Everything is checked when the split is loaded,
-before any training, and each problem is reported as a ``DataError`` that
-names the file.
+Images are any of ``klseg.data.images.IMAGE_SUFFIXES`` (grey, RGB or RGBA;
+converted to RGB). Masks are single-channel PNGs holding class indices; a
+palette-mode PNG is read as its indices, not its colours. A folder with only
+``images/`` (or a folder of image files) is an unlabelled set. Everything is
+checked when the split is loaded, before any training, and each problem is
+reported as a ``DataError`` that names the file.
 
 This module uses numpy and Pillow only (no TensorFlow).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
+from klseg.data.classes import (
+    class_map_lut,
+    find_classes_json,
+    format_offenders,
+    load_class_map,
+    mask_values,
+)
 from klseg.data.images import (
     IMAGE_SUFFIXES,
     MASK_SUFFIXES,
+    check_unique_stems,
     image_size,
+    list_images,
+    list_masks,
     read_image,
     read_mask,
 )
-from klseg.data.split import Split, class_map_lut, load_class_map
+from klseg.data.sources import Source
+from klseg.data.split import Split
 from klseg.errors import DataError
 
+# read_image and read_mask live in klseg.data.images (the one image reader);
+# they and the suffix lists stay importable from here under their old names.
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_EXTENSIONS",
+    "FolderSource",
     "load_folder",
     "read_image",
     "read_mask",
 ]
 
-# The suffixes of klseg.data.images, under this module's older names.
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 MASK_EXTENSIONS = MASK_SUFFIXES
 _LIST_AT_MOST = 5
+_NAMED_AT_MOST = 3
 
 
-def _image_size(path, full):
-    return image_size(path, full=full)
+class FolderSource(Source):
+    """Image files, with a mask file per image or without.
 
+    Args:
+        root: The split's folder (its name in messages).
+        image_paths: Image files, in the split's order.
+        mask_paths: Mask files aligned with ``image_paths``, or ``None``.
+        mask_values: The distinct raw values of each mask, when already
+            known (``load_folder`` finds them while checking), so that
+            ``mask_values()`` reads no file. Defaults to ``None``.
+    """
 
-def _list_files(folder, extensions, what):
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        if path.suffix.lower() not in extensions:
-            continue
-        if path.stem in files:
-            raise DataError(
-                f"{folder}: two {what} share the stem {path.stem!r} "
-                f"({files[path.stem].name}, {path.name}); rename one."
-            )
-        files[path.stem] = path
-    return files
+    kind = "folder"
+
+    def __init__(self, root, image_paths, mask_paths=None, mask_values=None):
+        super().__init__(root)
+        self._image_paths = list(image_paths)
+        self._mask_paths = None if mask_paths is None else list(mask_paths)
+        self._values = None if mask_values is None else list(mask_values)
+
+    @property
+    def num_images(self):
+        return len(self._image_paths)
+
+    @property
+    def has_masks(self):
+        return self._mask_paths is not None
+
+    @property
+    def images(self):
+        return self._image_paths
+
+    @property
+    def masks(self):
+        return self._mask_paths
+
+    def read(self, index):
+        image = read_image(self._image_paths[index])
+        if self._mask_paths is None:
+            return image, None
+        return image, read_mask(self._mask_paths[index])
+
+    def describe(self, index):
+        paths = self._image_paths if self._mask_paths is None else self._mask_paths
+        return str(paths[index])
+
+    def mask_values(self):
+        if self._mask_paths is None:
+            return
+        if self._values is None:
+            self._values = [mask_values(read_mask(p)) for p in self._mask_paths]
+        yield from enumerate(self._values)
 
 
 def _few(items):
@@ -76,19 +121,8 @@ def _few(items):
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _find_classes_json(root):
-    """Looks for ``classes.json`` (written by ``write_benchmark``) nearby."""
-    for folder in (root, root.parent, root.parent.parent):
-        path = folder / "classes.json"
-        if path.is_file():
-            try:
-                info = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return None
-            if isinstance(info, dict) and isinstance(info.get("class_names"), list):
-                return info
-            return None
-    return None
+def _by_stem(paths):
+    return {path.stem: path for path in paths}
 
 
 def load_folder(
@@ -139,24 +173,15 @@ def load_folder(
         raise DataError(f"{root}: folder does not exist.")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected images/ and masks/ inside).")
-    image_dir = root / "images"
     mask_dir = root / "masks"
-    if not image_dir.is_dir():
-        direct = _list_files(root, IMAGE_EXTENSIONS, "images")
-        if direct and not mask_dir.is_dir():
-            image_dir = root
-        else:
-            raise DataError(
-                f"{root}: no images/ folder. Expected {root}/images/ with PNG or "
-                f"JPEG files (and {root}/masks/ with PNG masks for a labelled set)."
-            )
-    images = _list_files(image_dir, IMAGE_EXTENSIONS, "images")
-    if not images:
+    has_image_dir = (root / "images").is_dir()
+    if not has_image_dir and (mask_dir.is_dir() or not _holds_images(root)):
         raise DataError(
-            f"{image_dir}: no images found (expected files ending in "
-            f"{', '.join(IMAGE_EXTENSIONS)})."
+            f"{root}: no images/ folder. Expected {root}/images/ with image files "
+            f"({', '.join(IMAGE_SUFFIXES)}) and, for a labelled set, "
+            f"{root}/masks/ with PNG masks."
         )
-    stems = list(images)
+    image_paths = list_images(root, unique_stems=True)
     labelled = mask_dir.is_dir()
     if require_masks and not labelled:
         raise DataError(
@@ -164,28 +189,27 @@ def load_folder(
             "are required here. Add masks/ with one PNG per image (same file "
             "stem), or use the folder where unlabelled images are accepted."
         )
-    masks = None
+    mask_paths = None
     if labelled:
-        mask_files = _list_files(mask_dir, MASK_EXTENSIONS, "masks")
-        missing = [images[stem].name for stem in stems if stem not in mask_files]
+        mask_files = check_unique_stems(list_masks(mask_dir), what="masks")
+        missing = [path.name for path in image_paths if path.stem not in mask_files]
         if missing:
-            orphans = sorted(set(mask_files) - set(images))
+            orphans = sorted(set(mask_files) - set(_by_stem(image_paths)))
             hint = f" Masks without an image: {_few(orphans)}." if orphans else ""
             raise DataError(
-                f"{root}: {len(missing)} of {len(stems)} images have no mask in "
-                f"{mask_dir}: {_few(missing)}. Each image needs masks/<stem>.png "
-                f"(e.g. images/{missing[0]} -> masks/{Path(missing[0]).stem}.png)."
-                + hint
+                f"{root}: {len(missing)} of {len(image_paths)} images have no mask "
+                f"in {mask_dir}: {_few(missing)}. Each image needs "
+                f"masks/<stem>.png (e.g. images/{missing[0]} -> "
+                f"masks/{Path(missing[0]).stem}.png)." + hint
             )
-        masks = [mask_files[stem] for stem in stems]
-    image_paths = [images[stem] for stem in stems]
+        mask_paths = [mask_files[path.stem] for path in image_paths]
 
     mapping, names = (None, None)
     if class_map is not None:
         mapping, names = load_class_map(class_map)
-    if names is None:
-        info = _find_classes_json(root)
-        if info is not None and class_map is None:
+    if names is None and class_map is None:
+        info = find_classes_json(root)
+        if info is not None:
             names = info["class_names"]
     if num_classes is None and names is not None:
         num_classes = len(names)
@@ -193,74 +217,69 @@ def load_folder(
         raise DataError(
             f"{root}: {len(names)} class names but num_classes={num_classes}."
         )
-    lut = None if mapping is None else class_map_lut(mapping)
 
     def check_one(index):
         image_path = image_paths[index]
-        width, height = _image_size(image_path, check == "full")
-        if masks is None:
+        width, height = image_size(image_path, full=check == "full")
+        if mask_paths is None:
             return None
-        mask = read_mask(masks[index])
+        mask = read_mask(mask_paths[index])
         if mask.shape != (height, width):
             raise DataError(
-                f"{masks[index]}: mask is {mask.shape[1]}x{mask.shape[0]} but its "
-                f"image {image_path} is {width}x{height} (width x height); they "
+                f"{mask_paths[index]}: mask is {mask.shape[1]}x{mask.shape[0]} but "
+                f"its image {image_path} is {width}x{height} (width x height); they "
                 "must be the same size."
             )
-        if mask.dtype == np.uint8:
-            counts = np.bincount(mask.ravel(), minlength=256)
-            return np.flatnonzero(counts)
-        return np.unique(mask)
+        return mask_values(mask)
 
     workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(check_one, range(len(image_paths))))
+        values = list(pool.map(check_one, range(len(image_paths))))
 
-    seen = 0
-    if masks is not None:
-        where = f" {class_map}" if isinstance(class_map, (str, Path)) else ""
-        all_classes = set()
-        for path, values in zip(masks, results):
-            classes = values.astype(np.int64)
-            if lut is not None:
-                raw = (
-                    values
-                    if ignore_value in mapping
-                    else values[values != ignore_value]
-                )
-                unmapped = [int(v) for v in raw if v >= lut.size or lut[int(v)] < 0]
-                if unmapped:
-                    raise DataError(
-                        f"{path}: mask values {unmapped[:10]} are not in the class "
-                        f"map{where} (it maps {sorted(mapping)[:20]}). Add them to "
-                        f"the map, or map them to the ignore value {ignore_value}."
-                    )
-                classes = np.array(
-                    [lut[int(v)] if v < lut.size else ignore_value for v in values],
-                    dtype=np.int64,
-                )
-                if ignore_value not in mapping:
-                    classes[values == ignore_value] = ignore_value
-            classes = classes[classes != ignore_value]
-            if num_classes is not None:
-                bad = classes[(classes < 0) | (classes >= num_classes)]
-                if bad.size:
-                    raise DataError(
-                        f"{path}: mask values {bad[:10].tolist()} are neither a "
-                        f"class index below num_classes={num_classes} nor the "
-                        f"ignore value {ignore_value}."
-                    )
-            all_classes.update(int(c) for c in classes)
-        seen = max(all_classes) + 1 if all_classes else 0
-
-    return Split(
-        name=str(root),
-        kind="folder",
-        images=image_paths,
-        masks=masks,
-        num_classes_seen=seen,
+    if mapping is not None and mask_paths is not None:
+        _check_map_covers(mask_paths, values, mapping, class_map, ignore_value)
+    split = Split(
+        FolderSource(
+            root, image_paths, mask_paths, None if mask_paths is None else values
+        ),
         num_classes=num_classes,
         class_names=names,
         ignore_value=ignore_value,
         class_map=mapping,
+    )
+    split.check_labels(num_classes, what=None)
+    split.num_classes_seen = split.count_classes_seen()
+    return split
+
+
+def _holds_images(folder):
+    return any(
+        path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+        for path in folder.iterdir()
+    )
+
+
+def _check_map_covers(mask_paths, values, mapping, class_map, ignore_value):
+    """Every raw mask value must be in the class map (or be the ignore value)."""
+    lut = class_map_lut(mapping)
+    offenders, total = [], 0
+    for path, raw in zip(mask_paths, values):
+        if ignore_value not in mapping:
+            raw = raw[raw != ignore_value]
+        unmapped = [int(v) for v in raw if v < 0 or v >= lut.size or lut[int(v)] < 0]
+        if unmapped:
+            total += 1
+            if len(offenders) < _NAMED_AT_MOST:
+                offenders.append((path, unmapped))
+    if not total:
+        return
+    where = f" {class_map}" if isinstance(class_map, (str, Path)) else ""
+    first_path, first_values = offenders[0]
+    also = ""
+    if total > 1:
+        also = f" Also {format_offenders(offenders[1:], total - 1)}."
+    raise DataError(
+        f"{first_path}: mask values {first_values[:10]} are not in the class "
+        f"map{where} (it maps {sorted(mapping)[:20]}).{also} Add them to the map, "
+        f"or map them to the ignore value {ignore_value}."
     )

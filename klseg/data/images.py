@@ -113,7 +113,7 @@ def list_masks(folder):
     return _files_with_suffixes(folder, MASK_SUFFIXES)
 
 
-def check_unique_stems(paths):
+def check_unique_stems(paths, *, what="images"):
     """Refuses two paths with the same file stem (``x.jpg`` and ``x.png``).
 
     Files named after their image (masks, predictions) would otherwise
@@ -121,6 +121,7 @@ def check_unique_stems(paths):
 
     Args:
         paths: Paths to check.
+        what: What the files are, for the message. Defaults to ``"images"``.
 
     Returns:
         ``{stem: path}`` in the order of ``paths``.
@@ -139,9 +140,9 @@ def check_unique_stems(paths):
         if path.stem in by_stem:
             first = by_stem[path.stem]
             raise DataError(
-                f"{path.parent}: two images share the stem {path.stem!r} "
+                f"{path.parent}: two {what} share the stem {path.stem!r} "
                 f"({first.name}, {path.name}): {first} and {path}; files named "
-                "after the image would overwrite each other. Rename one."
+                "after them would overwrite each other. Rename one."
             )
         by_stem[path.stem] = path
     return by_stem

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from klseg.data.augment import Augmenter, _size_pair
+from klseg.data.augment import Augmenter
+from klseg.data.folder import load_folder
+from klseg.data.resize import RESIZE_MODES, check_resize_mode, fit_to_size, size_pair
 from klseg.data.split import Split
+from klseg.data.tfds_source import load_tfds
 from klseg.errors import DataError, InvalidArgumentError
 
+# fit_to_size and RESIZE_MODES live in klseg.data.resize; they stay
+# importable from here.
 __all__ = ["RESIZE_MODES", "fit_to_size", "load_arrays", "load_split", "make_dataset"]
-
-RESIZE_MODES = ("stretch", "crop", "pad")
 
 
 # ----------------------------------------------------------------------
@@ -89,18 +92,14 @@ def load_split(
             images, masks, num_classes=num_classes, ignore_value=ignore_value
         )
     if isinstance(spec, str) and spec.startswith("tfds:"):
-        from klseg.data import tfds_source
-
-        return tfds_source.load_tfds(
+        return load_tfds(
             spec,
             ignore_value=ignore_value,
             class_map=class_map,
             num_classes=num_classes,
             data_dir=data_dir,
         )
-    from klseg.data import folder
-
-    return folder.load_folder(
+    return load_folder(
         spec,
         ignore_value=ignore_value,
         class_map=class_map,
@@ -108,96 +107,6 @@ def load_split(
         require_masks=require_masks,
         check=check,
     )
-
-
-# ----------------------------------------------------------------------
-# Fitting one example to the training size (numpy + OpenCV)
-# ----------------------------------------------------------------------
-
-
-def _cv2():
-    import cv2
-
-    return cv2
-
-
-def _resize(array, size, nearest):
-    cv2 = _cv2()
-    height, width = size
-    if array.shape[:2] == (height, width):
-        return array
-    if nearest:
-        interpolation = cv2.INTER_NEAREST
-    elif array.shape[0] > height and array.shape[1] > width:
-        interpolation = cv2.INTER_AREA
-    else:
-        interpolation = cv2.INTER_LINEAR
-    squeeze = array.ndim == 2
-    out = cv2.resize(array, (width, height), interpolation=interpolation)
-    if out.ndim == 2 and not squeeze:
-        out = out[..., None]
-    return out
-
-
-def fit_to_size(image, mask, size, *, mode="stretch", ignore_value=255):
-    """Brings an (image, mask) pair to the training size.
-
-    Args:
-        image: ``uint8 (H, W, 3)``.
-        mask: Integer ``(H, W)`` or ``None``.
-        size: ``(height, width)``.
-        mode: ``"stretch"`` resizes to the size (aspect ratio not kept);
-            ``"crop"`` scales the shorter side to fit and crops the centre;
-            ``"pad"`` scales the longer side to fit and pads (image with 0,
-            mask with the ignore value).
-        ignore_value: Used for padding. Defaults to ``255``.
-
-    Returns:
-        ``(image uint8, mask int32 or None)`` of the given size. Images are
-        resized with area (down) or bilinear (up) interpolation, masks with
-        nearest neighbour.
-    """
-    height, width = size
-    if mask is not None:
-        mask = np.asarray(mask, dtype=np.int32)
-    if image.shape[:2] == (height, width):
-        return image, mask
-    # cv2 cannot resize int32 with INTER_NEAREST reliably on all builds;
-    # masks go through uint16 (values here are classes or the ignore value).
-    mask16 = None if mask is None else mask.astype(np.uint16)
-    if mode == "stretch":
-        image = _resize(image, size, nearest=False)
-        mask16 = None if mask16 is None else _resize(mask16, size, nearest=True)
-    else:
-        h, w = image.shape[:2]
-        scale = (max if mode == "crop" else min)(height / h, width / w)
-        new = (max(1, round(h * scale)), max(1, round(w * scale)))
-        if mode == "crop":
-            new = (max(new[0], height), max(new[1], width))
-        image = _resize(image, new, nearest=False)
-        mask16 = None if mask16 is None else _resize(mask16, new, nearest=True)
-        if mode == "crop":
-            top, left = (new[0] - height) // 2, (new[1] - width) // 2
-            image = image[top : top + height, left : left + width]
-            if mask16 is not None:
-                mask16 = mask16[top : top + height, left : left + width]
-        else:
-            padded = np.zeros((height, width, 3), np.uint8)
-            padded[: new[0], : new[1]] = image
-            image = padded
-            if mask16 is not None:
-                full = np.full((height, width), ignore_value, np.uint16)
-                full[: new[0], : new[1]] = mask16
-                mask16 = full
-    mask = None if mask16 is None else mask16.astype(np.int32)
-    return np.ascontiguousarray(image), mask
-
-
-def _check_mode(resize):
-    if resize not in RESIZE_MODES:
-        raise InvalidArgumentError(
-            f"`resize` must be one of {list(RESIZE_MODES)}. Received: resize={resize!r}"
-        )
 
 
 # ----------------------------------------------------------------------
@@ -231,8 +140,8 @@ def load_arrays(
     Returns:
         ``(images uint8 (N, H, W, 3), masks int32 (N, H, W))``.
     """
-    _check_mode(resize)
-    size = _size_pair(image_size)
+    check_resize_mode(resize)
+    size = size_pair(image_size)
     split = load_split(
         split_or_spec,
         ignore_value=ignore_value,
@@ -240,14 +149,8 @@ def load_arrays(
         num_classes=num_classes,
         require_masks=require_masks,
     )
-    if split.kind == "tfds" and split._images is None:
-        from klseg.data import tfds_source
-
-        pairs = tfds_source.iterate_numpy(split)
-    else:
-        pairs = (split.read(i) for i in range(len(split)))
     images, masks = [], []
-    for image, mask in pairs:
+    for image, mask in split.iterate_numpy():
         image, mask = fit_to_size(
             image, mask, size, mode=resize, ignore_value=split.ignore_value
         )
@@ -358,8 +261,8 @@ def make_dataset(
             "`batch_size` must be a positive integer. "
             f"Received: batch_size={batch_size!r}"
         )
-    _check_mode(resize)
-    size = _size_pair(image_size)
+    check_resize_mode(resize)
+    size = size_pair(image_size)
     split = load_split(
         split_or_spec,
         ignore_value=ignore_value,
@@ -368,7 +271,7 @@ def make_dataset(
         require_masks=require_masks,
     )
     ignore = split.ignore_value
-    if cache and split.kind != "arrays":
+    if cache and not split.source.in_memory:
         images, masks = load_arrays(split, size, resize=resize)
         split = Split.from_arrays(
             images,
@@ -409,55 +312,23 @@ def make_dataset(
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
-    if split.kind == "tfds" and split._images is None:
-        from klseg.data import tfds_source
+    source = split.source
+    examples = source.tf_examples(shuffle=shuffle, seed=seed, repeat=repeat)
 
-        examples = tfds_source.as_dataset(split, seed=seed).enumerate()
-        if shuffle:
-            buffer = min(split.num_images or 1024, 1024)
-            examples = examples.shuffle(
-                buffer, seed=seed, reshuffle_each_iteration=True
-            )
-        if repeat:
-            examples = examples.repeat()
+    def load(index, *rest):
+        *payload, element_seed = rest
+        index = int(index)
+        image, raw_mask = source.load_example(index, *payload)
+        mask = None if raw_mask is None else split.to_classes(raw_mask, index=index)
+        return process(image, mask, index, element_seed)
 
-        def load_tfds(index, image, raw_mask, element_seed):
-            mask = tfds_source.to_classes(split, raw_mask, image.shape[:2])
-            return process(image, mask, int(index), element_seed)
+    def load_map(element, element_seed):
+        inputs = [*tf.nest.flatten(element), element_seed]
+        outputs = tf.numpy_function(load, inputs, out_types, name="klseg_load")
+        return set_shapes(outputs)
 
-        def tfds_map(pair, element_seed):
-            index, (image, raw_mask) = pair
-            outputs = tf.numpy_function(
-                load_tfds,
-                [index, image, raw_mask, element_seed],
-                out_types,
-                name="klseg_load",
-            )
-            return set_shapes(outputs)
-
-        dataset = tf.data.Dataset.zip(examples, seeds).map(
-            tfds_map, num_parallel_calls=parallel, deterministic=True
-        )
-    else:
-        count = len(split)
-        indices = tf.data.Dataset.range(count)
-        if shuffle:
-            indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            indices = indices.repeat()
-
-        def load_index(index, element_seed):
-            image, mask = split.read(int(index))
-            return process(image, mask, int(index), element_seed)
-
-        def index_map(index, element_seed):
-            outputs = tf.numpy_function(
-                load_index, [index, element_seed], out_types, name="klseg_load"
-            )
-            return set_shapes(outputs)
-
-        dataset = tf.data.Dataset.zip(indices, seeds).map(
-            index_map, num_parallel_calls=parallel, deterministic=True
-        )
+    dataset = tf.data.Dataset.zip(examples, seeds).map(
+        load_map, num_parallel_calls=parallel, deterministic=True
+    )
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,29 +1,47 @@
-"""The ``Split`` object: one validated set of images (and masks), and class maps.
+"""The ``Split`` object: one validated set of images (and masks).
 
 A ``Split`` is what ``klseg.data.load_split`` returns and what
-``klseg.data.make_dataset`` consumes. It comes from a folder (file paths), from
-arrays in memory, or from TensorFlow Datasets; the checks that can run before
-training (files readable, sizes matching, mask values known) have run by the
-time one exists.
+``klseg.data.make_dataset`` consumes. It holds a *source*
+(``klseg.data.sources``: a folder of files, arrays in memory, or a TFDS
+split) and the class information: the class map, the ignore value, the class
+count and names. The checks that can run before training (files readable,
+sizes matching, mask values known) have run by the time one exists;
+``check_labels`` checks the mask values against a class count chosen later.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-
 import numpy as np
 
+from klseg.data.classes import (
+    apply_class_map,
+    class_map_lut,
+    format_offenders,
+    load_class_map,
+)
+from klseg.data.sources import ArraySource, Source
 from klseg.errors import DataError
 
-__all__ = ["Split", "load_class_map", "class_map_lut"]
+# load_class_map and class_map_lut live in klseg.data.classes; they stay
+# importable from here, where they were first documented.
+__all__ = ["Split", "class_map_lut", "load_class_map"]
+
+_NAMED_AT_MOST = 3
 
 
 class Split:
     """A validated set of images, with masks or without.
 
+    Args:
+        source: A ``klseg.data.sources.Source``.
+        num_classes_seen: See below. Defaults to ``0``.
+        num_classes: See below. Defaults to ``None``.
+        class_names: See below. Defaults to ``None``.
+        ignore_value: See below. Defaults to ``255``.
+        class_map: See below. Defaults to ``None``.
+
     Attributes:
+        source: Where the examples come from.
         name: A readable name (the folder path, ``"tfds:NAME:SPLIT"``, or the
             name given to ``from_arrays``).
         kind: ``"folder"``, ``"arrays"`` or ``"tfds"``.
@@ -47,30 +65,25 @@ class Split:
 
     def __init__(
         self,
+        source,
         *,
-        name,
-        kind,
-        images,
-        masks=None,
         num_classes_seen=0,
         num_classes=None,
         class_names=None,
         ignore_value=255,
         class_map=None,
-        num_images=None,
-        tfds_info=None,
     ):
-        self.name = name
-        self.kind = kind
-        self._images = images
-        self._masks = masks
+        if not isinstance(source, Source):
+            raise TypeError(
+                "`source` must be a klseg.data.sources.Source. "
+                f"Received: source={source!r}"
+            )
+        self.source = source
         self.num_classes_seen = int(num_classes_seen)
         self.num_classes = num_classes
         self.class_names = None if class_names is None else list(class_names)
         self.ignore_value = int(ignore_value)
         self.class_map = class_map
-        self._num_images = num_images
-        self._tfds_info = tfds_info
         self._lut = None if class_map is None else class_map_lut(class_map)
 
     # ------------------------------------------------------------------
@@ -97,7 +110,8 @@ class Split:
             ignore_value: Defaults to ``255``.
 
         Raises:
-            DataError: for wrong shapes or dtypes, or unknown mask values.
+            DataError: for wrong shapes or dtypes, or mask values that are
+                negative or not below ``num_classes`` (naming the examples).
         """
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -105,7 +119,6 @@ class Split:
                 f"{name}: images must be a uint8 array of shape (N, H, W, 3). "
                 f"Received: shape={images.shape}, dtype={images.dtype}"
             )
-        seen = 0
         if masks is not None:
             masks = np.asarray(masks)
             if masks.ndim == 4 and masks.shape[-1] == 1:
@@ -120,54 +133,41 @@ class Split:
                     f"{name}: masks must hold integer class indices. "
                     f"Received: dtype={masks.dtype}"
                 )
-            values = np.unique(masks)
-            valid = values[values != ignore_value]
-            bad = valid[(valid < 0) | (valid >= (num_classes or np.inf))]
-            if bad.size:
-                raise DataError(
-                    f"{name}: mask values {bad[:10].tolist()} are neither a class "
-                    f"index below num_classes={num_classes} nor the ignore value "
-                    f"{ignore_value}."
-                )
-            seen = int(valid.max()) + 1 if valid.size else 0
-        return cls(
-            name=name,
-            kind="arrays",
-            images=images,
-            masks=masks,
-            num_classes_seen=seen,
+        split = cls(
+            ArraySource(images, masks, name=name),
             num_classes=num_classes,
             class_names=class_names,
             ignore_value=ignore_value,
         )
+        split.check_labels(num_classes, what=None)
+        split.num_classes_seen = split.count_classes_seen()
+        return split
 
     # ------------------------------------------------------------------
     @property
+    def name(self):
+        return self.source.name
+
+    @property
+    def kind(self):
+        return self.source.kind
+
+    @property
     def images(self):
-        if self.kind == "tfds" and self._images is None:
-            return _LazyList(self, "_images")
-        return self._images
+        return self.source.images
 
     @property
     def masks(self):
-        if self.kind == "tfds" and self._images is None:
-            return _LazyList(self, "_masks")
-        return self._masks
+        return self.source.masks
 
     @property
     def has_masks(self):
-        if self.kind == "tfds":
-            return True
-        return self._masks is not None
+        return self.source.has_masks
 
     @property
     def num_images(self):
         """Number of images, or ``None`` when TFDS does not say (mock data)."""
-        if self._num_images is not None:
-            return self._num_images
-        if self._images is not None:
-            return len(self._images)
-        return None
+        return self.source.num_images
 
     def __len__(self):
         count = self.num_images
@@ -187,184 +187,123 @@ class Split:
     def read(self, index):
         """Reads one example: ``(image uint8 (H, W, 3), mask int32 (H, W) | None)``.
 
-        For folders the file is decoded here; the class map is applied. For a
-        TFDS split this reads the whole split into memory first (prefer
-        ``make_dataset``, which streams it).
+        The class map is applied. For a TFDS split this reads the whole split
+        into memory first (prefer ``make_dataset``, which streams it).
         """
-        from klseg.data import folder
+        image, raw = self.source.read(index)
+        return image, None if raw is None else self.to_classes(raw, index=index)
 
-        if self.kind == "folder":
-            image = folder.read_image(self._images[index])
-            mask = None
-            if self._masks is not None:
-                mask = folder.read_mask(self._masks[index])
-        elif self.kind == "tfds":
-            # materialised TFDS masks already hold classes
-            return np.asarray(self.images[index]), np.asarray(self.masks[index])
-        else:
-            image = np.asarray(self._images[index])
-            mask = None if self._masks is None else np.asarray(self._masks[index])
-        if mask is not None:
-            mask = self.apply_class_map(mask)
-        return image, mask
+    def iterate_numpy(self):
+        """Yields ``read(i)`` for every example in order (TFDS streams)."""
+        for index, (image, raw) in enumerate(self.source.iterate_numpy()):
+            yield image, None if raw is None else self.to_classes(raw, index=index)
+
+    def apply_class_map(self, mask):
+        """Maps raw mask values to class indices (identity without a map)."""
+        return apply_class_map(mask, self.class_map, self.ignore_value, self._lut)
+
+    def to_classes(self, raw_mask, *, index=None):
+        """Raw mask values -> ``int32`` classes, checked when it is cheap.
+
+        The class map is applied (values it does not name become the ignore
+        value). Without a class map and with a known ``num_classes``, a value
+        that is neither a class nor the ignore value raises ``DataError``
+        naming the example (folders and arrays were checked when loaded; TFDS
+        splits are checked here, as they are read).
+        """
+        classes = self.apply_class_map(raw_mask)
+        if self.class_map is None and self.num_classes is not None:
+            bad = (classes != self.ignore_value) & (
+                (classes < 0) | (classes >= self.num_classes)
+            )
+            if bad.any():
+                where = "" if index is None else f" in {self.source.describe(index)}"
+                raise DataError(
+                    f"{self.name}: mask values "
+                    f"{np.unique(classes[bad])[:10].tolist()}{where} are neither a "
+                    f"class index below num_classes={self.num_classes} nor the "
+                    f"ignore value {self.ignore_value}; pass a class_map."
+                )
+        return classes
+
+    # ------------------------------------------------------------------
+    def _class_values(self):
+        """Yields ``(index, distinct class values, ignore value left out)``."""
+        for index, values in self.source.mask_values():
+            classes = self.apply_class_map(values)
+            yield index, np.unique(classes[classes != self.ignore_value])
+
+    def count_classes_seen(self):
+        """One more than the largest class index in the masks (0 if none).
+
+        Reads every mask of sources that do not keep their values (TFDS).
+        """
+        if not self.has_masks:
+            return 0
+        largest = -1
+        for _, classes in self._class_values():
+            if classes.size:
+                largest = max(largest, int(classes[-1]))
+        return largest + 1
 
     def check_labels(self, num_classes, *, what="data"):
         """Checks that every mask value is a class index or the ignore value.
 
+        With a class map whose targets are all in range nothing is read
+        (after the map every value is a target or the ignore value). Folder
+        splits keep each mask's values from loading, so they read no file
+        either; arrays are scanned in memory; a TFDS split without a class
+        map is read once.
+
         Args:
-            num_classes: Mask values (after the class map) must be below it,
-                or equal to the ignore value.
-            what: Names the split in the message (for example
-                ``"--val-data"``). Defaults to ``"data"``.
+            num_classes: Mask values (after the class map) must lie in
+                ``[0, num_classes)`` or equal the ignore value. ``None``
+                checks only that no value is negative.
+            what: Names the split's role in the message (for example
+                ``"val_data"``), or ``None``. Defaults to ``"data"``.
 
         Raises:
             DataError: naming the first (up to 3) offending files (for TFDS
-                and arrays: the split and the example index) and their
-                values, and how many more there are.
-        """
-        from klseg.data.classes import format_offenders, mask_values
+                and arrays: the split and the example index) with their
+                values, and how many more hold such values.
 
+        Example:
+
+        >>> import numpy as np
+        >>> split = Split.from_arrays(
+        ...     np.zeros((2, 2, 2, 3), np.uint8), np.array([[[0, 1]] * 2, [[4, 1]] * 2])
+        ... )
+        >>> split.check_labels(5)
+        >>> split.check_labels(3)
+        Traceback (most recent call last):
+        ...
+        klseg.errors.DataError: data arrays: mask values [4] in example 1 are \
+neither a class index below num_classes=3 nor the ignore value 255. Raise the \
+number of classes, or map the values to classes with a class map.
+        """
         if not self.has_masks:
             return
-        num_classes = int(num_classes)
+        limit = np.inf if num_classes is None else int(num_classes)
+        if self.class_map is not None:
+            # after the map every value is one of its targets or the ignore
+            # value, so in-range targets settle it without reading anything
+            targets = np.array(sorted(set(self.class_map.values())), np.int64)
+            targets = targets[targets != self.ignore_value]
+            if not ((targets < 0) | (targets >= limit)).any():
+                return
         offenders, total = [], 0
-        for index in range(len(self)):
-            _, mask = self.read(index)
-            classes = mask_values(mask)
-            classes = classes[classes != self.ignore_value]
-            bad = classes[(classes < 0) | (classes >= num_classes)]
+        for index, classes in self._class_values():
+            bad = classes[(classes < 0) | (classes >= limit)]
             if bad.size:
                 total += 1
-                if len(offenders) < 3:
-                    where = (
-                        str(self._masks[index])
-                        if self.kind == "folder"
-                        else f"example {index}"
-                    )
-                    offenders.append((where, bad))
+                if len(offenders) < _NAMED_AT_MOST:
+                    offenders.append((self.source.describe(index), bad))
         if total:
+            prefix = self.name if what is None else f"{what} {self.name}"
+            below = "" if num_classes is None else f" below num_classes={limit}"
             raise DataError(
-                f"{what} {self.name}: mask values {format_offenders(offenders, total)}"
-                f" are neither a class index below num_classes={num_classes} nor "
-                f"the ignore value {self.ignore_value}. Raise the number of "
-                "classes, or map the values to classes with a class map."
+                f"{prefix}: mask values {format_offenders(offenders, total)} are "
+                f"neither a class index{below} nor the ignore value "
+                f"{self.ignore_value}. Raise the number of classes, or map the "
+                "values to classes with a class map."
             )
-
-    def apply_class_map(self, mask):
-        """Maps raw mask values to class indices (identity without a map)."""
-        mask = np.asarray(mask).astype(np.int32, copy=False)
-        if self._lut is None:
-            return mask
-        lut = self._lut
-        out = np.full(mask.shape, self.ignore_value, dtype=np.int32)
-        inside = (mask >= 0) & (mask < lut.size)
-        out[inside] = lut[mask[inside]]
-        if self.ignore_value not in self.class_map:
-            out[mask == self.ignore_value] = self.ignore_value
-        # values the map does not name were rejected when the split was
-        # validated (folders) or are documented to become ignore (TFDS)
-        out[out < 0] = self.ignore_value
-        return out
-
-    def _materialize(self):
-        from klseg.data import tfds_source
-
-        self._images, self._masks = tfds_source.read_all(self)
-
-
-class _LazyList(Sequence):
-    """A TFDS split's images or masks, read into memory on first item access.
-
-    ``len()`` uses the split's example count when TFDS knows it, so counting
-    does not read the data.
-    """
-
-    def __init__(self, split, attribute):
-        self._split = split
-        self._attribute = attribute
-
-    def _items(self):
-        if self._split._images is None:
-            self._split._materialize()
-        return getattr(self._split, self._attribute)
-
-    def __len__(self):
-        if self._split._images is None and self._split._num_images is not None:
-            return self._split._num_images
-        return len(self._items())
-
-    def __getitem__(self, index):
-        return self._items()[index]
-
-
-# ----------------------------------------------------------------------
-# Class maps
-# ----------------------------------------------------------------------
-
-
-def load_class_map(class_map):
-    """Reads a class map.
-
-    A class map says which class each raw mask value becomes. Accepted forms:
-
-    - a dict ``{raw value: class index}`` (keys may be strings of integers);
-    - a JSON file holding such a dict, or an object
-      ``{"map": {...}, "class_names": [...]}``.
-
-    A raw value may map to the ignore value (for example a border label).
-    The ignore value itself stays ignored unless the map names it.
-
-    Returns:
-        ``(mapping, class_names)`` with ``mapping`` a ``{int: int}`` dict and
-        ``class_names`` a list or ``None``.
-
-    Raises:
-        DataError: the file is missing or not valid JSON, or an entry is not
-            an integer.
-    """
-    source = "class_map"
-    class_names = None
-    if isinstance(class_map, (str, Path)):
-        source = str(class_map)
-        path = Path(class_map)
-        if not path.is_file():
-            raise DataError(f"{path}: class map file not found.")
-        try:
-            class_map = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: class map is not valid JSON ({error}).") from None
-    if not isinstance(class_map, Mapping):
-        raise DataError(
-            f"{source}: a class map must be a JSON object / dict of "
-            f"{{raw value: class index}}. Received: {type(class_map).__name__}"
-        )
-    if "map" in class_map:
-        class_names = class_map.get("class_names")
-        class_map = class_map["map"]
-        if not isinstance(class_map, Mapping):
-            raise DataError(f"{source}: 'map' must be an object of raw value: class.")
-    mapping = {}
-    for key, value in class_map.items():
-        try:
-            raw, target = int(key), int(value)
-        except (TypeError, ValueError):
-            raise DataError(
-                f"{source}: class map entries must be integers; got {key!r}: {value!r}."
-            ) from None
-        if raw < 0 or target < 0:
-            raise DataError(
-                f"{source}: class map values must be >= 0; got {key!r}: {value!r}."
-            )
-        mapping[raw] = target
-    if class_names is not None:
-        class_names = [str(name) for name in class_names]
-    return mapping, class_names
-
-
-def class_map_lut(mapping):
-    """A lookup table ``lut[raw] = class`` with ``-1`` for unmapped values."""
-    size = max(mapping) + 1 if mapping else 1
-    lut = np.full(size, -1, dtype=np.int32)
-    for raw, target in mapping.items():
-        lut[raw] = target
-    return lut

@@ -38,7 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from klseg.data.augment import _reseed, import_albumentations
+from klseg.data.augment import import_albumentations, reseed
+from klseg.data.images import list_images, read_image
+from klseg.data.resize import resize, size_pair
+from klseg.data.split import Split
 from klseg.errors import DataError, InvalidArgumentError
 
 __all__ = ["METHODS", "DomainStyle", "load_references"]
@@ -78,15 +81,10 @@ def load_references(references, *, max_references=64, image_size=None):
     Raises:
         DataError: for an empty or unreadable folder.
     """
-    from klseg.data.split import Split
-
     if isinstance(references, (str, Path)):
-        from klseg.data import folder
-
-        split = folder.load_folder(references, require_masks=False, check="header")
-        paths = split.images
+        paths = list_images(references)
         keep = _spread(len(paths), max_references)
-        images = [folder.read_image(paths[i]) for i in keep]
+        images = [read_image(paths[i]) for i in keep]
     elif isinstance(references, Split):
         keep = _spread(len(references), max_references)
         images = [references.read(i)[0] for i in keep]
@@ -105,11 +103,8 @@ def load_references(references, *, max_references=64, image_size=None):
                 f"Received: shape={image.shape}, dtype={image.dtype}"
             )
     if image_size is not None:
-        from klseg.data.augment import _size_pair
-        from klseg.data.pipeline import _resize
-
-        size = _size_pair(image_size)
-        images = [_resize(image, size, nearest=False) for image in images]
+        size = size_pair(image_size)
+        images = [resize(image, size, nearest=False) for image in images]
     return images
 
 
@@ -202,7 +197,7 @@ class DomainStyle:
         if self._template is None:
             return self._pda(image, reference, rng)
         transform = self._transform()
-        _reseed(transform, [0x57_1E, *words, 1])
+        reseed(transform, [0x57_1E, *words, 1])
         out = transform(image=image, **{self._metadata_key: [reference]})["image"]
         return np.ascontiguousarray(np.clip(out, 0, 255).astype(np.uint8))
 

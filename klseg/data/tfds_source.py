@@ -18,12 +18,17 @@ file by file before training).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from klseg.data.split import Split, load_class_map
+from klseg.data.classes import load_class_map
+from klseg.data.resize import resize
+from klseg.data.sources import Source
+from klseg.data.split import Split
 from klseg.errors import DataError
 
-__all__ = ["KNOWN_DATASETS", "as_dataset", "load_tfds", "parse_spec"]
+__all__ = ["KNOWN_DATASETS", "TfdsSource", "as_dataset", "load_tfds", "parse_spec"]
 
 KNOWN_DATASETS = {
     "oxford_iiit_pet": {
@@ -138,82 +143,163 @@ def load_tfds(
         count = int(builder.info.splits[split_name].num_examples) or None
     except Exception:  # mock data and unprepared metadata have no split info
         count = None
+    source = TfdsSource(
+        name,
+        split_name,
+        data_dir=data_dir,
+        image_key=image_key,
+        mask_key=mask_key,
+        num_images=count,
+    )
     return Split(
-        name=f"tfds:{name}:{split_name}",
-        kind="tfds",
-        images=None,
-        masks=None,
+        source,
         num_classes_seen=num_classes or 0,
         num_classes=num_classes,
         class_names=names,
         ignore_value=ignore_value,
         class_map=mapping,
-        num_images=count,
-        tfds_info={
-            "name": name,
-            "split": split_name,
-            "data_dir": data_dir,
-            "image": image_key,
-            "mask": mask_key,
-        },
     )
 
 
-def as_dataset(split, *, seed=0):
-    """The split's examples as a ``tf.data.Dataset`` of ``(image, raw_mask)``."""
-    tfds = _import_tfds()
-    info = split._tfds_info
-    builder = tfds.builder(info["name"], data_dir=info["data_dir"])
-    read_config = tfds.ReadConfig(shuffle_seed=seed)
-    dataset = builder.as_dataset(
-        split=info["split"], shuffle_files=False, read_config=read_config
-    )
-    image_key, mask_key = info["image"], info["mask"]
-    return dataset.map(lambda example: (example[image_key], example[mask_key]))
+class TfdsSource(Source):
+    """A prepared TFDS split, streamed (or read into memory on demand).
+
+    Args:
+        dataset: The TFDS data set name.
+        split: The TFDS split (slicing such as ``train[:80%]`` works).
+        data_dir: Folder of prepared data sets, or ``None`` for TFDS's own.
+        image_key: The image feature. Defaults to ``"image"``.
+        mask_key: The mask feature. Defaults to ``"segmentation_mask"``.
+        num_images: The example count when TFDS knows it, else ``None``.
+    """
+
+    kind = "tfds"
+
+    def __init__(
+        self,
+        dataset,
+        split,
+        *,
+        data_dir=None,
+        image_key="image",
+        mask_key="segmentation_mask",
+        num_images=None,
+    ):
+        super().__init__(f"tfds:{dataset}:{split}")
+        self.dataset = dataset
+        self.split = split
+        self.data_dir = data_dir
+        self.image_key = image_key
+        self.mask_key = mask_key
+        self._count = num_images
+        self._examples = None  # (images, raw masks) once read into memory
+
+    @property
+    def num_images(self):
+        if self._examples is not None:
+            return len(self._examples[0])
+        return self._count
+
+    @property
+    def has_masks(self):
+        return True
+
+    @property
+    def images(self):
+        return _LazySequence(self, 0)
+
+    @property
+    def masks(self):
+        return _LazySequence(self, 1)
+
+    def as_tf_dataset(self, *, seed=0):
+        """The split as a ``tf.data.Dataset`` of ``(image, raw_mask)``."""
+        tfds = _import_tfds()
+        builder = tfds.builder(self.dataset, data_dir=self.data_dir)
+        read_config = tfds.ReadConfig(shuffle_seed=seed)
+        dataset = builder.as_dataset(
+            split=self.split, shuffle_files=False, read_config=read_config
+        )
+        image_key, mask_key = self.image_key, self.mask_key
+        return dataset.map(lambda example: (example[image_key], example[mask_key]))
+
+    def load_example(self, index, *payload):
+        if not payload:  # an index: the split is in memory
+            return self.read(int(index))
+        image, raw_mask = payload
+        return image, fit_mask(raw_mask, image.shape[:2])
+
+    def tf_examples(self, *, shuffle=False, seed=0, repeat=False):
+        if self._examples is not None:
+            return super().tf_examples(shuffle=shuffle, seed=seed, repeat=repeat)
+        examples = self.as_tf_dataset(seed=seed).enumerate()
+        if shuffle:
+            buffer = min(self._count or 1024, 1024)
+            examples = examples.shuffle(
+                buffer, seed=seed, reshuffle_each_iteration=True
+            )
+        if repeat:
+            examples = examples.repeat()
+        return examples
+
+    def iterate_numpy(self):
+        if self._examples is not None:
+            yield from zip(*self._examples)
+            return
+        for image, raw_mask in self.as_tf_dataset().as_numpy_iterator():
+            yield image, fit_mask(raw_mask, image.shape[:2])
+
+    def read_all(self):
+        """Reads the whole split into memory (once); returns (images, masks)."""
+        if self._examples is None:
+            images, masks = [], []
+            for image, mask in self.iterate_numpy():
+                images.append(image)
+                masks.append(mask)
+            self._examples = (images, masks)
+        return self._examples
+
+    def read(self, index):
+        images, masks = self.read_all()
+        return images[index], masks[index]
 
 
-def to_classes(split, raw_mask, image_hw):
-    """Raw TFDS mask ``(h, w[, 1])`` -> int32 classes at the image size.
+class _LazySequence(Sequence):
+    """A TFDS split's images or masks, read into memory on first item access.
+
+    ``len()`` uses the split's example count when TFDS knows it, so counting
+    does not read the data.
+    """
+
+    def __init__(self, source, position):
+        self._source = source
+        self._position = position
+
+    def __len__(self):
+        count = self._source.num_images
+        if count is None:
+            count = len(self._source.read_all()[self._position])
+        return count
+
+    def __getitem__(self, index):
+        return self._source.read_all()[self._position][index]
+
+
+def fit_mask(raw_mask, image_hw):
+    """A raw TFDS mask ``(h, w[, 1])`` as ``(H, W)`` at the image's size.
 
     Masks of another size than the image (TFDS mock data) are resized with
-    nearest neighbour. Values outside ``[0, num_classes)`` that are not the
-    ignore value raise ``DataError`` when ``num_classes`` is known.
+    nearest neighbour.
     """
     mask = np.asarray(raw_mask)
     if mask.ndim == 3:
         mask = mask[..., 0]
     if mask.shape != tuple(image_hw):
-        import cv2
-
-        mask = cv2.resize(
-            mask.astype(np.uint16),
-            (int(image_hw[1]), int(image_hw[0])),
-            interpolation=cv2.INTER_NEAREST,
-        )
-    classes = split.apply_class_map(mask)
-    if split.class_map is None and split.num_classes is not None:
-        bad = (classes != split.ignore_value) & (
-            (classes < 0) | (classes >= split.num_classes)
-        )
-        if bad.any():
-            raise DataError(
-                f"{split.name}: mask values {np.unique(classes[bad])[:10].tolist()} "
-                f"are neither a class index below num_classes={split.num_classes} "
-                f"nor the ignore value {split.ignore_value}; pass a class_map."
-            )
-    return classes
+        mask = resize(mask.astype(np.uint16), tuple(image_hw), nearest=True)
+    return mask
 
 
-def iterate_numpy(split):
-    """Yields ``(image uint8 (H, W, 3), mask int32 (H, W))`` pairs."""
-    for image, raw_mask in as_dataset(split).as_numpy_iterator():
-        yield image, to_classes(split, raw_mask, image.shape[:2])
-
-
-def read_all(split):
-    """Reads the whole split into lists of arrays (sizes may differ)."""
-    images, masks = [], []
-    for image, mask in iterate_numpy(split):
-        images.append(image)
-        masks.append(mask)
-    return images, masks
+def as_dataset(split, *, seed=0):
+    """The examples of a TFDS ``Split`` as a ``tf.data.Dataset`` of
+    ``(image, raw_mask)`` (``split.source.as_tf_dataset``)."""
+    return split.source.as_tf_dataset(seed=seed)
