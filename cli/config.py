@@ -23,7 +23,8 @@ key and the value:
   pass silently). At the top level, a key that belongs to another command is
   ignored, so one file can hold the settings of several commands. Inside a
   command's section, a key that belongs only to other commands is an error
-  that names the commands which take it.
+  that names the commands which take it. A ``config`` key is refused (a
+  file cannot name another one).
 - Each value has the type of its option, with no conversion between types:
   an integer option takes an integer (not ``1.5``, not ``true``, not the
   string ``"8"``); a number option takes an integer or a float (``2`` reads as
