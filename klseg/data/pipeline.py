@@ -56,7 +56,7 @@ def load_split(
             tuple of arrays.
         ignore_value: Mask value meaning "no label". Defaults to ``255``.
         class_map: Remaps raw mask values: a dict ``{raw: class}`` or a JSON
-            file (see ``klseg.data.split.load_class_map``). For TFDS it
+            file (see ``klseg.data.classes.load_class_map``). For TFDS it
             replaces the data set's built-in map. Defaults to ``None``.
         require_masks: Whether the split must be labelled. Defaults to
             ``True``.

@@ -86,7 +86,7 @@ def load_tfds(
             ``train``; TFDS slicing such as ``train[:80%]`` works).
         ignore_value: Defaults to ``255``.
         class_map: Replaces the known data set's class map (see
-            ``klseg.data.split.load_class_map``). Defaults to ``None``.
+            ``klseg.data.classes.load_class_map``). Defaults to ``None``.
         num_classes: Defaults to the data set's (or the class map's) count.
         data_dir: Folder of prepared data sets. Defaults to TFDS's default.
 
