@@ -41,16 +41,21 @@ import numpy as np
 from keras import ops
 
 from klseg.ops import (
+    LOG_FLOOR,
     TARGET_KINDS,
+    TEMPERATURE_RANGE,
     as_float32,
     check_argument,
     concrete,
     log_probs,
     move_axis_last,
     normalize_axis,
+    per_pixel_weights,
+    scaled_logits,
     set_mask,
     sparse_labels,
     target_mass,
+    to_tensor,
     valid_labels,
 )
 
@@ -81,12 +86,22 @@ def _check_target(target):
     return target
 
 
-def _check_temperature(temperature):
+def check_temperature(temperature):
+    """``temperature`` as a float; ValueError outside ``TEMPERATURE_RANGE``.
+
+    The accepted range is ``[1e-3, 1e3]`` (``klseg.ops.TEMPERATURE_RANGE``):
+    within it every value and gradient is finite for every finite input.
+    """
+    low, high = TEMPERATURE_RANGE
     ok = isinstance(temperature, (int, float, np.floating, np.integer))
     ok = ok and not isinstance(temperature, bool)
-    ok = ok and math.isfinite(float(temperature)) and float(temperature) > 0
-    check_argument(ok, "temperature", "a finite number > 0", temperature)
+    ok = ok and math.isfinite(float(temperature))
+    ok = ok and low <= float(temperature) <= high
+    check_argument(ok, "temperature", f"a number in [{low:g}, {high:g}]", temperature)
     return float(temperature)
+
+
+_check_temperature = check_temperature
 
 
 def _check_direction(direction):
@@ -226,9 +241,9 @@ def _kl_last_axis(y_true, y_pred, from_logits, target, temperature, direction, s
     """Per-pixel KL, class axis last, float32 inputs."""
     if target == "logits" and from_logits:
         a, b = (y_true, y_pred) if direction == "forward" else (y_pred, y_true)
-        if temperature != 1.0:
-            a, b = a / temperature, b / temperature
-        values = _kl_between_logits(a, b)
+        values = _kl_between_logits(
+            scaled_logits(a, temperature), scaled_logits(b, temperature)
+        )
     else:
         if target == "probabilities":
             _check_distribution(y_true, "y_true")
@@ -420,11 +435,14 @@ def _sparse_kl(y_true, y_pred, from_logits, label_smoothing, ignore_class, axis)
     labels, valid = valid_labels(y_true, num_classes, ignore_class)
     safe = ops.where(valid, labels, 0)
     if from_logits:
-        # -log q_c = lse - b_c
-        lse = ops.logsumexp(y_pred, axis=-1)
+        # -log q_c = lse - b_c, at most -LOG_FLOOR (as klseg.ops.log_softmax):
+        # beyond the float32 range the difference is inf, then the floor.
+        lse = ops.expand_dims(ops.logsumexp(y_pred, axis=-1), -1)
         picked = ops.take_along_axis(y_pred, ops.expand_dims(safe, -1), axis=-1)
-        nll = lse - ops.squeeze(picked, -1)
-        uniform = lse - ops.mean(y_pred, axis=-1) if label_smoothing else None
+        nll = ops.squeeze(ops.minimum(lse - picked, -LOG_FLOOR), -1)
+        uniform = None
+        if label_smoothing:
+            uniform = ops.mean(ops.minimum(lse - y_pred, -LOG_FLOOR), axis=-1)
     else:
         _check_distribution(y_pred, "y_pred")
         _, lq = log_probs(y_pred, "probabilities")
@@ -511,6 +529,14 @@ def sparse_kl_divergence(
 # Loss classes ----------------------------------------------------------------
 
 
+def _pixel_rank(y_pred):
+    """Rank of the per-pixel values: that of ``y_pred`` less the class axis."""
+    shape = getattr(y_pred, "shape", None)
+    if shape is None:
+        shape = np.shape(y_pred)
+    return len(shape) - 1
+
+
 class _KlsegLoss(keras.losses.Loss):
     """Base: keeps the constructor's ``dtype`` in ``get_config``."""
 
@@ -519,6 +545,12 @@ class _KlsegLoss(keras.losses.Loss):
         self._dtype_arg = dtype if isinstance(dtype, (str, type(None))) else None
         if self._dtype_arg is None and dtype is not None:
             self._dtype_arg = keras.dtype_policies.serialize(dtype)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # Per-image weights (batch,) become (batch, 1, 1): Keras masks the
+        # weights before broadcasting them to the per-pixel values.
+        sample_weight = per_pixel_weights(sample_weight, _pixel_rank(y_pred))
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
     def get_config(self):
         config = super().get_config()
@@ -812,25 +844,67 @@ def _resolve_loss(item, index):
     return loss
 
 
+def _takes_labels(loss):
+    """Whether a part takes integer labels (its class name starts "Sparse")."""
+    return type(loss).__name__.startswith("Sparse")
+
+
+def _takes_logits(loss):
+    """Whether a part takes logits: its config says ``from_logits=True``."""
+    try:
+        return loss.get_config().get("from_logits") is True
+    except (NotImplementedError, AttributeError, TypeError):
+        return False
+
+
 @keras.saving.register_keras_serializable(package="klseg")
 class WeightedSum(keras.losses.Loss):
-    """A weighted sum of losses, each reduced by its own rules.
+    """A weighted sum of losses, each given its inputs in the form it takes.
 
-        loss = sum_i weights[i] * losses[i](y_true, y_pred, sample_weight)
+        loss = sum_i weights[i] * losses[i](y_true_i, y_pred_i, sample_weight)
 
-    Each component applies its own mask, ``sample_weight`` and reduction
-    (so a per-pixel loss with ``ignore_class`` averages over its valid
-    pixels while, say, ``keras.losses.Dice`` keeps its own definition), and
-    the results are added. This is why ``WeightedSum`` works on reduced
-    values rather than per-pixel ones; its own ``reduction`` argument is
-    accepted for Keras compatibility and unused. Components may be any
-    serialisable Keras losses, klseg's or Keras' own.
+    Each part applies its own mask, ``sample_weight`` and reduction (so a
+    per-pixel loss with ``ignore_class`` averages over its valid pixels
+    while, say, ``keras.losses.Dice`` keeps its own definition), and the
+    results are added. This is why ``WeightedSum`` works on reduced values
+    rather than per-pixel ones; its own ``reduction`` argument is accepted
+    for Keras compatibility and unused. Parts may be any serialisable Keras
+    losses, klseg's or Keras' own. What each part receives:
+
+    - **Target.** With integer labels ``y_true`` (the shape of ``y_pred``
+      without the class axis, or with a trailing 1), a part whose class
+      name starts with ``Sparse`` (``SparseKLDivergence``,
+      ``keras.losses.SparseCategoricalCrossentropy``) gets the labels as
+      they are. Every other part (``keras.losses.Dice``,
+      ``CategoricalFocalCrossentropy``, ``CategoricalCrossentropy``,
+      klseg's ``KLDivergence``, ...) gets their one-hot encoding, in which a
+      pixel without a label (``ignore_class``, or any label outside ``[0,
+      C)`` such as 255) is an all-zero row, and the pixels without a label
+      are weighted zero: they carry a Keras mask, so a per-pixel part
+      averages over the labelled pixels only, and a part that pools the
+      whole batch (Dice) sees zeros there in both the target and its
+      probability input, so they add nothing to its sums. A one-hot or soft
+      ``y_true`` is given unchanged to every part.
+    - **Prediction.** ``y_pred`` holds logits when ``from_logits=True``
+      (klseg models output logits). A part whose config says
+      ``from_logits=True`` gets them; every other part (``from_logits=False``,
+      or no such argument, as ``Dice``) gets ``softmax(y_pred)``. With
+      ``from_logits=False``, ``y_pred`` holds probabilities, given as they
+      are to parts without ``from_logits=True`` and as ``log(y_pred)`` (a
+      valid set of logits) to the others.
+    - **Weights.** ``sample_weight`` of shape ``(batch,)`` is broadcast over
+      the pixels, like ``(batch, 1, 1)``.
 
     Args:
         losses: Sequence of ``keras.losses.Loss`` instances (or names /
             configs that ``keras.losses.get`` turns into instances).
         weights: Sequence of finite floats, one per loss. Defaults to all
             1.0.
+        from_logits: Whether ``y_pred`` holds logits (else probabilities).
+            Defaults to True.
+        ignore_class: A label in ``[0, C)`` that also means "no label" for
+            the one-hot parts (labels outside ``[0, C)`` always do).
+            Defaults to None.
         name: Defaults to ``"weighted_sum"``.
         reduction: Ignored (each component reduces itself).
         dtype: Keras loss dtype. Defaults to None.
@@ -850,12 +924,18 @@ class WeightedSum(keras.losses.Loss):
     >>> logits = np.zeros((1, 1, 2, 2), dtype="float32")
     >>> round(float(loss(labels, logits)), 4)  # KL((.95, .05) || (.5, .5)) + 0.5 log 2
     0.8412
+    >>> dice = WeightedSum([SparseKLDivergence(ignore_class=255), keras.losses.Dice()])
+    >>> # Dice sees the labelled pixel only: 1 - 2 * .5 / (1 + 1) = .5
+    >>> round(float(dice(np.array([[[0, 255]]]), logits)), 4)  # log 2 + .5
+    1.1931
     """
 
     def __init__(
         self,
         losses,
         weights=None,
+        from_logits=True,
+        ignore_class=None,
         name="weighted_sum",
         reduction="sum_over_batch_size",
         dtype=None,
@@ -883,12 +963,62 @@ class WeightedSum(keras.losses.Loss):
             weights,
         )
         self.weights = w
+        self.from_logits = _check_bool(from_logits, "from_logits")
+        self.ignore_class = _check_ignore_class(ignore_class)
         self._dtype_arg = dtype if isinstance(dtype, (str, type(None))) else None
 
+    def _is_sparse(self, y_true, y_pred):
+        rank = len(y_pred.shape)
+        if len(y_true.shape) == rank - 1:
+            return True
+        return (
+            len(y_true.shape) == rank
+            and y_true.shape[-1] == 1
+            and y_pred.shape[-1] != 1
+        )
+
+    def _dense_target(self, y_true, y_pred):
+        """One-hot target and the mask of labelled pixels."""
+        num_classes = _num_classes(y_pred)
+        if len(y_true.shape) == len(y_pred.shape):
+            y_true = ops.squeeze(y_true, -1)
+        labels = ops.cast(ops.round(as_float32(y_true)), "int32")
+        valid = (labels >= 0) & (labels < num_classes)
+        if self.ignore_class is not None:
+            valid = valid & (labels != self.ignore_class)
+        one_hot = ops.one_hot(ops.where(valid, labels, 0), num_classes)
+        one_hot = one_hot * ops.expand_dims(ops.cast(valid, one_hot.dtype), -1)
+        return one_hot, valid
+
     def __call__(self, y_true, y_pred, sample_weight=None):
+        y_true, y_pred = to_tensor(y_true), as_float32(y_pred)
+        sample_weight = per_pixel_weights(sample_weight, len(y_pred.shape) - 1)
+        if self.from_logits:
+            logits, probs = y_pred, None
+        else:
+            logits, probs = None, y_pred
+        sparse = self._is_sparse(y_true, y_pred)
+        one_hot = valid = None
         total = None
         for weight, loss in zip(self.weights, self.losses):
-            value = loss(y_true, y_pred, sample_weight=sample_weight)
+            takes_logits = _takes_logits(loss)
+            if takes_logits and logits is None:
+                _, logits = log_probs(y_pred, "probabilities")
+            if not takes_logits and probs is None:
+                probs = ops.softmax(y_pred, axis=-1)
+            prediction = logits if takes_logits else probs
+            target = y_true
+            if sparse and not _takes_labels(loss):
+                if one_hot is None:
+                    one_hot, valid = self._dense_target(y_true, y_pred)
+                target = one_hot
+                # A fresh tensor carrying the mask of labelled pixels, with
+                # zeros off it (for parts that pool, such as Dice).
+                mask = ops.expand_dims(valid, -1)
+                prediction = set_mask(
+                    ops.where(mask, prediction, ops.zeros_like(prediction)), valid
+                )
+            value = loss(target, prediction, sample_weight=sample_weight)
             value = ops.cast(value, "float32") * weight
             total = value if total is None else total + value
         return total
@@ -901,6 +1031,8 @@ class WeightedSum(keras.losses.Loss):
         config.update(
             losses=[keras.losses.serialize(loss) for loss in self.losses],
             weights=list(self.weights),
+            from_logits=self.from_logits,
+            ignore_class=self.ignore_class,
             dtype=self._dtype_arg,
         )
         return config

@@ -28,21 +28,27 @@ except ImportError:  # pragma: no cover - older Keras 3 releases
 __all__ = [
     "TINY",
     "LOG_TINY",
+    "LOG_FLOOR",
+    "TEMPERATURE_RANGE",
     "TARGET_KINDS",
     "accumulate",
     "as_float32",
     "check_argument",
     "concrete",
     "log_probs",
+    "log_softmax",
     "move_axis_last",
+    "per_pixel_weights",
     "normalize_axis",
     "pixel_weights",
     "segment_counts",
     "safe_log",
+    "scaled_logits",
     "set_mask",
     "sparse_labels",
     "split_count",
     "target_mass",
+    "to_tensor",
     "total",
     "valid_labels",
 ]
@@ -51,6 +57,14 @@ __all__ = [
 TINY = float(np.finfo(np.float32).tiny)
 #: ``log(TINY)`` (about -87.34): the log-probability klseg gives a zero mass.
 LOG_TINY = float(np.log(np.float32(TINY)))
+#: Lowest log-probability klseg computes from logits (``-1e15``): a logit
+#: gap beyond ``1e15 * temperature`` gives this value instead of an overflow.
+#: Per-pixel divergences are then at most ``1e15 * T^2`` nats, finite for
+#: every finite float32 input.
+LOG_FLOOR = -1e15
+#: Accepted temperatures, both ends included: at ``T`` in this range every
+#: intermediate (``z / T``, ``T^2``, gradients ``~ T``) stays finite.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 #: Accepted values of the ``target`` argument.
 TARGET_KINDS = ("probabilities", "logits", "log_probabilities")
 
@@ -67,12 +81,59 @@ def check_argument(ok, name, expected, value):
         )
 
 
+def to_tensor(x, dtype=None):
+    """``x`` (array, list, scalar, tensor or variable) as a backend tensor.
+
+    ``ops.convert_to_tensor`` returns a TensorFlow variable unchanged, and
+    variables lack part of the tensor interface (``ndim``) that other ops
+    use; its value is read here (gradients still flow to the variable).
+    """
+    x = ops.convert_to_tensor(x, dtype=dtype)
+    if not hasattr(x, "ndim"):  # a tf.Variable
+        x = ops.add(x, ops.zeros((), x.dtype))
+    return x
+
+
 def as_float32(x):
     """Return ``x`` as a float32 tensor (no copy if it already is one)."""
-    x = ops.convert_to_tensor(x)
+    x = to_tensor(x)
     if x.dtype != "float32":
         x = ops.cast(x, "float32")
     return x
+
+
+def log_softmax(x, temperature=1.0):
+    """``log_softmax(x / temperature)`` over the last axis, finite for finite x.
+
+    The logits are shifted by their maximum first (``x - max`` is at most
+    0; beyond the float32 range it becomes ``-inf``), divided by the
+    temperature, and floored at ``LOG_FLOOR`` before the ``log_softmax``. For
+    logit gaps below ``1e15 * temperature`` this is the plain
+    ``log_softmax`` (the shift does not change it); larger gaps give
+    log-probabilities of about ``LOG_FLOOR`` (probability 0) instead of
+    ``-inf``, whose products with zero probabilities would be NaN.
+
+    Args:
+        x: float32 logits, classes on the last axis.
+        temperature: a float in ``TEMPERATURE_RANGE``. Defaults to 1.0.
+
+    Returns:
+        float32 log-probabilities, at least ``LOG_FLOOR - log(C)``.
+    """
+    return ops.log_softmax(scaled_logits(x, temperature), axis=-1)
+
+
+def scaled_logits(x, temperature=1.0):
+    """``(x - max x) / temperature`` floored at ``LOG_FLOOR``: finite logits.
+
+    Their softmax is that of ``x / temperature`` up to the floor (see
+    ``log_softmax``); the maximum is taken without gradient, as softmax
+    does not depend on it.
+    """
+    z = x - ops.stop_gradient(ops.max(x, axis=-1, keepdims=True))
+    if temperature != 1.0:
+        z = z / temperature
+    return ops.maximum(z, LOG_FLOOR)
 
 
 def safe_log(p):
@@ -139,21 +200,24 @@ def log_probs(x, kind, temperature=1.0):
     x = as_float32(x)
     t = float(temperature)
     if kind == "logits":
-        lp = ops.log_softmax(x / t if t != 1.0 else x, axis=-1)
+        lp = log_softmax(x, t)
         return ops.exp(lp), lp
     if kind == "probabilities":
         if t == 1.0:
             return x, safe_log(x)
         lp = safe_log(x)
     elif kind == "log_probabilities":
-        lp = ops.maximum(x, LOG_TINY)
+        lp = ops.clip(x, LOG_TINY, 0.0)
         if t == 1.0:
             return ops.exp(lp), lp
     else:  # pragma: no cover - callers validate `kind`
         raise ValueError(f"Unknown kind {kind!r}")
-    # Temperature on a given distribution: softmax(log p / T), keeping
-    # zero-mass classes at LOG_TINY (dividing it by T would give them mass).
-    lp = ops.log_softmax(ops.where(lp > LOG_TINY, lp / t, LOG_TINY), axis=-1)
+    # Temperature on a given distribution: softmax(log p / T). A zero-mass
+    # class gets LOG_TINY * max(1, 1 / T), below every positive mass's
+    # log p / T (log p > LOG_TINY), so it keeps (numerically) no mass at any
+    # temperature. log p / T >= LOG_TINY / 1e-3, far from overflow.
+    zero = LOG_TINY * max(1.0, 1.0 / t)
+    lp = ops.log_softmax(ops.where(lp > LOG_TINY, lp / t, zero), axis=-1)
     return ops.exp(lp), lp
 
 
@@ -199,7 +263,7 @@ def concrete(x):
 
 def sparse_labels(y_true, y_pred_shape, axis):
     """Squeeze a size-1 class axis from the labels and check their shape."""
-    y_true = ops.convert_to_tensor(y_true)
+    y_true = to_tensor(y_true)
     rank = len(y_pred_shape)
     if len(y_true.shape) == rank and y_true.shape[axis] == 1:
         y_true = ops.squeeze(y_true, axis=axis)
@@ -273,6 +337,26 @@ def pixel_weights(sample_weight, valid):
         w = ops.expand_dims(w, -1)
     w = ops.broadcast_to(w, ops.shape(valid))
     return ops.where(valid, w, 0.0)
+
+
+def per_pixel_weights(sample_weight, pixel_rank):
+    """``sample_weight`` with trailing axes added up to ``pixel_rank``.
+
+    Keras applies a loss's mask to ``sample_weight`` before broadcasting it,
+    so a per-image weight ``(batch,)`` against per-pixel values ``(batch, H,
+    W)`` fails (or, when ``W == batch``, silently weights columns). This
+    gives ``(batch, 1, 1)``, which broadcasts over the pixels of each image.
+    Weights of rank ``pixel_rank`` or more (per pixel, or with a trailing
+    axis of size 1) and None are returned as tensors unchanged.
+    """
+    if sample_weight is None:
+        return None
+    w = to_tensor(sample_weight)
+    if "float" not in str(w.dtype):
+        w = ops.cast(w, "float32")
+    while 0 < len(w.shape) < pixel_rank:
+        w = ops.expand_dims(w, -1)
+    return w
 
 
 def segment_counts(ids, num_segments, weights=None, valid=None):
