@@ -141,12 +141,20 @@ def apply_class_map(mask, mapping, ignore_value, lut=None):
 def mask_values(mask):
     """The distinct values of an integer mask, sorted (``int64``).
 
-    Uses a histogram for 8- and 16-bit masks (much faster than sorting).
+    Uses a histogram when the values lie in ``[0, 65536)`` (much faster than
+    sorting).
+
+    Example:
+
+    >>> mask_values([[3, 0], [3, 255]]).tolist()
+    [0, 3, 255]
     """
     mask = np.asarray(mask)
-    if mask.dtype in (np.uint8, np.uint16) or mask.dtype == np.bool_:
-        counts = np.bincount(mask.ravel().astype(np.intp, copy=False))
-        return np.flatnonzero(counts).astype(np.int64)
+    if mask.size and (mask.dtype.kind in "ui" or mask.dtype == np.bool_):
+        low, high = int(mask.min()), int(mask.max())
+        if low >= 0 and high < 1 << 16:
+            counts = np.bincount(mask.ravel().astype(np.intp, copy=False))
+            return np.flatnonzero(counts).astype(np.int64)
     return np.unique(mask).astype(np.int64)
 
 
