@@ -49,8 +49,9 @@ class Split:
             for arrays, the ``uint8`` array ``(N, H, W, 3)``; for TFDS, the
             split is read into memory on first item access (``len`` does not
             read it; prefer ``make_dataset``, which streams it).
-        masks: Mask paths or arrays aligned with ``images``, or ``None`` for an
-            unlabelled split.
+        masks: Mask paths or raw mask arrays (before the class map) aligned
+            with ``images``, or ``None`` for an unlabelled split; ``read(i)``
+            gives the classes.
         has_masks: Whether every image has a mask.
         num_classes_seen: One more than the largest class index found in the
             masks (after the class map), ignoring the ignore value; ``0`` for
