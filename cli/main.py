@@ -10,6 +10,7 @@ with status 2, failed runs (bad data, missing or incompatible files) with
 status 1, an interrupted run with 130; none of them prints a traceback.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,15 +21,32 @@ import click
 
 from klseg import errors
 from klseg._version import __version__
+from klseg.registry import BACKBONES, MODELS
+from klseg.runs import config as run_config
+from klseg.runs.config import (
+    AUGMENT,
+    KL_INPUTS,
+    SOURCE_PREDICTIONS,
+    STRATEGIES,
+    STUDENT_BN,
+    TEMPERATURE_RANGE,
+)
 
 from .config import resolve_options
-from .types import STRATEGIES, FiniteFloat, FloatList, MixedPrecision, NameList
+from .types import FiniteFloat, FloatList, MixedPrecision, NameList
 
 __all__ = ["cli", "main"]
 
-MODELS = ("unet", "deeplabv3_plus")
-BACKBONES = ("plain", "resnet50", "mobilenetv2")
-AUGMENT = ("none", "light", "strong")
+
+def _default(config_class, name):
+    """The default of a config field: the library owns every default."""
+    for field in dataclasses.fields(config_class):
+        if field.name == name:
+            return field.default
+    raise KeyError(name)
+
+
+_TRAIN = run_config.TrainConfig
 
 _PATH = click.Path(path_type=str)
 
@@ -63,8 +81,11 @@ def _run_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from klseg.runs.runtime import interrupt_handler
+
         try:
-            return fn(*args, **kwargs)
+            with interrupt_handler():
+                return fn(*args, **kwargs)
         except click.ClickException:
             raise
         except errors.InvalidArgumentError as e:
@@ -73,20 +94,30 @@ def _run_errors(fn):
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
             ctx = click.get_current_context()
-            hint = ""
-            values = ctx.meta.get("klseg.values", {})
-            if "resume" in values and values.get("output"):
-                hint = (
-                    f" Continue it with: klseg {ctx.info_name} "
-                    f"--output {values['output']} --resume"
-                )
-            click.echo(f"\nInterrupted.{hint}", err=True)
+            click.echo(f"\nInterrupted.{_resume_hint(ctx)}", err=True)
             raise click.exceptions.Exit(130) from None
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
 
     return wrapper
+
+
+def _resume_hint(ctx):
+    """How to continue an interrupted run, when there is something to resume:
+    a completed epoch saved in the run folder (or in a sweep's runs)."""
+    values = ctx.meta.get("klseg.values", {})
+    if "resume" not in values or not values.get("output"):
+        return ""
+    out = Path(values["output"])
+    saved = [out / "checkpoints" / "latest.json"]
+    saved += [p / "checkpoints" / "latest.json" for p in out.glob("kl_*")]
+    if any(p.is_file() for p in saved):
+        return (
+            f" Continue it with: klseg {ctx.info_name} "
+            f"--output {values['output']} --resume"
+        )
+    return " No epoch was completed, so there is nothing to --resume; start it again."
 
 
 def _config_option(fn):
@@ -105,17 +136,20 @@ def _run_options(fn):
         click.option(
             "--image-size",
             type=click.IntRange(min=8),
-            default=128,
+            default=_default(_TRAIN, "image_size"),
             show_default=True,
             help="Training crop/resize size in pixels (square).",
         ),
         click.option(
-            "--epochs", type=click.IntRange(min=1), default=20, show_default=True
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=_default(_TRAIN, "epochs"),
+            show_default=True,
         ),
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
-            default=8,
+            default=_default(_TRAIN, "batch_size"),
             show_default=True,
             help="Global batch size (split across replicas).",
         ),
@@ -127,14 +161,14 @@ def _run_options(fn):
         click.option(
             "--augment",
             type=click.Choice(AUGMENT),
-            default="light",
+            default=_default(_TRAIN, "augment"),
             show_default=True,
             help="Augmentation preset for the training images.",
         ),
         click.option(
             "--ignore-value",
             type=click.IntRange(0, 255),
-            default=255,
+            default=_default(_TRAIN, "ignore_value"),
             show_default=True,
             help="Mask value of pixels without a label.",
         ),
@@ -155,7 +189,7 @@ def _run_options(fn):
         click.option(
             "--strategy",
             type=click.Choice(STRATEGIES),
-            default="default",
+            default=_default(_TRAIN, "strategy"),
             show_default=True,
             help="tf.distribute strategy: one device, all GPUs of this machine "
             "(mirrored), or several machines configured by TF_CONFIG "
@@ -336,28 +370,28 @@ def train(ctx, **_):
 )
 @click.option(
     "--temperature",
-    type=FiniteFloat(min=0, min_open=True),
+    type=FiniteFloat(min=TEMPERATURE_RANGE[0], max=TEMPERATURE_RANGE[1]),
     help="Softmax temperature of the KL term.  [default: 2]",
 )
 @click.option(
     "--kl-inputs",
-    type=click.Choice(("auto", "target", "source", "both")),
-    default="auto",
+    type=click.Choice(KL_INPUTS),
+    default=_default(run_config.FinetuneConfig, "kl_inputs"),
     show_default=True,
     help="Images the KL term sees: target images, --source-images, or both; "
     "auto is 'source' when --source-images is given, else 'target'.",
 )
 @click.option(
     "--student-bn",
-    type=click.Choice(("trainable", "frozen")),
-    default="trainable",
+    type=click.Choice(STUDENT_BN),
+    default=_default(run_config.FinetuneConfig, "student_bn"),
     show_default=True,
     help="BatchNorm statistics of the fine-tuned model.",
 )
 @click.option(
     "--source-predictions",
-    type=click.Choice(("live", "stored")),
-    default="live",
+    type=click.Choice(SOURCE_PREDICTIONS),
+    default=_default(run_config.FinetuneConfig, "source_predictions"),
     show_default=True,
     help="Run the source model every step, or store its predictions once.",
 )

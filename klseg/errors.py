@@ -12,6 +12,7 @@ __all__ = [
     "ModelError",
     "ResourceError",
     "RunError",
+    "TrainingDiverged",
 ]
 
 
@@ -40,3 +41,17 @@ class ResourceError(KlsegError):
 
 class RunError(KlsegError):
     """A run cannot start or continue (output folder, resume state, ...)."""
+
+
+class TrainingDiverged(RunError):
+    """The loss became NaN or infinite; training stopped at that step.
+
+    Attributes:
+        epoch: 1-based epoch in which it happened.
+        step: 1-based step within that epoch.
+    """
+
+    def __init__(self, message, *, epoch=None, step=None):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step

@@ -38,7 +38,6 @@ import numpy as np
 from keras import ops
 
 from klseg import losses as klseg_losses
-from klseg import metrics as klseg_metrics
 from klseg import models as klseg_models
 from klseg.errors import InvalidArgumentError, ResourceError
 from klseg.ops import LOG_TINY, safe_log
@@ -90,7 +89,27 @@ def _check_input_sizes(student, source):
             )
 
 
-def clone_student(source, *, class_names=None, name=None):
+def _retype_config(config, policy):
+    """Give every layer config (but the float32 head and inputs) ``policy``."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("ClassLogits", "InputLayer"):
+            return
+        inner = config.get("config")
+        if isinstance(inner, dict) and isinstance(inner.get("dtype"), dict):
+            dtype = inner["dtype"]
+            if dtype.get("class_name") == "DTypePolicy":
+                inner["dtype"] = {
+                    **dtype,
+                    "config": {**dtype.get("config", {}), "name": policy},
+                }
+        for value in config.values():
+            _retype_config(value, policy)
+    elif isinstance(config, list):
+        for value in config:
+            _retype_config(value, policy)
+
+
+def clone_student(source, *, class_names=None, name=None, dtype_policy=None):
     """A trainable copy of ``source`` (same architecture and weights).
 
     Use it to start fine-tuning: ``keras.models.clone_model`` copies the
@@ -103,15 +122,26 @@ def clone_student(source, *, class_names=None, name=None):
     keeps the source weights, the head starts fresh); pair it with a
     ``class_map`` (``make_class_map``) in ``KLRegularizedModel``.
 
+    A saved model keeps the dtype policy it was built with; with
+    ``dtype_policy`` (for example ``"mixed_bfloat16"``) the copy's layers are
+    rebuilt in that policy, the logits head staying float32.
+
     Args:
         source: a Functional segmentation model.
         class_names: the student's classes. Defaults to None (the source's).
         name: name of the copy. Defaults to ``"<source name>_student"``.
+        dtype_policy: name of the copy's dtype policy. Defaults to None
+            (the source's layers' policies).
 
     Returns:
         A new ``keras.Model`` with the source weights, all layers trainable.
     """
-    student = keras.models.clone_model(source)
+    if dtype_policy is None:
+        student = keras.models.clone_model(source)
+    else:
+        config = keras.saving.serialize_keras_object(source)
+        _retype_config(config, dtype_policy)
+        student = keras.saving.deserialize_keras_object(config)
     student.set_weights(source.get_weights())
     for layer in student._flatten_layers(include_self=True):
         layer.trainable = True
@@ -813,38 +843,12 @@ def store_source_predictions(
 
 # Both domains' scores -----------------------------------------------------
 
-
-def _batches(data, batch_size):
-    """Yields (images, masks) numpy batches from a dataset or array pair."""
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        images, masks = data
-        for start in range(0, len(images), batch_size):
-            yield (
-                np.asarray(images[start : start + batch_size]),
-                np.asarray(masks[start : start + batch_size]),
-            )
-        return
-    for x, y in data:
-        if isinstance(x, dict):
-            x = x["images"]
-        yield np.asarray(x), np.asarray(y)
+#: Scores ``evaluate_domains`` can report per domain.
+_DOMAIN_SCORES = ("loss", "mean_iou", "pixel_accuracy")
 
 
-def _mean_iou(
-    model, data, num_classes, ignore_class, batch_size, class_map=None, label_map=None
-):
-    metric = klseg_metrics.MeanIoU(
-        num_classes, ignore_class=ignore_class, from_logits=False
-    )
-    for images, masks in _batches(data, batch_size):
-        logits = ops.cast(model.predict_on_batch(images), "float32")
-        log_probs = ops.log_softmax(logits, axis=-1)
-        log_probs = _apply_class_map(log_probs, class_map, num_classes)
-        probs = ops.softmax(log_probs, axis=-1)
-        if label_map is not None:
-            masks = map_labels(masks, label_map, ignore_class=ignore_class)
-        metric.update_state(masks.astype("int32"), probs)
-    return float(ops.convert_to_numpy(metric.result()))
+def _domain_key(domain, score):
+    return f"{domain}_{score}" if domain else score
 
 
 def evaluate_domains(
@@ -856,8 +860,15 @@ def evaluate_domains(
     ignore_class=None,
     batch_size=8,
     source_baseline=None,
+    scores=("mean_iou",),
+    forward=None,
 ):
-    """Mean IoU of the student on each domain, and the forgetting.
+    """Scores of the student on each domain, and the forgetting.
+
+    Every score comes from one confusion matrix per domain
+    (:func:`klseg.evaluation.evaluate`): exact over the whole data set,
+    independent of the batch size, with the documented rule for a class
+    absent from masks and predictions (left out of the mean).
 
     Args:
         model: a ``KLRegularizedModel`` (its student is scored) or a plain
@@ -875,71 +886,103 @@ def evaluate_domains(
         batch_size: batch size for array inputs. Defaults to 8.
         source_baseline: the source model's mean IoU on ``datasets["source"]``
             if already known (skips recomputing it).
+        scores: which of ``"loss"``, ``"mean_iou"``, ``"pixel_accuracy"`` to
+            report. Defaults to ``("mean_iou",)``.
+        forward: ``images -> logits`` of the student. Defaults to its
+            ``predict_on_batch``.
 
     Returns:
-        dict with ``"<domain>_mean_iou"`` per domain (fractions 0..1) and,
-        when a ``"source"`` domain and a source model are available,
+        dict with ``"<domain>_<score>"`` per domain and score (fractions
+        0..1; an empty domain name gives ``"<score>"``) and, when a
+        ``"source"`` domain and a source model are available,
         ``"source_model_mean_iou"`` (the baseline) and ``"forgetting"`` =
         baseline - student source mean IoU.
     """
+    from klseg import evaluation
+
+    for score in scores:
+        if score not in _DOMAIN_SCORES:
+            raise InvalidArgumentError(
+                f"`scores` must hold names from {_DOMAIN_SCORES}. "
+                f"Received: scores={scores!r}"
+            )
     student = getattr(model, "student", model)
     if isinstance(model, KLRegularizedModel):
         source_model = source_model if source_model is not None else model.source
         class_map = class_map if class_map is not None else model.class_map
         ignore_class = model.ignore_class if ignore_class is None else ignore_class
     ignore_class = 255 if ignore_class is None else ignore_class
-    num_classes = _check_segmentation_model(student, "student")
+    num_classes = klseg_models.check_segmentation_model(student, "student")
     if class_map is not None:
         if source_model is not None:
-            num_source = _check_segmentation_model(source_model, "source_model")
+            num_source = klseg_models.check_segmentation_model(
+                source_model, "source_model"
+            )
         elif isinstance(class_map, dict):
             num_source = max(int(k) for k in class_map) + 1
         else:
             num_source = len(class_map)
         class_map = _standardize_class_map(class_map, num_source, num_classes)
+
+    def label_map(masks):
+        return map_labels(masks, class_map, ignore_class=ignore_class)
+
     results = {}
     for domain, data in datasets.items():
-        label_map = class_map if domain == "source" else None
-        results[f"{domain}_mean_iou"] = _mean_iou(
+        found = evaluation.evaluate(
             student,
             data,
-            num_classes,
-            ignore_class,
-            batch_size,
-            label_map=label_map,
+            num_classes=num_classes,
+            ignore_value=ignore_class,
+            forward=forward,
+            label_map=label_map if domain == "source" and class_map else None,
+            batch_size=batch_size,
         )
+        for score in scores:
+            results[_domain_key(domain, score)] = found[score]
     if "source" in datasets and (
         source_model is not None or source_baseline is not None
     ):
         if source_baseline is None:
-            source_baseline = _mean_iou(
+
+            def mapped(images):
+                logits = ops.cast(source_model.predict_on_batch(images), "float32")
+                log_probs = ops.log_softmax(logits, axis=-1)
+                return _apply_class_map(log_probs, class_map, num_classes)
+
+            source_baseline = evaluation.evaluate(
                 source_model,
                 datasets["source"],
-                num_classes,
-                ignore_class,
-                batch_size,
-                class_map=class_map,
-                label_map=class_map,
-            )
+                num_classes=num_classes,
+                ignore_value=ignore_class,
+                forward=mapped,
+                label_map=label_map if class_map else None,
+                batch_size=batch_size,
+            )["mean_iou"]
         results["source_model_mean_iou"] = float(source_baseline)
-        results["forgetting"] = float(source_baseline) - results["source_mean_iou"]
+        results["forgetting"] = float(source_baseline) - results.get(
+            "source_mean_iou",
+            float("nan"),
+        )
     return results
 
 
 class DomainEvaluation(keras.callbacks.Callback):
-    """Adds both domains' validation mean IoU and the forgetting to the logs.
+    """Adds each domain's validation scores and the forgetting to the logs.
 
     At the end of every epoch this runs ``evaluate_domains`` and writes
-    ``val_<domain>_mean_iou`` for each domain and ``val_forgetting`` into
-    the epoch logs, so they appear in ``History`` and in every later
-    callback (CSVLogger, checkpoints monitoring them, ...). The source
-    model's score, computed once (at the first epoch end), is kept as
-    ``source_baseline``.
+    ``val_<domain>_<score>`` for each domain and score and
+    ``val_forgetting`` into the epoch logs, so they appear in ``History``
+    and in every later callback (CSVLogger, checkpoints monitoring them,
+    ...). The source model's score, computed once (at the first epoch end)
+    unless given, is kept as ``source_baseline``.
 
     Args:
         datasets: as for ``evaluate_domains``; re-iterated every epoch.
-        source_model, class_map, ignore_class, batch_size: as for
-            ``evaluate_domains``.
+        source_model, class_map, ignore_class, batch_size, scores, forward:
+            as for ``evaluate_domains``.
+        source_baseline: the source model's source-domain mean IoU, if
+            known. Defaults to None.
     """
 
     def __init__(
@@ -950,14 +993,19 @@ class DomainEvaluation(keras.callbacks.Callback):
         class_map=None,
         ignore_class=None,
         batch_size=8,
+        scores=("mean_iou",),
+        forward=None,
+        source_baseline=None,
     ):
         super().__init__()
-        self.datasets = dict(datasets)
+        self.datasets = {k: v for k, v in dict(datasets).items() if v is not None}
         self.source_model = source_model
         self.class_map = class_map
         self.ignore_class = ignore_class
         self.batch_size = batch_size
-        self.source_baseline = None
+        self.scores = tuple(scores)
+        self.forward = forward
+        self.source_baseline = source_baseline
         self.history = []
 
     def _evaluate(self):
@@ -969,6 +1017,8 @@ class DomainEvaluation(keras.callbacks.Callback):
             ignore_class=self.ignore_class,
             batch_size=self.batch_size,
             source_baseline=self.source_baseline,
+            scores=self.scores,
+            forward=self.forward,
         )
 
     def on_epoch_end(self, epoch, logs=None):

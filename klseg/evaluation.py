@@ -1,0 +1,209 @@
+"""The one evaluation path: confusion counts, then every score from them.
+
+Per-epoch validation, ``klseg evaluate``, ``klseg.finetune.evaluate_domains``
+and the reports all count a ``(C, C)`` confusion matrix (rows: truth,
+columns: prediction) over the whole data set in 64-bit integers, together
+with the summed cross-entropy, and derive the scores from those counts alone
+with :func:`scores`:
+
+- ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``;
+- a class that appears neither in the masks nor in the predictions (empty
+  union) has no IoU: it is reported as ``None`` and left out of the mean;
+- ``mean_iou`` is the mean of the defined ``IoU_c``; with no valid pixel at
+  all it is undefined (NaN, written ``null`` in JSON);
+- ``pixel_accuracy = sum_c TP_c / valid pixels``;
+- ``loss`` is the cross-entropy, mean over valid pixels (computed in float64
+  from the logits: equal to ``klseg.losses.SparseKLDivergence`` without label
+  smoothing).
+
+Valid pixels are those whose mask value is in ``0..C-1`` and is not the
+ignore value. The scores do not depend on the batch size or the order of
+batches (exact integer counts, float64 sums).
+
+``klseg.metrics.MeanIoU`` follows the same absent-class rule inside
+``fit``; it returns 0 rather than NaN when nothing was seen, as Keras
+metrics do.
+
+NumPy and ``keras.ops`` only: it runs on every Keras backend.
+"""
+
+import numpy as np
+
+__all__ = ["ConfusionCounts", "evaluate", "iterate_batches", "scores"]
+
+
+def iterate_batches(data, batch_size=8):
+    """``(images, masks)`` numpy batches from a dataset or an array pair.
+
+    Args:
+        data: a ``tf.data.Dataset`` (or any iterable) of ``(images, masks)``
+            batches, where ``images`` may be a dict holding ``"images"``; or
+            a pair ``(images, masks)`` of arrays, cut into ``batch_size``.
+        batch_size: batch size for an array pair. Defaults to 8.
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images, masks = data
+        for start in range(0, len(images), batch_size):
+            yield (
+                np.asarray(images[start : start + batch_size]),
+                np.asarray(masks[start : start + batch_size]),
+            )
+        return
+    for x, y in data:
+        if isinstance(x, dict):
+            x = x["images"]
+        yield np.asarray(x), np.asarray(y)
+
+
+class ConfusionCounts:
+    """A running confusion matrix and cross-entropy sum over many batches.
+
+    Args:
+        num_classes: number of classes ``C``.
+        ignore_value: mask value left out. Defaults to 255.
+    """
+
+    def __init__(self, num_classes, ignore_value=255):
+        self.num_classes = int(num_classes)
+        self.ignore_value = ignore_value
+        self.confusion = np.zeros((self.num_classes,) * 2, dtype=np.int64)
+        self.loss_sum = 0.0
+        self.num_images = 0
+
+    def update(self, masks, logits):
+        """Add one batch: ``masks`` (B, H, W) integers, ``logits`` (B, H, W, C).
+
+        ``logits`` may be log-probabilities (the cross-entropy is taken after
+        a log-softmax, which leaves log-probabilities unchanged).
+        """
+        c = self.num_classes
+        logits = np.asarray(logits, dtype=np.float64)
+        masks = np.asarray(masks).astype(np.int64)
+        if logits.shape[:-1] != masks.shape or logits.shape[-1] != c:
+            raise ValueError(
+                f"masks of shape {masks.shape} do not fit logits of shape "
+                f"{logits.shape} with {c} classes."
+            )
+        valid = (masks >= 0) & (masks < c)
+        if self.ignore_value is not None:
+            valid &= masks != self.ignore_value
+        labels = masks[valid]
+        scores_ = logits[valid]
+        predicted = scores_.argmax(axis=-1)
+        self.confusion += np.bincount(labels * c + predicted, minlength=c * c).reshape(
+            c, c
+        )
+        if len(labels):
+            shifted = scores_ - scores_.max(axis=-1, keepdims=True)
+            log_norm = np.log(np.exp(shifted).sum(axis=-1))
+            picked = shifted[np.arange(len(labels)), labels]
+            self.loss_sum += float((log_norm - picked).sum())
+        self.num_images += int(masks.shape[0])
+
+    def result(self, class_names=None):
+        """The scores of everything added so far (see :func:`scores`)."""
+        return scores(
+            self.confusion,
+            loss_sum=self.loss_sum,
+            class_names=class_names,
+            num_images=self.num_images,
+        )
+
+
+def scores(confusion, *, loss_sum=None, class_names=None, num_images=None):
+    """Every score from a ``(C, C)`` confusion matrix (rows: truth).
+
+    Args:
+        confusion: integer (or exact float) counts.
+        loss_sum: summed cross-entropy over the counted pixels, or None.
+        class_names: names for ``per_class_iou``. Defaults to ``class_i``.
+        num_images: passed through as ``num_images`` when given.
+
+    Returns:
+        ``{"loss", "mean_iou", "pixel_accuracy", "per_class_iou": {name: IoU
+        or None for a class absent from masks and predictions}}`` (plus
+        ``"num_images"``). Undefined values (no valid pixel) are NaN.
+
+    Example:
+
+    >>> s = scores(np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
+    >>> round(s["mean_iou"], 4), s["per_class_iou"]["class_2"]
+    (0.6875, None)
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    num_classes = confusion.shape[0]
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    valid = confusion.sum()
+    names = (
+        [str(n) for n in class_names]
+        if class_names is not None
+        else [f"class_{i}" for i in range(num_classes)]
+    )
+    if len(names) != num_classes:
+        raise ValueError(
+            f"class_names has {len(names)} names for {num_classes} classes. "
+            f"Received: class_names={names}"
+        )
+    result = {
+        "loss": (loss_sum / valid if valid else float("nan"))
+        if loss_sum is not None
+        else None,
+        "mean_iou": float(iou[present].mean()) if present.any() else float("nan"),
+        "pixel_accuracy": float(tp.sum() / valid) if valid else float("nan"),
+        "per_class_iou": {
+            n: (float(v) if p else None) for n, v, p in zip(names, iou, present)
+        },
+    }
+    if loss_sum is None:
+        del result["loss"]
+    if num_images is not None:
+        result["num_images"] = int(num_images)
+    return result
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    num_classes,
+    ignore_value=255,
+    class_names=None,
+    forward=None,
+    label_map=None,
+    batch_size=8,
+):
+    """Loss, mean IoU, pixel accuracy and per-class IoU of a model on a data set.
+
+    Args:
+        model: a model mapping uint8 images to per-pixel logits; only called
+            through ``forward`` when that is given.
+        data: batches or an array pair (see :func:`iterate_batches`).
+        num_classes: number of classes of the (mapped) predictions.
+        ignore_value: mask value left out. Defaults to 255.
+        class_names: names for ``per_class_iou``. Defaults to ``class_i``.
+        forward: ``images -> logits or log-probabilities``. Defaults to
+            ``model.predict_on_batch`` (Keras' compiled predict function).
+        label_map: optional ``masks -> masks`` callable, or a lookup table
+            indexed by mask value, applied to the masks first (e.g. source
+            classes to target classes).
+        batch_size: batch size for an array pair. Defaults to 8.
+
+    Returns:
+        The :func:`scores` dict with ``"num_images"``.
+    """
+    import keras
+
+    forward = forward or model.predict_on_batch
+    counts = ConfusionCounts(num_classes, ignore_value)
+    if label_map is not None and not callable(label_map):
+        table = np.asarray(label_map)
+        label_map = lambda masks: table[np.asarray(masks).astype(np.int64)]  # noqa: E731
+    for images, masks in iterate_batches(data, batch_size):
+        logits = keras.ops.convert_to_numpy(forward(images))
+        if label_map is not None:
+            masks = label_map(masks)
+        counts.update(masks, logits)
+    return counts.result(class_names)

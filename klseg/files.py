@@ -1,0 +1,169 @@
+"""Atomic writers: every file klseg writes that a later step relies on.
+
+Each writer writes to a temporary name in the destination folder and renames
+it into place, so an interruption leaves either the old file or the new one,
+never half of one. Files and folders get the permissions an ordinary
+``open``/``mkdir`` would give them under the process umask (``tempfile``
+alone would make them 0600 / 0700).
+
+Standard library only at import; numpy, Pillow and PyYAML load on first use.
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "atomic_write_text",
+    "clean_json",
+    "make_temp_dir",
+    "read_yaml",
+    "replace_dir",
+    "save_model",
+    "write_json",
+    "write_png",
+    "write_yaml",
+    "yaml_text",
+]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fix_mode(path, *, folder=False):
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def _temporary_file(path):
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fix_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    with _temporary_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def clean_json(value):
+    """``value`` with NaN/inf as ``None`` (JSON has no NaN), tuples and paths
+    as lists and strings, and numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path, data):
+    """Write ``data`` as indented JSON (atomically); NaN is written as null."""
+    return atomic_write_text(path, json.dumps(clean_json(data), indent=2) + "\n")
+
+
+def yaml_text(data):
+    """``data`` as block-style YAML in the given key order."""
+    import yaml
+
+    return yaml.safe_dump(clean_json(data), sort_keys=False, default_flow_style=None)
+
+
+def write_yaml(path, data):
+    """Write ``data`` as YAML (atomically)."""
+    return atomic_write_text(path, yaml_text(data))
+
+
+def read_yaml(path):
+    """The mapping in a YAML file (``{}`` for an empty file)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def write_png(path, array, palette=None):
+    """Write a uint8 array as PNG (atomically); with ``palette`` as an index
+    image whose values stay the class indices (colours are for viewers)."""
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    if palette is not None:
+        flat = [int(c) for rgb in palette for c in rgb]
+        image.putpalette(flat + [0] * (768 - len(flat)))
+    with _temporary_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_model(model, path):
+    """``model.save(path)`` for a ``.keras`` path, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    try:
+        model.save(tmp)
+        _fix_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def make_temp_dir(parent, prefix):
+    """A new hidden folder in ``parent`` with umask permissions (not 0700),
+    to be renamed into place when complete."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _fix_mode(path, folder=True)
+    return path
+
+
+def replace_dir(new, path):
+    """Move the complete folder ``new`` to ``path``, replacing a folder there.
+
+    The old folder is moved aside first and deleted only once the new one is
+    in place, so a failure leaves the old one. ``new`` and ``path`` must be
+    on the same file system (create ``new`` with :func:`make_temp_dir` in
+    ``path``'s parent).
+    """
+    new, path = Path(new), Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return path
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    try:
+        os.replace(path, aside / "old")
+        try:
+            os.replace(new, path)
+        except OSError:
+            os.replace(aside / "old", path)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return path

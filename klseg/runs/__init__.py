@@ -1,0 +1,114 @@
+"""The jobs behind the ``klseg`` commands, callable from Python.
+
+Each command of the command line builds one config object and calls one
+function here; a Python user can do the same::
+
+    from klseg import runs
+
+    result = runs.train(runs.TrainConfig(
+        data="data/source/train", val_data="data/source/val",
+        output="runs/source", epochs=10))
+    result.metrics["val"]["mean_iou"]
+
+The engine, one module per role (each imports only the ones listed before
+it, and the klseg library):
+
+- ``config``: the config objects, their choices and defaults (standard
+  library only);
+- ``results``: what the jobs return, and the printed tables;
+- ``folder``: the one output-folder policy (markers; klseg replaces only
+  what it wrote; inputs are never outputs);
+- ``checkpoint``: the one checkpoint format (resume);
+- ``runtime``: strategies, precision, optimizer, interrupts;
+- ``inputs``: the one model loader and the checked data loading;
+- ``evaluation``: every score through ``klseg.evaluation``;
+- ``callbacks``: the Keras callbacks of a run (NaN stop, interrupts,
+  checkpoints, TensorBoard scalars);
+- ``fit``: the fit sequence shared by ``train`` and ``finetune``;
+- the jobs: ``train``, ``finetune`` (with ``classmaps``), ``sweep``,
+  ``evaluate``, ``predict``, ``export``, ``synth``, ``demo``.
+
+Importing ``klseg.runs`` loads only ``config`` and ``results``; the jobs
+(which import Keras) load on first use.
+"""
+
+import importlib
+
+from klseg.runs.config import (
+    DemoConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FinetuneConfig,
+    PredictConfig,
+    SynthConfig,
+    TrainConfig,
+)
+from klseg.runs.results import (
+    DemoResult,
+    PathResult,
+    PredictResult,
+    RunResult,
+    SweepResult,
+    format_domain_table,
+    format_metrics,
+)
+
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "EvaluateConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "PathResult",
+    "PredictConfig",
+    "PredictResult",
+    "RunFolder",
+    "RunResult",
+    "SweepResult",
+    "SynthConfig",
+    "TrainConfig",
+    "demo",
+    "evaluate",
+    "evaluate_model",
+    "export",
+    "finetune",
+    "format_domain_table",
+    "format_metrics",
+    "load_model",
+    "make_strategy",
+    "predict",
+    "predict_image",
+    "synth_data",
+    "train",
+]
+
+_LAZY = {
+    "RunFolder": ("klseg.runs.folder", "RunFolder"),
+    "demo": ("klseg.runs.demo", "demo"),
+    "evaluate": ("klseg.runs.evaluate", "evaluate"),
+    "evaluate_model": ("klseg.runs.evaluation", "evaluate_model"),
+    "export": ("klseg.runs.export", "export"),
+    "finetune": ("klseg.runs.finetune", "finetune"),
+    "load_model": ("klseg.runs.inputs", "load_model"),
+    "make_strategy": ("klseg.runs.runtime", "make_strategy"),
+    "predict": ("klseg.runs.predict", "predict"),
+    "predict_image": ("klseg.runs.predict", "predict_image"),
+    "synth_data": ("klseg.runs.synth", "synth_data"),
+    "train": ("klseg.runs.train", "train"),
+    # Older private names, kept for code that used them.
+    "_lower_is_better": ("klseg.runs.callbacks", "lower_is_better"),
+    "_yaml_dump": ("klseg.files", "yaml_text"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'klseg.runs' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

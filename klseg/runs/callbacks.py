@@ -1,0 +1,206 @@
+"""Keras callbacks of the training jobs.
+
+Validation is ``klseg.finetune.DomainEvaluation`` (the one validation
+callback; see :func:`validation`); it runs before :class:`RunCheckpoint`, so
+the scores it adds to the epoch logs reach the checkpoint, the history file
+and :class:`EpochScalars`. :class:`StopOnNonFinite` and :class:`StopOnInterrupt`
+raise from the batch in which the problem appears, before any epoch-end
+callback can save a checkpoint or a "best" model from it.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import keras
+
+from klseg import errors
+from klseg.files import save_model
+from klseg.runs import runtime
+from klseg.runs.checkpoint import save_checkpoint, to_numpy
+from klseg.runs.evaluation import inference_function
+
+__all__ = [
+    "EpochScalars",
+    "RunCheckpoint",
+    "StopOnInterrupt",
+    "StopOnNonFinite",
+    "lower_is_better",
+    "validation",
+]
+
+
+def lower_is_better(monitor):
+    """Losses and the forgetting improve downwards; everything else upwards."""
+    return monitor.endswith("loss") or monitor.endswith("forgetting")
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Best model by ``monitor`` plus a resumable checkpoint every epoch.
+
+    ``model.keras`` is replaced only by an epoch whose monitored value is
+    finite and better than every earlier one.
+    """
+
+    def __init__(self, run, monitor, *, save_model, state, seed):
+        super().__init__()
+        self.run = run
+        self.monitor = monitor
+        self.save_model = save_model
+        self.best = state.get("best") if state else None
+        self.best_epoch = state.get("best_epoch") if state else None
+        self.seed = seed
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            names = ", ".join(sorted(logs)) or "none"
+            raise errors.RunError(
+                f"monitor {self.monitor!r} is not a history column. Columns: {names}."
+            )
+        value = float(logs[self.monitor])
+        if lower_is_better(self.monitor):
+            better = self.best is None or value < self.best
+        else:
+            better = self.best is None or value > self.best
+        if math.isfinite(value) and better:
+            self.best, self.best_epoch = value, epoch + 1
+            save_model(self.save_model, self.run.model)
+        state = {
+            "epoch": epoch + 1,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "monitor": self.monitor,
+            "seed": self.seed,
+            "optimizer_iterations": int(to_numpy(self.model.optimizer.iterations)),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        save_checkpoint(self.run, self.model, self.model.optimizer, state)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stop at the first batch whose loss is NaN or infinite.
+
+    Raises ``klseg.errors.TrainingDiverged`` naming the epoch and the step,
+    so the epoch is never completed: no checkpoint and no "best" model come
+    from it, and the last good checkpoint stays in place.
+
+    Every log entry whose name ends in ``loss`` is checked.
+
+    Args:
+        hint: sentence appended to the message (what to try).
+        steps: steps per epoch, for the message. Defaults to None.
+    """
+
+    def __init__(self, hint="", steps=None):
+        super().__init__()
+        self.hint = hint
+        self.steps = steps
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key, value in (logs or {}).items():
+            if not key.endswith("loss"):
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(value):
+                of = f" of {self.steps}" if self.steps else ""
+                raise errors.TrainingDiverged(
+                    f"training diverged: {key} became {value} at epoch "
+                    f"{self.epoch + 1}, step {batch + 1}{of}. {self.hint}",
+                    epoch=self.epoch + 1,
+                    step=batch + 1,
+                )
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Raise ``KeyboardInterrupt`` at the next batch after a Ctrl-C that an
+    interrupt handler (:func:`klseg.runs.runtime.interrupt_handler`) caught
+    but that got lost inside library code (for example a garbage-collection
+    callback, where Python ignores exceptions)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        runtime.raise_if_interrupted()
+
+    on_test_batch_end = on_predict_batch_end = on_train_batch_end
+
+    def on_epoch_end(self, epoch, logs=None):
+        runtime.raise_if_interrupted()
+
+
+class EpochScalars(keras.callbacks.Callback):
+    """Per-epoch TensorBoard scalars (``train/`` and ``validation/``).
+
+    Written with ``tf.summary.write``, which needs no ``tensorboard``
+    package (``pip install tensorboard`` to view the logs).
+    """
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self._writers = {}
+
+    def _writer(self, name):
+        import tensorflow as tf
+
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(
+                str(self.log_dir / name)
+            )
+        return self._writers[name]
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        metadata = summary_pb2.SummaryMetadata()
+        metadata.plugin_data.plugin_name = "scalars"
+        for key, value in (logs or {}).items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if key.startswith("val_"):
+                group, tag = "validation", key[4:]
+            else:
+                group, tag = "train", key
+            with self._writer(group).as_default():
+                tf.summary.write(
+                    f"epoch_{tag}",
+                    tf.constant(value, tf.float32),
+                    step=epoch,
+                    metadata=metadata,
+                )
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+
+def validation(datasets, *, eval_model, ignore_value, baseline=None):
+    """The per-epoch validation callback of a run.
+
+    Adds ``val_{domain}_loss``, ``val_{domain}_mean_iou`` and
+    ``val_{domain}_pixel_accuracy`` for each ``{domain: dataset}`` (``""``
+    gives ``val_loss``, ...), computed on the whole set through the one
+    evaluation path, and ``val_forgetting`` when a source-domain
+    ``baseline`` mean IoU is given.
+    """
+    from klseg.finetune import DomainEvaluation
+
+    return DomainEvaluation(
+        datasets,
+        ignore_class=ignore_value,
+        scores=("loss", "mean_iou", "pixel_accuracy"),
+        forward=inference_function(eval_model),
+        source_baseline=baseline,
+    )

@@ -1,0 +1,594 @@
+"""Config objects of the jobs, their choices and defaults.
+
+Standard library only: the command line reads its choices and defaults from
+here (and from :mod:`klseg.registry`) without importing Keras or TensorFlow.
+Every field is checked when the object is made: a value of the wrong type,
+a non-finite or out-of-range number or an unknown choice raises
+``klseg.errors.InvalidArgumentError`` naming the field and the value.
+"""
+
+import dataclasses
+import math
+import os
+
+from klseg import errors
+from klseg.registry import BACKBONES, MODELS
+
+__all__ = [
+    "AUGMENT",
+    "BACKBONES",
+    "DEMO_PRESETS",
+    "KL_INPUTS",
+    "MIXED_PRECISION",
+    "MODELS",
+    "SOURCE_PREDICTIONS",
+    "STRATEGIES",
+    "STUDENT_BN",
+    "DemoConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "PredictConfig",
+    "SynthConfig",
+    "TrainConfig",
+]
+
+STRATEGIES = ("default", "mirrored", "multi-worker")
+MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
+AUGMENT = ("none", "light", "strong")
+KL_INPUTS = ("auto", "target", "source", "both")
+STUDENT_BN = ("trainable", "frozen")
+SOURCE_PREDICTIONS = ("live", "stored")
+
+#: Temperatures of the KL term a run accepts (both ends included).
+TEMPERATURE_RANGE = (0.05, 100.0)
+
+#: Adam learning rate of each job when none is given.
+DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4}
+
+# Fields that do not change what a run computes: a resumed run may differ
+# from the saved config in these.
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "resume", "overwrite", "verbose", "output", "strategy", "jit"}
+)
+# Fields not written to config.yaml (how a run was invoked, not what it is).
+_NOT_SAVED = frozenset({"resume", "overwrite", "verbose"})
+
+
+def _fail(message):
+    raise errors.InvalidArgumentError(message)
+
+
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        _fail(
+            f"{name} must be one of {', '.join(map(str, choices))}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _check_int(name, value, *, minimum=None, maximum=None, allow_none=False):
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        if minimum == 1 and maximum is None:
+            what = "a positive integer"
+        elif minimum is not None and maximum is not None:
+            what = f"an integer in {minimum}..{maximum}"
+        elif minimum is not None:
+            what = f"an integer >= {minimum}"
+        else:
+            what = "an integer"
+        _fail(f"{name} must be {what}. Received: {name}={value!r}")
+
+
+def _check_positive(name, value, *, allow_none=False, integer=True):
+    if integer:
+        _check_int(name, value, minimum=1, allow_none=allow_none)
+    else:
+        _check_number(name, value, minimum=0, open_min=True, allow_none=allow_none)
+
+
+def _check_number(
+    name, value, *, minimum=None, open_min=False, maximum=None, allow_none=False
+):
+    """A finite int or float within the bounds (NaN and inf are refused)."""
+    if value is None and allow_none:
+        return
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (minimum is None or value > minimum or (value == minimum and not open_min))
+        and (maximum is None or value <= maximum)
+    )
+    if not ok:
+        bounds = []
+        if minimum is not None:
+            bounds.append(f"{'>' if open_min else '>='} {minimum:g}")
+        if maximum is not None:
+            bounds.append(f"<= {maximum:g}")
+        what = " and ".join(bounds)
+        _fail(
+            f"{name} must be a finite number{' ' + what if what else ''}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _check_path(name, value, *, allow_none=True):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        _fail(f"{name} must be a path (a string). Received: {name}={value!r}")
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        _fail(f"{name} must be True or False. Received: {name}={value!r}")
+
+
+def _check_names(name, value):
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        _fail(f"{name} must be a list of names. Received: {name}={value!r}")
+    names = tuple(str(c) for c in value)
+    if not names:
+        _fail(f"{name} must not be empty. Received: {name}=()")
+    if len(set(names)) != len(names):
+        _fail(f"{name} repeats a name. Received: {name}={value!r}")
+    return names
+
+
+def _check_model_source(name, value):
+    """A path to a .keras file, or a keras.Model (checked when loaded)."""
+    if value is None or (isinstance(value, (str, os.PathLike)) and not str(value)):
+        return False
+    if isinstance(value, (bool, int, float, list, tuple, dict)):
+        _fail(
+            f"{name} must be a .keras path or a keras.Model. Received: {name}={value!r}"
+        )
+    return True
+
+
+@dataclasses.dataclass
+class _RunOptions:
+    """Options shared by the training jobs (``train``, ``finetune``)."""
+
+    output: str | None = None
+    image_size: int = 128
+    epochs: int = 20
+    batch_size: int = 8
+    learning_rate: float | None = None
+    augment: str = "light"
+    ignore_value: int = 255
+    class_map: str | None = None
+    monitor: str = "auto"
+    seed: int = 0
+    strategy: str = "default"
+    jit: bool = False
+    mixed_precision: str = "off"
+    resume: bool = False
+    overwrite: bool = False
+    verbose: int = 1
+
+    def _check_run_options(self):
+        if not self.output:
+            _fail("output must name the run folder to write. Received: output=None")
+        _check_path("output", self.output)
+        _check_int("image_size", self.image_size, minimum=8)
+        _check_positive("epochs", self.epochs)
+        _check_positive("batch_size", self.batch_size)
+        _check_number(
+            "learning_rate",
+            self.learning_rate,
+            minimum=0,
+            open_min=True,
+            maximum=10,
+            allow_none=True,
+        )
+        _check_path("class_map", self.class_map)
+        if not isinstance(self.monitor, str) or not self.monitor:
+            _fail(f"monitor must be a history column name. Received: {self.monitor!r}")
+        _check_int("seed", self.seed)
+        _check_int("verbose", self.verbose, minimum=0)
+        for name in ("jit", "resume", "overwrite"):
+            _check_flag(name, getattr(self, name))
+        _check_choice("augment", self.augment, AUGMENT)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        if self.mixed_precision is True:
+            self.mixed_precision = "auto"
+        elif self.mixed_precision in (False, None):
+            self.mixed_precision = "off"
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
+        if self.jit and self.strategy != "default":
+            _fail(
+                f"jit cannot be combined with strategy={self.strategy!r}: XLA "
+                "compilation of a distributed training step fails on "
+                "TensorFlow 2.21 (a resource on one device is read from "
+                "another). Drop --jit, or use --strategy default. "
+                f"Received: jit=True, strategy={self.strategy!r}"
+            )
+        if self.resume and self.overwrite:
+            _fail("resume and overwrite exclude each other. Received both=True")
+
+    def to_dict(self):
+        """The options as saved in ``config.yaml`` (invocation flags left out)."""
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()
+            if k not in _NOT_SAVED
+        }
+
+
+@dataclasses.dataclass
+class TrainConfig(_RunOptions):
+    """Options of :func:`train` (``klseg train``).
+
+    Attributes:
+        data: labelled training folder (``images/`` + ``masks/``) or
+            ``tfds:NAME[:SPLIT]``.
+        val_data: labelled validation folder or spec.
+        model: ``"unet"`` or ``"deeplabv3_plus"``.
+        backbone, base_filters, depth: passed to the model builder when set.
+        num_classes: number of classes; ``None`` reads it from the data
+            (a ``classes.json`` in the data folder or above it, else the
+            largest mask value + 1).
+        class_names: names stored in the model; ``None`` reads them from a
+            ``classes.json`` like ``num_classes``, else ``class_0``, ...
+        learning_rate: Adam learning rate. ``None`` means 1e-3.
+        monitor: history column whose highest value picks ``model.keras``;
+            ``"auto"`` is ``val_mean_iou``.
+        Others: see :class:`FinetuneConfig` and the command line help.
+    """
+
+    data: str | None = None
+    val_data: str | None = None
+    model: str = "unet"
+    backbone: str | None = None
+    base_filters: int | None = None
+    depth: int | None = None
+    num_classes: int | None = None
+    class_names: tuple | None = None
+
+    def __post_init__(self):
+        self._check_run_options()
+        if not self.data or not self.val_data:
+            _fail(
+                "train needs data and val_data. "
+                f"Received: data={self.data!r}, val_data={self.val_data!r}"
+            )
+        _check_path("data", self.data)
+        _check_path("val_data", self.val_data)
+        _check_choice("model", self.model, MODELS)
+        if self.backbone is not None:
+            _check_choice("backbone", self.backbone, BACKBONES)
+        _check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
+        _check_positive("base_filters", self.base_filters, allow_none=True)
+        _check_int("depth", self.depth, minimum=1, maximum=6, allow_none=True)
+        self.class_names = _check_names("class_names", self.class_names)
+
+
+@dataclasses.dataclass
+class FinetuneConfig(_RunOptions):
+    """Options of :func:`finetune` (``klseg finetune``).
+
+    Attributes:
+        source: the source model file (``.keras``).
+        data: labelled target-domain training folder.
+        val_data: labelled target-domain validation folder.
+        unlabeled_data: unlabelled target-domain images; the KL term sees
+            them, the task loss does not.
+        source_val_data: labelled source-domain validation folder; gives the
+            source-domain mIoU (what fine-tuning keeps or forgets).
+        source_images: unlabelled source-domain images for the KL term.
+        kl_weight: one weight, or several (a sweep: one run per weight in
+            ``OUTPUT/kl_W/`` and a trade-off plot). ``0`` is plain
+            fine-tuning. ``None`` uses the library default.
+        temperature: softmax temperature of the KL term. ``None`` uses the
+            library default.
+        kl_inputs: ``"target"``, ``"source"``, ``"both"`` or ``"auto"``
+            (``"source"`` when ``source_images`` is given, else
+            ``"target"``).
+        student_bn: ``"trainable"`` or ``"frozen"`` BatchNorm statistics.
+        source_predictions: ``"live"`` (source model run each step) or
+            ``"stored"`` (computed once).
+        class_names: the fine-tuned model's classes when they differ from
+            the source model's; the student gets a new head for them and
+            the KL term maps the source classes onto them. ``None`` keeps
+            the source model's classes (or, with ``source_class_map``,
+            takes them from the target data's class map / ``classes.json``).
+        source_class_map: JSON file ``{"merge": {source name: target name},
+            "drop": [source names]}`` saying where the source classes that
+            are not target classes go (see
+            ``klseg.finetune.make_class_map``). When the classes change,
+            ``class_map`` (mask values) applies to the target folders only;
+            ``source_val_data`` is read in the source model's classes and
+            mapped with this map (dropped classes are ignored).
+        learning_rate: Adam learning rate. ``None`` means 1e-4.
+        monitor: history column that picks ``model.keras``; ``"auto"`` is
+            the target-domain validation mIoU.
+    """
+
+    source: str | None = None
+    data: str | None = None
+    val_data: str | None = None
+    unlabeled_data: str | None = None
+    source_val_data: str | None = None
+    source_images: str | None = None
+    kl_weight: tuple | float | None = None
+    temperature: float | None = None
+    kl_inputs: str = "auto"
+    student_bn: str = "trainable"
+    source_predictions: str = "live"
+    class_names: tuple | None = None
+    source_class_map: str | None = None
+
+    def __post_init__(self):
+        self._check_run_options()
+        self.class_names = _check_names("class_names", self.class_names)
+        if not self.source or not self.data or not self.val_data:
+            _fail(
+                "finetune needs source, data and val_data. Received: "
+                f"source={self.source!r}, data={self.data!r}, "
+                f"val_data={self.val_data!r}"
+            )
+        _check_model_source("source", self.source)
+        for name in (
+            "data",
+            "val_data",
+            "unlabeled_data",
+            "source_val_data",
+            "source_images",
+            "source_class_map",
+        ):
+            _check_path(name, getattr(self, name))
+        if self.kl_weight is not None:
+            weights = (
+                tuple(self.kl_weight)
+                if isinstance(self.kl_weight, (list, tuple))
+                else (self.kl_weight,)
+            )
+            for w in weights:
+                if (
+                    isinstance(w, bool)
+                    or not isinstance(w, (int, float))
+                    or not math.isfinite(w)
+                    or w < 0
+                ):
+                    _fail(
+                        "kl_weight must be a number >= 0 or a list of them. "
+                        f"Received: kl_weight={self.kl_weight!r}"
+                    )
+            if not weights:
+                _fail("kl_weight must not be an empty list. Received: kl_weight=()")
+            self.kl_weight = tuple(float(w) for w in weights)
+        _check_number(
+            "temperature",
+            self.temperature,
+            minimum=TEMPERATURE_RANGE[0],
+            maximum=TEMPERATURE_RANGE[1],
+            allow_none=True,
+        )
+        _check_choice("kl_inputs", self.kl_inputs, KL_INPUTS)
+        if self.kl_inputs in ("source", "both") and not self.source_images:
+            _fail(
+                f"kl_inputs={self.kl_inputs!r} needs source_images (a folder of "
+                "unlabelled source-domain images). Received: source_images=None"
+            )
+        _check_choice("student_bn", self.student_bn, STUDENT_BN)
+        _check_choice("source_predictions", self.source_predictions, SOURCE_PREDICTIONS)
+
+    @property
+    def is_sweep(self):
+        return self.kl_weight is not None and len(self.kl_weight) > 1
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Options of :func:`evaluate` (``klseg evaluate``).
+
+    ``model`` is a ``.keras`` path or a ``keras.Model``; ``image_size``
+    ``None`` uses the training size saved next to the model (its run's
+    ``config.yaml``), else 256. ``output`` optionally names a JSON file.
+    """
+
+    model: object = None
+    data: str | None = None
+    image_size: int | None = None
+    batch_size: int = 8
+    ignore_value: int = 255
+    class_map: str | None = None
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.model is None or not self.data:
+            _fail(
+                "evaluate needs model and data. "
+                f"Received: model={self.model!r}, data={self.data!r}"
+            )
+        _check_model_source("model", self.model)
+        _check_path("data", self.data)
+        _check_path("class_map", self.class_map)
+        _check_path("output", self.output)
+        _check_int("image_size", self.image_size, minimum=8, allow_none=True)
+        _check_positive("batch_size", self.batch_size)
+        _check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Options of :func:`predict` (``klseg predict``).
+
+    ``image_size`` ``None`` predicts each image at its own size (padded to
+    the model's size multiple inside and cropped back).
+    """
+
+    model: object = None
+    images: str | None = None
+    output: str | None = None
+    overlay: bool = True
+    alpha: float = 0.5
+    image_size: int | None = None
+    overwrite: bool = False
+    verbose: int = 1
+
+    def __post_init__(self):
+        if self.model is None or not self.images or not self.output:
+            _fail(
+                "predict needs model, images and output. Received: "
+                f"model={self.model!r}, images={self.images!r}, "
+                f"output={self.output!r}"
+            )
+        _check_model_source("model", self.model)
+        _check_path("images", self.images)
+        _check_path("output", self.output)
+        _check_int("image_size", self.image_size, minimum=8, allow_none=True)
+        _check_number("alpha", self.alpha, minimum=0, maximum=1)
+        _check_flag("overlay", self.overlay)
+        _check_flag("overwrite", self.overwrite)
+        _check_int("verbose", self.verbose, minimum=0)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Options of :func:`export` (``klseg export``)."""
+
+    model: object = None
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.model is None or not self.output:
+            _fail(
+                "export needs model and output. "
+                f"Received: model={self.model!r}, output={self.output!r}"
+            )
+        _check_model_source("model", self.model)
+        _check_path("output", self.output)
+        _check_flag("overwrite", self.overwrite)
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """Options of :func:`synth_data` (``klseg data synth``)."""
+
+    output: str | None = None
+    image_size: int = 64
+    num_train: int = 160
+    num_val: int = 64
+    num_unlabeled: int = 160
+    num_target_train: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.output:
+            _fail("synth needs output. Received: output=None")
+        _check_path("output", self.output)
+        _check_int("image_size", self.image_size, minimum=16)
+        _check_positive("num_train", self.num_train)
+        _check_positive("num_val", self.num_val)
+        _check_int("num_unlabeled", self.num_unlabeled, minimum=0)
+        _check_positive("num_target_train", self.num_target_train, allow_none=True)
+        _check_int("seed", self.seed)
+        _check_flag("overwrite", self.overwrite)
+
+
+#: Demo settings. "full" is the README's demo (minutes on 2 CPU cores);
+#: "quick" checks the set-up in seconds (its numbers mean nothing).
+DEMO_PRESETS = {
+    "full": {
+        "image_size": 64,
+        "num_train": 192,
+        "num_target_train": 32,
+        "num_val": 48,
+        "num_unlabeled": 128,
+        "base_filters": 16,
+        "depth": 3,
+        "batch_size": 16,
+        "source_epochs": 12,
+        "source_learning_rate": 2e-3,
+        "finetune_batch_size": 8,
+        "finetune_epochs": 20,
+        "finetune_learning_rate": 1e-3,
+        "kl_weight": 0.3,
+        "temperature": 2.0,
+    },
+    "quick": {
+        "image_size": 32,
+        "num_train": 8,
+        "num_target_train": 4,
+        "num_val": 4,
+        "num_unlabeled": 8,
+        "base_filters": 4,
+        "depth": 2,
+        "batch_size": 4,
+        "source_epochs": 1,
+        "source_learning_rate": 2e-3,
+        "finetune_batch_size": 4,
+        "finetune_epochs": 1,
+        "finetune_learning_rate": 1e-3,
+        "kl_weight": 0.3,
+        "temperature": 2.0,
+    },
+}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Options of :func:`demo` (``klseg demo``).
+
+    Attributes:
+        output: folder for the data, the runs, the report and the export.
+        quick: the tiny preset (seconds; checks the set-up only).
+        image_size, num_train, source_epochs, finetune_epochs, kl_weight:
+            override the preset (see ``DEMO_PRESETS``).
+        seed: seed of the data and the training runs.
+        overwrite: replace an earlier demo in ``output``.
+        verbose: 0 for no progress bars.
+    """
+
+    output: str = "klseg-demo"
+    quick: bool = False
+    image_size: int | None = None
+    num_train: int | None = None
+    source_epochs: int | None = None
+    finetune_epochs: int | None = None
+    kl_weight: float | None = None
+    seed: int = 0
+    overwrite: bool = False
+    verbose: int = 1
+
+    def __post_init__(self):
+        if not self.output:
+            _fail("demo needs output. Received: output=None")
+        _check_path("output", self.output)
+        _check_int("image_size", self.image_size, minimum=16, allow_none=True)
+        for name in ("num_train", "source_epochs", "finetune_epochs"):
+            _check_positive(name, getattr(self, name), allow_none=True)
+        _check_number("kl_weight", self.kl_weight, minimum=0, allow_none=True)
+        _check_int("seed", self.seed)
+        for name in ("quick", "overwrite"):
+            _check_flag(name, getattr(self, name))
+        _check_int("verbose", self.verbose, minimum=0)
+
+    def settings(self):
+        """The preset with this config's overrides applied."""
+        settings = dict(DEMO_PRESETS["quick" if self.quick else "full"])
+        for name in (
+            "image_size",
+            "num_train",
+            "source_epochs",
+            "finetune_epochs",
+            "kl_weight",
+        ):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        return settings

@@ -1,0 +1,98 @@
+"""``klseg evaluate``: scores of a model on a labelled folder."""
+
+import json
+from pathlib import Path
+
+from klseg import errors
+from klseg.files import write_json
+from klseg.runs import inputs
+from klseg.runs.evaluation import evaluate_model
+from klseg.runs.folder import check_inputs_not_outputs
+
+__all__ = ["evaluate"]
+
+_RESULT_KEYS = {"model", "data", "mean_iou", "per_class_iou"}
+
+
+def _check_output_file(path):
+    """An output JSON file: its folder can be made, and an existing file
+    there is an earlier klseg evaluation (never someone else's file)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise errors.RunError(
+                    f"cannot write --output {path}: {parent} is a file, not a folder."
+                )
+            break
+    if path.is_dir():
+        raise errors.RunError(
+            f"--output {path} is a folder; name a JSON file (e.g. {path}/metrics.json)."
+        )
+    if path.exists():
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            content = None
+        if not isinstance(content, dict) or not _RESULT_KEYS <= set(content):
+            raise errors.RunError(
+                f"--output {path} exists and is not a klseg evaluation result; "
+                "klseg does not overwrite files it did not write. Choose another "
+                "file name."
+            )
+
+
+def evaluate(cfg):
+    """Evaluate a model on a labelled folder.
+
+    Returns:
+        ``{"model", "data", "image_size", "num_images", "loss", "mean_iou",
+        "pixel_accuracy", "per_class_iou"}``; also written to ``cfg.output``
+        when set (an earlier result there is replaced, any other file is
+        refused).
+    """
+    from klseg import data, models
+
+    if cfg.output:
+        check_inputs_not_outputs(
+            {"--output": cfg.output},
+            {"--model": cfg.model, "--data": cfg.data, "--class-map": cfg.class_map},
+        )
+        _check_output_file(cfg.output)
+    model = inputs.load_model(cfg.model)
+    num_classes, multiple = inputs.model_info(model, cfg.model)
+    image_size = cfg.image_size or inputs.run_image_size(cfg.model) or 256
+    inputs.check_image_size(image_size, multiple)
+    split = inputs.load_split(cfg.data, cfg)
+    seen = getattr(split, "num_classes_seen", None)
+    if seen and int(seen) > num_classes:
+        inputs.check_labels(
+            split,
+            num_classes,
+            "--data",
+            f"The model predicts {num_classes} classes. Use --class-map to map "
+            "the mask values to the model's classes.",
+        )
+    dataset = data.make_dataset(
+        split,
+        batch_size=cfg.batch_size,
+        image_size=image_size,
+        ignore_value=cfg.ignore_value,
+        cache=inputs.cache_in_memory(split, image_size),
+    )
+    result = evaluate_model(
+        model,
+        dataset,
+        num_classes=num_classes,
+        ignore_value=cfg.ignore_value,
+        class_names=models.get_class_names(model),
+    )
+    result = {
+        "model": str(cfg.model) if isinstance(cfg.model, (str, Path)) else model.name,
+        "data": str(cfg.data),
+        "image_size": image_size,
+        **result,
+    }
+    if cfg.output:
+        write_json(cfg.output, result)
+    return result

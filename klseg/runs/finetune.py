@@ -1,0 +1,419 @@
+"""``klseg finetune``: fine-tune a source model on a target domain with the KL term."""
+
+import math
+import time
+
+from klseg.files import write_json, yaml_text
+from klseg.runs import classmaps, inputs, runtime
+from klseg.runs.callbacks import validation
+from klseg.runs.config import DEFAULT_LEARNING_RATE
+from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
+from klseg.runs.fit import fit, in_run_folder, say
+from klseg.runs.folder import check_inputs_not_outputs
+from klseg.runs.results import RunResult, pct
+
+__all__ = ["finetune", "finetune_run", "input_paths"]
+
+
+def finetune(cfg, *, callbacks=None):
+    """Fine-tune a source model on a target domain with the KL term.
+
+    One KL weight writes one run folder. Several weights (``kl_weight=(0,
+    0.1, 0.3, 1)``) write ``OUTPUT/kl_W/`` per weight, ``OUTPUT/tradeoff.png``
+    (source vs target mIoU), ``OUTPUT/metrics.json`` and
+    ``OUTPUT/report.md``; with ``resume`` the finished weights are kept and
+    the interrupted one continues.
+
+    Args:
+        cfg: a :class:`klseg.runs.FinetuneConfig`.
+        callbacks: extra Keras callbacks (each run).
+
+    Returns:
+        A :class:`klseg.runs.RunResult`, or a :class:`klseg.runs.SweepResult`
+        for several weights.
+
+    Raises:
+        klseg.errors.ModelError: the source model is missing, not a klseg
+            segmentation model, or predicts fewer classes than the masks
+            hold.
+        klseg.errors.DataError, klseg.errors.RunError,
+        klseg.errors.TrainingDiverged: as for :func:`klseg.runs.train`.
+    """
+    strategy, is_chief = runtime.make_strategy(cfg.strategy)
+    if cfg.is_sweep:
+        from klseg.runs.sweep import sweep
+
+        return sweep(cfg, strategy, is_chief, callbacks)
+    return finetune_run(cfg, strategy, is_chief, callbacks)
+
+
+def input_paths(cfg):
+    """``{option: path}`` of everything a fine-tuning run reads."""
+    return {
+        "source": cfg.source,
+        "data": cfg.data,
+        "val_data": cfg.val_data,
+        "unlabeled_data": cfg.unlabeled_data,
+        "source_val_data": cfg.source_val_data,
+        "source_images": cfg.source_images,
+        "class_map": cfg.class_map,
+        "source_class_map": cfg.source_class_map,
+    }
+
+
+def finetune_run(cfg, strategy, is_chief, callbacks, baseline=None):
+    """One fine-tuning run (one KL weight) into ``cfg.output``."""
+    started = time.time()
+    check_inputs_not_outputs({"output": cfg.output}, input_paths(cfg))
+    if isinstance(cfg.source, str) or hasattr(cfg.source, "__fspath__"):
+        inputs.check_model_file(cfg.source)
+    # Every data set is read and checked before the run folder is touched.
+    splits = _load_inputs(cfg)
+
+    def job(run, checkpoint):
+        return _finetune(
+            cfg, strategy, run, checkpoint, callbacks, baseline, started, splits
+        )
+
+    return in_run_folder(cfg, job, is_chief=is_chief)
+
+
+def _load_inputs(cfg):
+    splits = {
+        "data": inputs.load_split(cfg.data, cfg),
+        "val_data": inputs.load_split(cfg.val_data, cfg),
+    }
+    if cfg.unlabeled_data:
+        splits["unlabeled_data"] = inputs.load_split(
+            cfg.unlabeled_data, cfg, require_masks=False
+        )
+    if cfg.source_val_data:
+        # With a class change the source-domain masks hold the source
+        # model's classes; class_map (mask values) describes the target data.
+        splits["source_val_data"] = inputs.load_split(
+            cfg.source_val_data, cfg, remap=not classmaps.changes_classes(cfg)
+        )
+    if cfg.source_images:
+        splits["source_images"] = inputs.load_split(
+            cfg.source_images, cfg, require_masks=False
+        )
+    return splits
+
+
+def _check_classes(splits, cfg, num_classes, num_source_classes=None):
+    """Masks of every labelled split hold only the classes the model has."""
+    for key in ("data", "val_data", "source_val_data"):
+        split = splits.get(key)
+        option = "--" + key.replace("_", "-")
+        if key == "source_val_data" and num_source_classes is not None:
+            inputs.check_labels(
+                split,
+                num_source_classes,
+                option,
+                f"The source model {cfg.source} predicts {num_source_classes} "
+                "classes (source-domain masks are read in the source model's "
+                "classes when the classes change).",
+            )
+            continue
+        inputs.check_labels(
+            split,
+            num_classes,
+            option,
+            f"The source model {cfg.source} predicts {num_classes} classes: "
+            "map the mask values with --class-map, or fine-tune a source model "
+            "trained with these classes.",
+        )
+
+
+def _resolve_kl_inputs(cfg):
+    if cfg.kl_inputs != "auto":
+        return cfg.kl_inputs
+    return "source" if cfg.source_images else "target"
+
+
+def _mix_unlabeled(labeled, unlabeled, batch_size, n_labeled, n_unlabeled, seed):
+    """One stream of batches drawing images from both sets in proportion."""
+    import tensorflow as tf
+
+    total = n_labeled + n_unlabeled
+    mixed = tf.data.Dataset.sample_from_datasets(
+        [labeled.unbatch(), unlabeled.unbatch()],
+        weights=[n_labeled / total, n_unlabeled / total],
+        seed=seed,
+    )
+    return mixed.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def _stored_maps(source, split, image_size, verbose):
+    from klseg import data
+    from klseg import finetune as ft
+
+    images, _ = data.load_arrays(split, image_size)
+    return {
+        "source_probs": ft.store_source_predictions(source, images, verbose=verbose)
+    }
+
+
+def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, splits):
+    import keras
+
+    from klseg import data, losses, metrics, models
+    from klseg import finetune as ft
+
+    state = checkpoint[1] if checkpoint else None
+    initial_epoch = int(state["epoch"]) if state else 0
+    keras.utils.set_random_seed(cfg.seed)
+    kl_inputs = _resolve_kl_inputs(cfg)
+    kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
+    if cfg.unlabeled_data and (kl_inputs == "source" or kl_weight == 0):
+        say(
+            cfg.verbose,
+            f"Note: unlabeled_data ({cfg.unlabeled_data}) is not used: unlabelled "
+            "target images only feed the KL term on target images "
+            f"(kl_inputs='target' or 'both'; here kl_inputs={kl_inputs!r}, "
+            f"kl_weight={kl_weight:g}).",
+        )
+    temperature = cfg.temperature or ft.DEFAULT_TEMPERATURE
+    learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["finetune"]
+    batch = cfg.batch_size
+    changes = classmaps.changes_classes(cfg)
+    with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
+        with strategy.scope():
+            source = inputs.load_model(cfg.source)
+            num_source_classes, multiple = inputs.model_info(source, cfg.source)
+            inputs.check_image_size(cfg.image_size, multiple)
+            names, class_map = classmaps.target_classes(
+                cfg, splits, models.get_class_names(source)
+            )
+            num_classes = len(names)
+            _check_classes(
+                splits, cfg, num_classes, num_source_classes if changes else None
+            )
+            student = ft.clone_student(
+                source,
+                class_names=names if class_map is not None else None,
+                name=source.name,
+                dtype_policy=policy,
+            )
+            model = ft.KLRegularizedModel(
+                student,
+                source,
+                kl_weight=kl_weight,
+                temperature=temperature,
+                kl_inputs=kl_inputs,
+                class_map=class_map,
+                student_bn=cfg.student_bn,
+                ignore_class=cfg.ignore_value,
+            )
+            optimizer = runtime.make_optimizer(learning_rate, policy)
+            model.compile(
+                optimizer=optimizer,
+                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
+                metrics=[
+                    metrics.MeanIoU(
+                        num_classes,
+                        ignore_class=cfg.ignore_value,
+                        name="target_mean_iou",
+                    ),
+                ],
+                jit_compile=runtime.jit_setting(cfg),
+            )
+            if checkpoint:
+                from klseg.runs.checkpoint import restore_checkpoint
+
+                restore_checkpoint(checkpoint[0], model, optimizer)
+        stored = cfg.source_predictions == "stored" and kl_weight > 0
+
+        def train_stream(split, seed, maps=None):
+            return data.make_dataset(
+                split,
+                batch_size=batch,
+                image_size=cfg.image_size,
+                augment=cfg.augment,
+                shuffle=True,
+                seed=seed,
+                repeat=True,
+                drop_remainder=True,
+                ignore_value=cfg.ignore_value,
+                extra_maps=maps,
+                cache=inputs.cache_in_memory(split, cfg.image_size),
+            )
+
+        seed = cfg.seed + initial_epoch
+        n_labeled = inputs.num_images(splits["data"]) or batch
+        n_total = n_labeled
+        uses_target = kl_inputs in ("target", "both") and kl_weight > 0
+
+        def maps_for(key):
+            if not stored:
+                return None
+            return _stored_maps(source, splits[key], cfg.image_size, cfg.verbose)
+
+        train_ds = train_stream(
+            splits["data"], seed, maps_for("data") if uses_target else None
+        )
+        # Unlabelled target images only feed the KL term on target images.
+        if "unlabeled_data" in splits and uses_target:
+            n_unlabeled = inputs.num_images(splits["unlabeled_data"]) or batch
+            unlabeled_ds = train_stream(
+                splits["unlabeled_data"], seed + 1, maps_for("unlabeled_data")
+            )
+            train_ds = _mix_unlabeled(
+                train_ds, unlabeled_ds, batch, n_labeled, n_unlabeled, seed
+            )
+            n_total += n_unlabeled
+        if kl_weight > 0 and kl_inputs in ("source", "both"):
+            import tensorflow as tf
+
+            source_ds = train_stream(
+                splits["source_images"], seed + 2, maps_for("source_images")
+            )
+            train_ds = tf.data.Dataset.zip((train_ds, source_ds)).map(ft.pair_batches)
+        steps = max(1, math.ceil(n_total / batch))
+
+        def eval_stream(split):
+            if split is None:
+                return None
+            return runtime.distribute_options(
+                data.make_dataset(
+                    split,
+                    batch_size=batch,
+                    image_size=cfg.image_size,
+                    ignore_value=cfg.ignore_value,
+                    cache=inputs.cache_in_memory(split, cfg.image_size),
+                )
+            )
+
+        val_ds = eval_stream(splits["val_data"])
+        source_val_ds = eval_stream(splits.get("source_val_data"))
+        source_forward = None
+        if class_map is not None:
+            # Score in the target classes: source-domain masks mapped, the
+            # source model's probabilities merged / dropped as the KL sees them.
+            source_forward = classmaps.mapped_forward(source, class_map, num_classes)
+            if source_val_ds is not None:
+                import tensorflow as tf
+
+                lut = tf.constant(
+                    classmaps.label_lut(class_map, cfg.ignore_value), tf.int32
+                )
+                source_val_ds = source_val_ds.map(
+                    lambda images, masks: (images, tf.gather(lut, masks))
+                )
+        domains = {"target": val_ds, "source": source_val_ds}
+        if baseline is None:
+            baseline = domain_metrics(
+                source,
+                domains,
+                num_classes,
+                cfg.ignore_value,
+                names,
+                forward=source_forward,
+            )
+        monitor = "val_target_mean_iou" if cfg.monitor == "auto" else cfg.monitor
+        say(
+            cfg.verbose,
+            f"Fine-tuning {cfg.source} on {cfg.data}: kl_weight={kl_weight:g}, "
+            f"temperature={temperature:g}, kl_inputs={kl_inputs}, "
+            f"{steps} steps/epoch, {cfg.epochs} epochs -> {run.path}",
+        )
+        final_state = fit(
+            run=run,
+            checkpoint=checkpoint,
+            model=model,
+            save_model=student,
+            train_ds=runtime.distribute_options(train_ds),
+            steps=steps,
+            validation=validation(
+                domains,
+                eval_model=student,
+                ignore_value=cfg.ignore_value,
+                baseline=(baseline.get("source") or {}).get("mean_iou"),
+            ),
+            cfg=cfg,
+            monitor=monitor,
+            callbacks=callbacks,
+            learning_rate=learning_rate,
+        )
+    best = inputs.load_model(run.model) if run.model.exists() else student
+    after = domain_metrics(best, domains, num_classes, cfg.ignore_value, names)
+    result_metrics = {
+        **after,
+        "source_model": baseline,
+        "kl_weight": kl_weight,
+        "temperature": temperature,
+        "kl_inputs": kl_inputs,
+        "class_map": classmaps.class_map_names(
+            models.get_class_names(source), names, class_map
+        ),
+        "best_epoch": (final_state or {}).get("best_epoch"),
+        "epochs": cfg.epochs,
+        "monitor": monitor,
+        "seconds": round(time.time() - started, 1),
+    }
+    if "source" in after and "source" in baseline:
+        result_metrics["forgetting"] = (
+            baseline["source"]["mean_iou"] - after["source"]["mean_iou"]
+        )
+    write_json(run.metrics, result_metrics)
+    _write_report(run, cfg, best, domains, names, result_metrics)
+    return RunResult(
+        output=run.path,
+        model_path=run.model,
+        metrics=result_metrics,
+        best_epoch=result_metrics["best_epoch"],
+        epochs=cfg.epochs,
+    )
+
+
+def _write_report(run, cfg, model, domains, names, metrics):
+    from klseg import report
+
+    sections = []
+    label = f"fine-tuned (kl_weight={metrics['kl_weight']:g})"
+    table = {
+        "source model": {d: m["mean_iou"] for d, m in metrics["source_model"].items()},
+        label: {
+            d: metrics[d]["mean_iou"] for d in ("source", "target") if d in metrics
+        },
+    }
+    rows = [
+        (name, pct(row.get("source")), pct(row.get("target")))
+        for name, row in table.items()
+    ]
+    text = report.markdown_table(["model", "source mIoU", "target mIoU"], rows)
+    if "forgetting" in metrics:
+        text += (
+            f"\n\nForgetting (source mIoU lost): "
+            f"{100 * metrics['forgetting']:.1f} points."
+        )
+    sections.append(("Result", text))
+    bars = report.plot_domain_miou(table, run.plots / "domains.png")
+    sections.append(("Mean IoU before and after", bars))
+    if run.history.is_file():
+        rows = report.read_history(run.history)
+        if rows:
+            sections.append(
+                (
+                    "Training curves",
+                    report.plot_history(rows, run.plots / "training_curves.png"),
+                )
+            )
+    for domain, ds in domains.items():
+        if ds is None:
+            continue
+        images, masks = first_batch(ds, 3)
+        path = report.plot_overlays(
+            images,
+            predict_classes(model, images),
+            run.plots / f"overlays_{domain}.png",
+            masks=masks,
+            class_names=names,
+            ignore_value=cfg.ignore_value,
+            title=f"{domain}-domain validation images",
+        )
+        sections.append((f"Predictions on {domain}-domain images", path))
+    sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
+    report.write_report(
+        run.report, title=f"Fine-tuning run {run.path.name}", sections=sections
+    )

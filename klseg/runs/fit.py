@@ -1,0 +1,142 @@
+"""The fit sequence shared by ``train`` and ``finetune``.
+
+:func:`in_run_folder` opens the run folder (new, reused or resumed, by the
+policy of :mod:`klseg.runs.folder`) and runs the job in it.
+:func:`fit` runs ``model.fit`` with klseg's callbacks in their order:
+validation, the non-finite-loss stop, the interrupt check, checkpoints and
+the best model, the history file, TensorBoard scalars, then the caller's.
+"""
+
+import shutil
+import tempfile
+
+import keras
+
+from klseg import errors
+from klseg.runs import callbacks as cb
+from klseg.runs import runtime
+from klseg.runs.checkpoint import truncate_history
+from klseg.runs.config import RESUMABLE_CHANGES
+from klseg.runs.folder import RunFolder, open_run
+
+__all__ = ["fit", "in_run_folder", "say"]
+
+
+def say(verbose, message):
+    if verbose:
+        print(message, flush=True)
+
+
+def in_run_folder(cfg, job, *, is_chief=True, kind="run", abandoned=None):
+    """Run ``job(run, checkpoint)`` in the prepared run folder.
+
+    Workers of a multi-worker run other than the chief write to a private
+    temporary folder that is removed at the end: the chief alone writes
+    ``cfg.output``.
+    """
+    if not is_chief:
+        run = RunFolder(tempfile.mkdtemp(prefix="klseg-worker-"))
+        try:
+            return job(run, None)
+        finally:
+            shutil.rmtree(run.path, ignore_errors=True)
+    run, checkpoint = open_run(
+        cfg,
+        kind=kind,
+        ignore=RESUMABLE_CHANGES,
+        say=lambda message: say(cfg.verbose, message),
+        abandoned=abandoned,
+    )
+    return job(run, checkpoint)
+
+
+def _divergence_hint(cfg, learning_rate):
+    hint = f"Lower --learning-rate (it was {learning_rate:g})"
+    if cfg.mixed_precision != "off":
+        hint += ", or train without --mixed-precision"
+    return (
+        hint + "; then start again (--overwrite), or --resume from the last "
+        "completed epoch if one was saved."
+    )
+
+
+def fit(
+    *,
+    run,
+    checkpoint,
+    model,
+    save_model,
+    train_ds,
+    steps,
+    validation,
+    cfg,
+    monitor,
+    callbacks,
+    learning_rate,
+):
+    """``model.fit`` with validation, checkpoints, history, logs and resume.
+
+    ``validation`` is an ``EpochValidation`` callback; it runs first, so the
+    metrics it adds to the epoch logs reach the checkpoint, the history and
+    TensorBoard. ``callbacks`` run after klseg's own.
+
+    Returns:
+        The state of the last checkpoint (``None`` when no epoch ran).
+
+    Raises:
+        klseg.errors.TrainingDiverged: the loss became NaN or infinite.
+    """
+    state = checkpoint[1] if checkpoint else None
+    initial_epoch = int(state["epoch"]) if state else 0
+    if state is not None:
+        if state.get("monitor") and state["monitor"] != monitor:
+            raise errors.RunError(
+                f"the run in {run.path} picked its best model by "
+                f"{state['monitor']!r}, not {monitor!r}; resume with the same "
+                "--monitor."
+            )
+        truncate_history(run.history, initial_epoch)
+    elif run.history.exists():
+        run.history.unlink()
+    if initial_epoch >= cfg.epochs:
+        say(
+            cfg.verbose,
+            f"{run.path}: all {cfg.epochs} epochs are done; nothing to train "
+            "(raise --epochs to train longer).",
+        )
+        return state
+    if initial_epoch:
+        say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
+    all_callbacks = [
+        cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
+        cb.StopOnInterrupt(),
+        validation,
+        cb.RunCheckpoint(
+            run, monitor, save_model=save_model, state=state, seed=cfg.seed
+        ),
+        keras.callbacks.CSVLogger(str(run.history), append=True),
+        cb.EpochScalars(run.logs),
+        *list(callbacks or []),
+    ]
+    if cfg.strategy == "multi-worker":
+        runtime.multi_worker_fit_fixes(model, train_ds)
+    model.fit(
+        train_ds,
+        epochs=cfg.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        callbacks=all_callbacks,
+        shuffle=False,  # the datasets shuffle themselves, with the run's seed
+        verbose=_fit_verbosity(cfg.verbose),
+    )
+    latest = run.latest_checkpoint()
+    return latest[1] if latest else state
+
+
+def _fit_verbosity(verbose):
+    """A progress bar on a terminal; one line per epoch in a log file."""
+    import sys
+
+    if not verbose:
+        return 0
+    return 1 if sys.stdout.isatty() else 2

@@ -1,0 +1,160 @@
+"""The one model loader and the data loading of the jobs, checked up front.
+
+Every job reads its models through :func:`load_model` and
+:func:`model_info` and its data through :func:`load_split`, so every
+command gives the same errors for the same mistakes: a missing or corrupt
+``.keras`` file, a model that is not a klseg segmentation model (or outputs
+probabilities), mask values beyond the model's classes (naming the first
+files that hold them), an image size the model cannot take.
+"""
+
+import contextlib
+import zipfile
+from pathlib import Path
+
+import klseg
+from klseg import errors
+from klseg.files import read_yaml
+from klseg.runs.config import _fail
+
+__all__ = [
+    "cache_in_memory",
+    "check_image_size",
+    "check_labels",
+    "check_model_file",
+    "load_model",
+    "load_split",
+    "model_info",
+    "num_images",
+    "run_image_size",
+]
+
+
+def load_model(path_or_model):
+    """Load a ``.keras`` model (uncompiled); a ``keras.Model`` passes through.
+
+    Raises:
+        klseg.errors.ModelError: the file is missing, not a ``.keras`` file,
+            or not a loadable Keras model.
+    """
+    import keras
+
+    if isinstance(path_or_model, keras.Model):
+        return path_or_model
+    path = check_model_file(path_or_model)
+    try:
+        return klseg.load_model(path, compile=False)
+    except Exception as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise errors.ModelError(
+            f"cannot load model: not a valid .keras file: {path} ({first})"
+        ) from None
+
+
+def check_model_file(path):
+    """The checks of :func:`load_model` that need no Keras: the file exists,
+    is a ``.keras`` file and a zip archive. Returns the ``Path``."""
+    path = Path(path)
+    if not path.exists():
+        raise errors.ModelError(f"model file {path} does not exist.")
+    if path.is_dir() or path.suffix != ".keras":
+        raise errors.ModelError(
+            f"model {path} is not a .keras file (klseg reads models saved with "
+            "model.save('NAME.keras'); a SavedModel folder is for serving only)."
+        )
+    if not zipfile.is_zipfile(path):
+        raise errors.ModelError(
+            f"cannot load model: not a valid .keras file: {path} (it is not a "
+            "zip archive; the file may be truncated or corrupt)."
+        )
+    return path
+
+
+def model_info(model, path):
+    """``(num_classes, size_multiple)`` of a klseg segmentation model.
+
+    Raises:
+        klseg.errors.ModelError: not a klseg model, or it outputs
+            probabilities (the message names the model file and the layer).
+    """
+    from klseg import models
+
+    name = (
+        str(path) if isinstance(path, (str, Path)) else getattr(model, "name", "model")
+    )
+    try:
+        count = models.check_segmentation_model(model, role="model")
+    except errors.KlsegError as e:
+        raise errors.ModelError(
+            f"model {name} is not a klseg segmentation model: {e}"
+        ) from None
+    try:
+        return count, models.size_multiple(model)
+    except errors.ModelError:
+        raise errors.ModelError(
+            f"model {name} is not a klseg segmentation model (no ClassLogits / "
+            "ImagePreprocessing layer); build it with klseg.models."
+        ) from None
+
+
+def load_split(spec, cfg, *, require_masks=True, remap=True):
+    """``klseg.data.load_split`` with the job's ignore value and class map."""
+    from klseg import data
+
+    return data.load_split(
+        spec,
+        ignore_value=cfg.ignore_value,
+        class_map=getattr(cfg, "class_map", None) if remap else None,
+        require_masks=require_masks,
+    )
+
+
+def check_labels(split, num_classes, option, hint):
+    """Refuse masks with class values ``>= num_classes``, naming the first
+    files that hold them, the option and what to do (``hint``)."""
+    seen = getattr(split, "num_classes_seen", None) if split is not None else None
+    if not seen or int(seen) <= num_classes:
+        return
+    try:
+        split.check_labels(num_classes, what=option)
+    except errors.DataError as e:
+        raise errors.DataError(f"{e} {hint}".strip()) from None
+
+
+def num_images(split):
+    return getattr(split, "num_images", None)
+
+
+# Decode and resize small sets once and keep them in memory (augmentation
+# still runs every epoch); larger sets stream from disk.
+_CACHE_BYTES = 256 * 2**20
+
+
+def cache_in_memory(split, image_size):
+    count = num_images(split)
+    return count is not None and count * image_size * image_size * 4 <= _CACHE_BYTES
+
+
+def check_image_size(image_size, multiple, what="image_size"):
+    if image_size % multiple:
+        lower = max(multiple, image_size // multiple * multiple)
+        upper = lower + multiple if lower < image_size else lower
+        _fail(
+            f"{what} must be a multiple of the model's size multiple {multiple}; "
+            f"the nearest valid sizes are {lower} and {upper}. "
+            f"Received: {what}={image_size}"
+        )
+
+
+def run_image_size(model_path):
+    """The training image size saved next to a run's model, if any."""
+    if not isinstance(model_path, (str, Path)):
+        return None
+    config = Path(model_path).parent / "config.yaml"
+    if config.is_file():
+        with contextlib.suppress(Exception):
+            size = read_yaml(config).get("image_size")
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                return size
+    return None

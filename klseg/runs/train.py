@@ -1,0 +1,244 @@
+"""``klseg train``: train a segmentation model from scratch into a run folder."""
+
+import math
+import time
+
+from klseg.files import write_json, yaml_text
+from klseg.runs import inputs, runtime
+from klseg.runs.callbacks import validation
+from klseg.runs.config import DEFAULT_LEARNING_RATE
+from klseg.runs.evaluation import evaluate_model, first_batch, predict_classes
+from klseg.runs.fit import fit, in_run_folder, say
+from klseg.runs.folder import check_inputs_not_outputs
+from klseg.runs.results import RunResult, pct
+
+__all__ = ["train"]
+
+
+def train(cfg, *, callbacks=None):
+    """Train a segmentation model from scratch into a run folder.
+
+    Args:
+        cfg: a :class:`klseg.runs.TrainConfig`.
+        callbacks: extra Keras callbacks, run after klseg's own.
+
+    Returns:
+        A :class:`klseg.runs.RunResult`.
+
+    Raises:
+        klseg.errors.DataError: unreadable or inconsistent data.
+        klseg.errors.RunError: the output folder cannot be used or resumed.
+        klseg.errors.TrainingDiverged: the loss became NaN or infinite.
+        klseg.errors.InvalidArgumentError: an option does not fit the data
+            or model (for example an image size that is not a multiple of
+            the model's size multiple).
+    """
+    started = time.time()
+    check_inputs_not_outputs(
+        {"output": cfg.output},
+        {"data": cfg.data, "val_data": cfg.val_data, "class_map": cfg.class_map},
+    )
+    # Every input is read and checked before the run folder is touched.
+    train_split = inputs.load_split(cfg.data, cfg)
+    val_split = inputs.load_split(cfg.val_data, cfg)
+    num_classes, class_names = _resolve_classes(cfg, train_split)
+    inputs.check_labels(
+        val_split,
+        num_classes,
+        "--val-data",
+        f"The model has {num_classes} classes (from --data); remap the values "
+        "with --class-map, or raise --num-classes.",
+    )
+    strategy, is_chief = runtime.make_strategy(cfg.strategy)
+
+    def job(run, checkpoint):
+        return _train(
+            cfg,
+            strategy,
+            run,
+            checkpoint,
+            callbacks,
+            started,
+            (train_split, val_split, num_classes, class_names),
+        )
+
+    return in_run_folder(cfg, job, is_chief=is_chief)
+
+
+def _model_kwargs(cfg, num_classes, class_names):
+    kwargs = {"num_classes": num_classes, "input_shape": (None, None, 3)}
+    if class_names:
+        kwargs["class_names"] = list(class_names)
+    if cfg.backbone:
+        kwargs["backbone"] = cfg.backbone
+    if cfg.model == "unet":
+        if cfg.base_filters:
+            kwargs["base_filters"] = cfg.base_filters
+        if cfg.depth:
+            kwargs["depth"] = cfg.depth
+    return kwargs
+
+
+def _resolve_classes(cfg, split):
+    """Class count and names: options, else the data (class map, classes.json)."""
+    from klseg import errors
+
+    seen = int(getattr(split, "num_classes_seen", 0) or 0)
+    num_classes = cfg.num_classes or getattr(split, "num_classes", None) or seen
+    if not num_classes:
+        raise errors.DataError(
+            f"cannot tell the number of classes from {cfg.data}; pass --num-classes."
+        )
+    inputs.check_labels(
+        split,
+        num_classes,
+        "--data",
+        f"num_classes={num_classes}: raise --num-classes or remap the values "
+        "with --class-map.",
+    )
+    names = cfg.class_names or getattr(split, "class_names", None)
+    if names is not None and len(names) != num_classes:
+        names = None
+    return int(num_classes), names
+
+
+def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
+    import keras
+
+    from klseg import data, losses, metrics, models
+
+    train_split, val_split, num_classes, class_names = prepared
+    state = checkpoint[1] if checkpoint else None
+    initial_epoch = int(state["epoch"]) if state else 0
+    keras.utils.set_random_seed(cfg.seed)
+    learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["train"]
+    with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
+        with strategy.scope():
+            model = models.build(
+                cfg.model, **_model_kwargs(cfg, num_classes, class_names)
+            )
+            inputs.check_image_size(cfg.image_size, models.size_multiple(model))
+            optimizer = runtime.make_optimizer(learning_rate, policy)
+            model.compile(
+                optimizer=optimizer,
+                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
+                metrics=[
+                    metrics.MeanIoU(num_classes, ignore_class=cfg.ignore_value),
+                    metrics.PixelAccuracy(ignore_class=cfg.ignore_value),
+                ],
+                jit_compile=runtime.jit_setting(cfg),
+            )
+            if checkpoint:
+                from klseg.runs.checkpoint import restore_checkpoint
+
+                restore_checkpoint(checkpoint[0], model, optimizer)
+        n_train = inputs.num_images(train_split) or cfg.batch_size
+        steps = max(1, math.ceil(n_train / cfg.batch_size))
+        train_ds = data.make_dataset(
+            train_split,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            augment=cfg.augment,
+            shuffle=True,
+            seed=cfg.seed + initial_epoch,
+            repeat=True,
+            drop_remainder=True,
+            ignore_value=cfg.ignore_value,
+            cache=inputs.cache_in_memory(train_split, cfg.image_size),
+        )
+        val_ds = data.make_dataset(
+            val_split,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            ignore_value=cfg.ignore_value,
+            cache=inputs.cache_in_memory(val_split, cfg.image_size),
+        )
+        train_ds = runtime.distribute_options(train_ds)
+        val_ds = runtime.distribute_options(val_ds)
+        monitor = "val_mean_iou" if cfg.monitor == "auto" else cfg.monitor
+        say(
+            cfg.verbose,
+            f"Training {cfg.model} ({num_classes} classes) on {cfg.data}: "
+            f"{n_train} images, {steps} steps/epoch, {cfg.epochs} epochs "
+            f"-> {run.path}",
+        )
+        final_state = fit(
+            run=run,
+            checkpoint=checkpoint,
+            model=model,
+            save_model=model,
+            train_ds=train_ds,
+            steps=steps,
+            validation=validation(
+                {"": val_ds}, eval_model=model, ignore_value=cfg.ignore_value
+            ),
+            cfg=cfg,
+            monitor=monitor,
+            callbacks=callbacks,
+            learning_rate=learning_rate,
+        )
+    best = inputs.load_model(run.model) if run.model.exists() else model
+    names = models.get_class_names(best)
+    val_metrics = evaluate_model(
+        best,
+        val_ds,
+        num_classes=num_classes,
+        ignore_value=cfg.ignore_value,
+        class_names=names,
+    )
+    result_metrics = {
+        "val": val_metrics,
+        "best_epoch": (final_state or {}).get("best_epoch"),
+        "epochs": cfg.epochs,
+        "monitor": monitor,
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json(run.metrics, result_metrics)
+    _write_report(run, cfg, best, val_ds, names, val_metrics)
+    return RunResult(
+        output=run.path,
+        model_path=run.model,
+        metrics=result_metrics,
+        best_epoch=result_metrics["best_epoch"],
+        epochs=cfg.epochs,
+    )
+
+
+def _write_report(run, cfg, model, val_ds, names, val_metrics):
+    from klseg import report
+
+    sections = []
+    if run.history.is_file():
+        rows = report.read_history(run.history)
+        if rows:
+            curves = report.plot_history(rows, run.plots / "training_curves.png")
+            sections.append(("Training curves", curves))
+    images, masks = first_batch(val_ds, 4)
+    preds = predict_classes(model, images)
+    overlays = report.plot_overlays(
+        images,
+        preds,
+        run.plots / "overlays.png",
+        masks=masks,
+        class_names=names,
+        ignore_value=cfg.ignore_value,
+    )
+    table = report.markdown_table(
+        ["class", "IoU (%)"],
+        [
+            (n, "absent" if v is None else round(100 * v, 1))
+            for n, v in val_metrics["per_class_iou"].items()
+        ],
+    )
+    summary = (
+        f"Validation data `{cfg.val_data}`: mean IoU "
+        f"**{pct(val_metrics['mean_iou'])}**, pixel accuracy "
+        f"{pct(val_metrics['pixel_accuracy'])} "
+        f"({val_metrics['num_images']} images at {cfg.image_size}px).\n\n{table}"
+    )
+    sections.insert(0, ("Result", summary))
+    sections.append(("Predictions on validation images", overlays))
+    sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
+    report.write_report(
+        run.report, title=f"Training run {run.path.name}", sections=sections
+    )
