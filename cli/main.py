@@ -26,6 +26,7 @@ from klseg.runs import config as run_config
 from klseg.runs.config import (
     AUGMENT,
     KL_INPUTS,
+    MIXED_PRECISION,
     SOURCE_PREDICTIONS,
     STRATEGIES,
     STUDENT_BN,
@@ -204,7 +205,7 @@ def _run_options(fn):
         ),
         click.option(
             "--mixed-precision",
-            type=MixedPrecision(),
+            type=MixedPrecision(MIXED_PRECISION),
             default="off",
             is_flag=False,
             flag_value="auto",

@@ -9,12 +9,7 @@ __all__ = [
     "FloatList",
     "NameList",
     "MixedPrecision",
-    "STRATEGIES",
-    "MIXED_PRECISION_CHOICES",
 ]
-
-STRATEGIES = ("default", "mirrored", "multi-worker")
-MIXED_PRECISION_CHOICES = ("off", "auto", "float16", "bfloat16")
 
 
 def _is_real(value):
@@ -126,11 +121,11 @@ class MixedPrecision(click.Choice):
     Config files may also say ``true`` (auto) or ``false`` (off).
 
     Args:
-        choices: the modes; pass the run layer's list so that the CLI keeps
-            no copy of its own. Defaults to ``MIXED_PRECISION_CHOICES``.
+        choices: the modes, from the run layer
+            (``klseg.runs.config.MIXED_PRECISION``): the CLI keeps no copy.
     """
 
-    def __init__(self, choices=MIXED_PRECISION_CHOICES):
+    def __init__(self, choices):
         super().__init__(tuple(choices), case_sensitive=False)
 
     def convert(self, value, param, ctx):
