@@ -24,10 +24,10 @@ then renamed into place, so a crash never leaves half an export behind.
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from klseg.errors import InvalidArgumentError, KlsegError, ModelError
+from klseg.files import make_temp_dir
 
 __all__ = ["export_saved_model", "pad_to_multiple"]
 
@@ -113,7 +113,8 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
             out), or a ``klseg.finetune.KLRegularizedModel`` (its student is
             exported).
         path: folder to create. An existing folder is replaced (atomically:
-            the new export is written beside it and renamed into place).
+            the new export is written beside it and renamed into place);
+            ``klseg export`` applies the output-folder policy first.
         class_names: names of the output classes. Defaults to the names the
             model carries (``klseg.models.get_class_names``).
         size_multiple: the model's size multiple (total stride). Defaults to
@@ -197,7 +198,7 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
     archive.add_endpoint("serve", serve)
     archive.add_endpoint("class_names", class_names_fn)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path.parent, f".{path.name}.")
     try:
         archive.write_out(str(tmp / "export"), verbose=False)
         extra = tmp / "export" / "assets.extra"

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 __all__ = [
+    "atomic_path",
     "atomic_write_text",
     "clean_json",
     "make_temp_dir",
@@ -42,8 +43,13 @@ def _fix_mode(path, *, folder=False):
 
 
 @contextlib.contextmanager
-def _temporary_file(path):
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success."""
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    For writers that take a file name (``fig.savefig(tmp)``, ``np.save``):
+    the file appears at ``path`` complete, with umask permissions, or not
+    at all.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -59,7 +65,7 @@ def _temporary_file(path):
 
 def atomic_write_text(path, text):
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-    with _temporary_file(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -114,7 +120,7 @@ def write_png(path, array, palette=None):
     if palette is not None:
         flat = [int(c) for rgb in palette for c in rgb]
         image.putpalette(flat + [0] * (768 - len(flat)))
-    with _temporary_file(path) as tmp:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
 

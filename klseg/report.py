@@ -20,10 +20,11 @@ Example:
 import csv
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from klseg.files import atomic_path, atomic_write_text
 
 __all__ = [
     "palette",
@@ -122,36 +123,14 @@ def overlay(image, mask, colors, *, alpha=0.5, ignore_value=255):
 # --------------------------------------------------------------------------
 
 
-def _temp_beside(path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    return Path(tmp)
-
-
 def _save_figure(fig, path):
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        fig.savefig(tmp, dpi=_DPI, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=_DPI, format=Path(path).suffix.lstrip(".") or "png")
+    return Path(path)
 
 
 def _write_text(path, text):
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, text)
 
 
 def _figure(width, height):

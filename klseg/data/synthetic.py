@@ -38,11 +38,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from klseg.files import make_temp_dir
 
 __all__ = [
     "CLASS_NAMES",
@@ -524,6 +525,10 @@ def _png_bytes(array):
     )
 
 
+#: What ``write_benchmark`` writes (and so may replace with overwrite=True).
+_BENCHMARK_ENTRIES = ("source", "target", "classes.json", ".klseg.json")
+
+
 def write_png(path, array):
     """Writes a uint8 (H, W) or (H, W, 3) array as an 8-bit PNG file."""
     Path(path).write_bytes(_png_bytes(array))
@@ -583,13 +588,22 @@ def write_benchmark(
     ):
         _check_positive(name, value, minimum=0)
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; pass overwrite=True "
-            "(or choose another folder)."
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} exists and is not empty; pass overwrite=True "
+                "(or choose another folder)."
+            )
+        foreign = sorted(
+            p.name for p in output_dir.iterdir() if p.name not in _BENCHMARK_ENTRIES
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".synth-", dir=output_dir.parent))
+        if foreign:
+            raise FileExistsError(
+                f"{output_dir} holds files that are not part of a benchmark "
+                f"({', '.join(foreign[:4])}); overwrite=True replaces only an "
+                "earlier benchmark. Choose another folder."
+            )
+    staging = make_temp_dir(output_dir.parent, ".synth-")
     plan = [
         ("source", "train", num_train, True),
         ("source", "val", num_val, True),
