@@ -40,7 +40,7 @@ from keras import ops
 from klseg import losses as klseg_losses
 from klseg import models as klseg_models
 from klseg.errors import InvalidArgumentError, ResourceError
-from klseg.ops import LOG_TINY, safe_log
+from klseg.ops import LOG_TINY, TEMPERATURE_RANGE, safe_log
 
 __all__ = [
     "DEFAULT_KL_INPUTS",
@@ -66,7 +66,7 @@ DEFAULT_KL_WEIGHT = 0.3
 DEFAULT_TEMPERATURE = 2.0
 
 _KL_INPUTS = ("target", "source", "both")
-_BN_POLICIES = ("trainable", "frozen")
+_BN_POLICIES = ("trainable", "frozen", "synchronized")
 _INPUT_KEYS = ("images", "source_images", "source_probs", "source_images_probs")
 
 
@@ -414,13 +414,47 @@ def pair_batches(target_batch, source_batch):
 # The wrapper --------------------------------------------------------------
 
 
-def _unscale_for_replicas(value):
-    """Undo Keras' division of a reduced loss by the replica count (TF)."""
-    try:
-        from keras.src.losses.loss import unscale_loss_for_distribution
-    except ImportError:  # pragma: no cover - older/newer Keras layouts
+def _replica_context():
+    """The ``tf.distribute`` replica context of a multi-replica step, or None.
+
+    Only the TensorFlow backend splits a step over replicas that each run
+    ``compute_loss`` on their share of the batch; on JAX a distributed step
+    computes on the whole (sharded) batch, so sums are already global.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def _global_sum(value):
+    """Sum of ``value`` over the replicas of a ``tf.distribute`` step."""
+    context = _replica_context()
+    if context is None:
         return value
-    return unscale_loss_for_distribution(value)
+    import tensorflow as tf
+
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _num_replicas():
+    context = _replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
+
+
+def _labelled_pixels(y, num_classes, ignore_class):
+    """float32 number of pixels of ``y`` that carry a label."""
+    y = ops.convert_to_tensor(y)
+    if len(y.shape) == 4 and y.shape[-1] not in (None, 1):  # one-hot / soft
+        valid = ops.sum(ops.cast(y, "float32"), axis=-1) > 0
+    else:
+        labels = ops.cast(y, "int32")
+        valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_class)
+    return ops.sum(ops.cast(valid, "float32"))
 
 
 @keras.saving.register_keras_serializable(package="klseg")
@@ -436,12 +470,32 @@ class KLRegularizedModel(keras.Model):
     non-ignored pixels of the target images), and ``KL`` is
     ``klseg.losses.KLDivergence(from_logits=True, target="logits",
     temperature=T)``: ``T^2 * KL(softmax(z_src / T) || softmax(z / T))``,
-    the mean over every pixel of the images ``kl_inputs`` selects. An
-    unlabelled target image (mask all ``ignore_class``) adds to the KL term
-    only. Both terms are reduced per replica and averaged over replicas
-    (Keras' convention under ``tf.distribute``): the same as the global mean
-    when every replica sees as many valid pixels, which holds for the KL
-    term; for the task loss it is the mean of per-replica means.
+    the mean over the pixels of the images ``kl_inputs`` selects that have a
+    source prediction. With live predictions that is every pixel; a stored
+    probability row that sums to 0 (a pixel that geometric augmentation
+    filled) has none and is left out, for target and source images alike.
+    An unlabelled target image (mask all ``ignore_class``) adds to the KL
+    term only.
+
+    Under ``tf.distribute`` both terms are those of the global batch: the
+    labelled-pixel and predicted-pixel counts are summed over the replicas
+    (an all-reduce inside ``compute_loss``) and each replica adds its share,
+    so the loss equals one device's on the same global batch however the
+    ignored pixels are spread (on JAX a distributed step sees the whole
+    batch already). For a task loss that is not a pixel mean (Dice) the
+    replicas' values are averaged weighted by their labelled pixels.
+
+    Logs: ``task_loss`` and ``kl_loss`` are epoch means over pixels (the
+    task loss of each batch weighted by its labelled pixels, the KL term
+    summed over the pixels with a prediction) and ``loss`` is
+    ``task_loss + kl_weight * kl_loss`` (plus any regularisation losses of
+    the student, averaged over steps). They do not depend on how the
+    images are grouped into batches: a batch without a labelled pixel adds
+    nothing to ``task_loss`` instead of a 0. The objective each step
+    minimises stays the batch's own loss (the means over that batch's
+    pixels), as in any minibatch training: weighting steps by their pixel
+    counts would make the step size depend on how many labels a batch
+    happens to hold.
 
     The source model always runs in inference mode (``training=False``:
     BatchNorm uses its moving statistics, dropout is off), under
@@ -454,6 +508,11 @@ class KLRegularizedModel(keras.Model):
       Keras 3 also runs them in inference mode: the moving statistics of the
       source domain are kept and not updated. Prefer this for small batches
       or when the target batches are few.
+    - ``"synchronized"``: as ``"trainable"``, with the batch statistics of
+      the global batch under ``tf.distribute``
+      (``BatchNormalization.synchronized = True`` on the TensorFlow
+      backend), so several replicas train as one device would. On JAX a
+      distributed step computes them over the whole batch already.
 
     Inputs: ``x`` is the target images ``(B, H, W, 3)``, or a dict with
     ``"images"`` and optionally ``"source_images"`` (unlabelled
@@ -476,7 +535,8 @@ class KLRegularizedModel(keras.Model):
             logits over its own classes).
         kl_weight: weight of the KL term (>= 0; 0 is plain fine-tuning).
             Defaults to ``DEFAULT_KL_WEIGHT``.
-        temperature: softening temperature ``T > 0``; the term is scaled by
+        temperature: softening temperature ``T`` in ``[1e-3, 1e3]``
+            (``klseg.ops.TEMPERATURE_RANGE``); the term is scaled by
             ``T^2``. Defaults to ``DEFAULT_TEMPERATURE``.
         kl_inputs: ``"target"``, ``"source"`` or ``"both"`` (see the module
             docstring). Defaults to ``DEFAULT_KL_INPUTS``. With ``"source"``
@@ -490,8 +550,8 @@ class KLRegularizedModel(keras.Model):
             renormalised). A dict ``{source index: target index or None}``
             is accepted too (missing keys are dropped). See
             ``make_class_map``.
-        student_bn: ``"trainable"`` or ``"frozen"``. Defaults to
-            ``"trainable"``.
+        student_bn: ``"trainable"``, ``"frozen"`` or ``"synchronized"``.
+            Defaults to ``"trainable"``.
         ignore_class: the mask value of unlabelled pixels. Defaults to 255.
         **kwargs: standard ``keras.Model`` arguments (``name``).
 
@@ -556,14 +616,15 @@ class KLRegularizedModel(keras.Model):
             raise InvalidArgumentError(
                 f"`kl_weight` must be >= 0. Received: kl_weight={kl_weight!r}"
             )
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        low, high = TEMPERATURE_RANGE
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not low <= temperature <= high
+        ):
             raise InvalidArgumentError(
-                "`temperature` must be a positive number. "
+                f"`temperature` must be a number in [{low:g}, {high:g}]. "
                 f"Received: temperature={temperature!r}"
-            )
-        if not temperature > 0:
-            raise InvalidArgumentError(
-                f"`temperature` must be > 0. Received: temperature={temperature!r}"
             )
         if kl_inputs not in _KL_INPUTS:
             raise InvalidArgumentError(
@@ -594,14 +655,23 @@ class KLRegularizedModel(keras.Model):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False
 
+        if student_bn == "synchronized" and keras.backend.backend() == "tensorflow":
+            for layer in student._flatten_layers(include_self=False):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True
+
         self.kl_loss_fn = klseg_losses.KLDivergence(
             from_logits=True,
             target="logits",
             temperature=self.temperature,
             name="kl_divergence",
         )
+        # Pixel-weighted epoch means (Mean with the pixel count as weight).
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+        # Regularisation losses of the student (e.g. kernel regularizers),
+        # a mean per step; folded into the logged "loss", not logged alone.
+        self.extra_loss_tracker = keras.metrics.Mean(name="_regularization_loss")
         self.built = True
 
     # -- forward ----------------------------------------------------------
@@ -627,15 +697,24 @@ class KLRegularizedModel(keras.Model):
     # -- loss -------------------------------------------------------------
 
     def _teacher(self, images, stored):
-        """Source log-scores over the student's classes (no gradient)."""
+        """Source log-scores over the student's classes (no gradient), and
+        the pixels that have a source prediction (None: all of them).
+
+        A stored row that sums to 0 is a pixel that geometric augmentation
+        filled (stored maps move with it and are filled with zeros): it has
+        no source prediction and is left out of the KL term.
+        """
+        has_prediction = None
         if stored is not None:
             self._check_stored(images, stored)
-            log_probs = safe_log(ops.cast(stored, "float32"))
+            probs = ops.cast(stored, "float32")
+            has_prediction = ops.sum(probs, axis=-1) > 0
+            log_probs = safe_log(probs)
         else:
             logits = self.source(images, training=False)
             log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
         log_probs = _apply_class_map(log_probs, self.class_map, self.num_classes)
-        return ops.stop_gradient(log_probs)
+        return ops.stop_gradient(log_probs), has_prediction
 
     def _check_stored(self, images, stored):
         _check_same_size(images, stored, "source_probs")
@@ -648,19 +727,19 @@ class KLRegularizedModel(keras.Model):
             )
 
     def _kl_pairs(self, parts, y_pred, training):
-        """(student logits, teacher log-scores) of the images the KL sees."""
+        """(student logits, teacher log-scores, pixels with a prediction) of
+        the images the KL term sees; (None, None, None) for none."""
         images = parts["images"]
         n = ops.shape(images)[0]
-        students, teachers = [], []
+        pieces = []
         if self._uses_target():
-            students.append(y_pred[:n])
-            teachers.append(self._teacher(images, parts["source_probs"]))
+            pieces.append((y_pred[:n], *self._teacher(images, parts["source_probs"])))
         if self._uses_source():
             if parts["source_images"] is not None:
-                students.append(y_pred[n:])
-                teachers.append(
-                    self._teacher(parts["source_images"], parts["source_images_probs"])
+                teacher = self._teacher(
+                    parts["source_images"], parts["source_images_probs"]
                 )
+                pieces.append((y_pred[n:], *teacher))
             elif training:
                 raise InvalidArgumentError(
                     f"kl_inputs={self.kl_inputs!r} needs unlabelled source-domain "
@@ -668,36 +747,111 @@ class KLRegularizedModel(keras.Model):
                     "'images' and 'source_images' (see "
                     "klseg.finetune.pair_batches), or use kl_inputs='target'."
                 )
-        if not students:
-            return None, None
-        if len(students) == 1:
-            return students[0], teachers[0]
+        if not pieces:
+            return None, None, None
+        masks = [
+            ops.ones(ops.shape(student)[:-1], "bool") if mask is None else mask
+            for student, _, mask in pieces
+        ]
+        if all(mask is None for _, _, mask in pieces):
+            masks = None
+        if len(pieces) == 1:
+            student, teacher, _ = pieces[0]
+            return student, teacher, None if masks is None else masks[0]
         return (
-            ops.concatenate(students, axis=0),
-            ops.concatenate(teachers, axis=0),
+            ops.concatenate([p[0] for p in pieces], axis=0),
+            ops.concatenate([p[1] for p in pieces], axis=0),
+            None if masks is None else ops.concatenate(masks, axis=0),
         )
+
+    def _task_term(self, x, y, y_pred, sample_weight, training):
+        """(task term to optimise, its local mean, local labelled pixels).
+
+        The compiled loss gives the mean over this replica's labelled pixels
+        (divided by the replica count under ``tf.distribute``, as Keras
+        does). Weighting it by this replica's share of the global batch's
+        labelled pixels makes the sum over replicas the mean over the global
+        batch's labelled pixels, however they are spread.
+        """
+        total = super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        extra = [ops.sum(ops.cast(v, "float32")) for v in self.losses]
+        extra = ops.sum(ops.stack(extra)) if extra else None
+        task = total if extra is None else total - ops.cast(extra, total.dtype)
+        task = ops.cast(task, "float32")
+        if y is None:
+            return task, task, None, extra
+        count = _labelled_pixels(y, self.num_classes, self.ignore_class)
+        local_mean = task * _num_replicas()
+        global_count = _global_sum(ops.stop_gradient(count))
+        term = local_mean * count / ops.maximum(global_count, 1.0)
+        return term, local_mean, count, extra
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        """The loss of one batch (see the class docstring).
+
+        The value returned is this replica's share: under ``tf.distribute``
+        the replicas' values add up to the loss of the global batch (Keras
+        sums the replicas' gradients); on one device it is the loss.
+        """
         parts = _unpack(x)
         n = ops.shape(parts["images"])[0]
-        task = super().compute_loss(
-            x=x,
-            y=y,
-            y_pred=y_pred[:n],
-            sample_weight=sample_weight,
-            training=training,
+        task, task_mean, count, extra = self._task_term(
+            x, y, y_pred[:n], sample_weight, training
         )
-        self.task_loss_tracker.update_state(_unscale_for_replicas(task))
+        self.task_loss_tracker.update_state(
+            task_mean, sample_weight=1.0 if count is None else count
+        )
         total = task
+        if extra is not None:
+            self.extra_loss_tracker.update_state(extra)
+            total = total + ops.cast(extra, total.dtype)
         if self.kl_weight > 0:
-            student, teacher = self._kl_pairs(parts, y_pred, training)
+            student, teacher, has_prediction = self._kl_pairs(parts, y_pred, training)
             if student is not None:
-                kl = self.kl_loss_fn(teacher, student)
-                self.kl_loss_tracker.update_state(_unscale_for_replicas(kl))
+                kl = self._kl_term(student, teacher, has_prediction)
                 total = total + ops.cast(self.kl_weight, kl.dtype) * kl
         return total
+
+    def _kl_term(self, student, teacher, has_prediction):
+        """Mean KL over the global batch's pixels that have a prediction."""
+        values = klseg_losses.kl_divergence(
+            teacher,
+            student,
+            target="logits",
+            temperature=self.temperature,
+        )
+        if has_prediction is None:
+            weights = ops.ones_like(values)
+        else:
+            weights = ops.cast(has_prediction, "float32")
+            values = ops.where(has_prediction, values, 0.0)
+        local_sum = ops.sum(values)
+        count = ops.sum(weights)
+        self.kl_loss_tracker.update_state(
+            local_sum / ops.maximum(count, 1.0), sample_weight=count
+        )
+        return local_sum / ops.maximum(_global_sum(count), 1.0)
+
+    def get_metrics_result(self):
+        """The metrics, with ``loss`` = ``task_loss + kl_weight * kl_loss``.
+
+        Each term is an epoch mean over pixels (see the class docstring), so
+        the logged figures do not depend on how images are grouped into
+        batches.
+        """
+        results = super().get_metrics_result()
+        task = self.task_loss_tracker.result()
+        kl = self.kl_loss_tracker.result()
+        loss = task + ops.cast(self.kl_weight, kl.dtype) * kl
+        if self.extra_loss_tracker.count is not None:
+            loss = loss + self.extra_loss_tracker.result()
+        results.pop(self.extra_loss_tracker.name, None)
+        results["loss"] = loss
+        return results
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         n = ops.shape(_unpack(x)["images"])[0]
