@@ -111,3 +111,10 @@ def test_one_evaluation_path():
     assert counting == []
     assert "klseg.evaluation" in sources[PACKAGE / "runs" / "evaluation.py"]
     assert "evaluation.evaluate(" in sources[PACKAGE / "finetune.py"]
+
+
+def test_run_temperature_range_is_the_losses_range():
+    from klseg import ops
+    from klseg.runs import config
+
+    assert tuple(config.TEMPERATURE_RANGE) == tuple(ops.TEMPERATURE_RANGE)

@@ -40,8 +40,9 @@ KL_INPUTS = ("auto", "target", "source", "both")
 STUDENT_BN = ("trainable", "frozen")
 SOURCE_PREDICTIONS = ("live", "stored")
 
-#: Temperatures of the KL term a run accepts (both ends included).
-TEMPERATURE_RANGE = (0.05, 100.0)
+#: Temperatures of the KL term a run accepts (both ends included): the
+#: losses' range, klseg.ops.TEMPERATURE_RANGE (a test checks they agree).
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 #: Adam learning rate of each job when none is given.
 DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4}
