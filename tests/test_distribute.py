@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(
 SCRIPT = textwrap.dedent(
     """
     import json
+    import sys
+
     import numpy as np
     import tensorflow as tf
 
@@ -37,14 +39,26 @@ SCRIPT = textwrap.dedent(
     from klseg import losses, models
     from klseg.finetune import KLRegularizedModel, clone_student
 
-    SIZE, N = 16, 8
+    # Arguments: student_bn, "even" or "uneven" ignored pixels, epochs.
+    STUDENT_BN, SPREAD, EPOCHS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    SIZE, N = 16, (8 if SPREAD == "even" else 12)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
     source_images = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
     masks = rng.integers(0, 3, (N, SIZE, SIZE)).astype("int32")
-    # The same number of ignored pixels in every image, so that the mean of
-    # per-replica means equals the global mean over valid pixels.
-    masks[:, :4, :] = 255
+    if SPREAD == "even":
+        # The same number of ignored pixels in every image, so that the mean
+        # of per-replica means equals the global mean over valid pixels.
+        masks[:, :4, :] = 255
+    else:
+        # Each batch of 4 is split 2 + 2 over the replicas: in the first,
+        # one replica gets an unlabelled image and a mostly ignored one, the
+        # other fully labelled images; the second has a label-free replica.
+        masks[0] = 255
+        masks[1, :13] = 255
+        masks[4:6] = 255
+        masks[6, :, :3] = 255
+        masks[10, 5:] = 255
     x = {"images": images, "source_images": source_images}
 
     keras.utils.set_random_seed(1)
@@ -72,14 +86,14 @@ SCRIPT = textwrap.dedent(
                 loss=losses.SparseKLDivergence(ignore_class=255),
             )
         before = model.evaluate(dataset(), verbose=0, return_dict=True)
-        history = model.fit(dataset(), epochs=2, verbose=0, shuffle=False)
+        history = model.fit(dataset(), epochs=EPOCHS, verbose=0, shuffle=False)
         after = model.evaluate(dataset(), verbose=0, return_dict=True)
         return {
             "replicas": strategy.num_replicas_in_sync,
             "before": before,
             "train_loss": history.history["loss"],
             "after": after,
-            "weights": [w.tolist() for w in stu.get_weights()[:4]],
+            "weights": [w.tolist() for w in stu.get_weights()],
         }
 
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -92,22 +106,26 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_matches_single_device(tmp_path):
-    import numpy as np
-
+def _run(tmp_path, student_bn, spread, epochs):
     script = tmp_path / "distributed.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     result = subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, str(script), student_bn, spread, str(epochs)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    import numpy as np
+
+    out = _run(tmp_path, "frozen", "even", 2)
     mirrored, single = out["mirrored"], out["single"]
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
 
@@ -118,6 +136,34 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
         )
     assert single["before"]["kl_loss"] > 1e-3
     # A few training steps give the same losses and the same weights.
+    np.testing.assert_allclose(
+        mirrored["train_loss"], single["train_loss"], rtol=1e-5, atol=1e-6
+    )
+    for key in ("loss", "task_loss", "kl_loss"):
+        np.testing.assert_allclose(
+            mirrored["after"][key], single["after"][key], rtol=1e-5, atol=1e-6
+        )
+    assert single["after"]["loss"] < single["before"]["loss"]
+    for a, b in zip(mirrored["weights"], single["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student_bn", ["frozen", "synchronized"])
+def test_uneven_ignored_pixels_match_single_device(tmp_path, student_bn):
+    """Replicas with different numbers of labelled pixels (one with none):
+    the global mean over labelled pixels, and with synchronized BatchNorm
+    the global batch statistics, give one device's losses and weights."""
+    import numpy as np
+
+    out = _run(tmp_path, student_bn, "uneven", 1)
+    mirrored, single = out["mirrored"], out["single"]
+    assert mirrored["replicas"] == 2 and single["replicas"] == 1
+    for key in ("loss", "task_loss", "kl_loss"):
+        np.testing.assert_allclose(
+            mirrored["before"][key], single["before"][key], rtol=1e-5, atol=1e-6
+        )
+    # One epoch of three steps.
     np.testing.assert_allclose(
         mirrored["train_loss"], single["train_loss"], rtol=1e-5, atol=1e-6
     )
