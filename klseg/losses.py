@@ -51,7 +51,6 @@ from klseg.ops import (
     move_axis_last,
     normalize_axis,
     per_pixel_weights,
-    scaled_logits,
     set_mask,
     sparse_labels,
     target_mass,
@@ -210,40 +209,63 @@ def _check_distribution(x, name):
 # Functions -------------------------------------------------------------------
 
 
-@ops.custom_gradient
-def _kl_between_logits(a, b):
-    """KL(softmax(a) || softmax(b)) over the last axis, with a fused gradient.
+def _softmax_parts(x, temperature):
+    """(log softmax, softmax) of ``x / T`` over the last axis, finite.
+
+    As ``klseg.ops.log_softmax``: shifted by the maximum, divided by ``T``,
+    floored at ``LOG_FLOOR``; the maximum of the shifted logits is 0, so the
+    log-sum-exp needs no second shift.
+    """
+    z = x - ops.max(x, axis=-1, keepdims=True)
+    if temperature != 1.0:
+        z = z * (1.0 / temperature)
+    z = ops.maximum(z, LOG_FLOOR)
+    e = ops.exp(z)
+    total = ops.sum(e, axis=-1, keepdims=True)
+    return z - ops.log(total), e / total
+
+
+def _kl_between_logits(a, b, temperature=1.0):
+    """KL(softmax(a / T) || softmax(b / T)) over the last axis, fused gradient.
 
     The gradient is written out instead of differentiating through two
-    ``log_softmax`` calls, which saves several class-sized intermediates:
+    ``log_softmax`` calls, which saves several class-sized intermediates
+    (``P``, ``Q`` the two softmaxes at temperature ``T``):
 
-        d KL / d b = softmax(b) - softmax(a)
-        d KL / d a = softmax(a) * (log softmax(a) - log softmax(b) - KL)
+        d KL / d b = (Q - P) / T
+        d KL / d a = P * (log P - log Q - KL) / T
+
+    These are the gradients of the true divergence, also where a logit gap
+    beyond ``1e15 * T`` floors a log-probability in the value.
     """
-    lp = ops.log_softmax(a, axis=-1)
-    lq = ops.log_softmax(b, axis=-1)
-    p = ops.exp(lp)
-    d = lp - lq
-    kl = ops.sum(p * d, axis=-1)
 
-    def grad(*args, upstream=None):
-        if upstream is None:
-            (upstream,) = args
-        g = ops.expand_dims(upstream, -1)
-        grad_a = g * p * (d - ops.expand_dims(kl, -1))
-        grad_b = g * (ops.exp(lq) - p)
-        return grad_a, grad_b
+    @ops.custom_gradient
+    def kl_fn(a, b):
+        lp, p = _softmax_parts(a, temperature)
+        lq, q = _softmax_parts(b, temperature)
+        d = lp - lq
+        kl = ops.sum(p * d, axis=-1)
 
-    return kl, grad
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            g = ops.expand_dims(upstream, -1)
+            if temperature != 1.0:
+                g = g * (1.0 / temperature)
+            grad_a = g * p * (d - ops.expand_dims(kl, -1))
+            grad_b = g * (q - p)
+            return grad_a, grad_b
+
+        return kl, grad
+
+    return kl_fn(a, b)
 
 
 def _kl_last_axis(y_true, y_pred, from_logits, target, temperature, direction, scale):
     """Per-pixel KL, class axis last, float32 inputs."""
     if target == "logits" and from_logits:
         a, b = (y_true, y_pred) if direction == "forward" else (y_pred, y_true)
-        values = _kl_between_logits(
-            scaled_logits(a, temperature), scaled_logits(b, temperature)
-        )
+        values = _kl_between_logits(a, b, temperature)
     else:
         if target == "probabilities":
             _check_distribution(y_true, "y_true")
@@ -849,12 +871,14 @@ def _takes_labels(loss):
     return type(loss).__name__.startswith("Sparse")
 
 
-def _takes_logits(loss):
-    """Whether a part takes logits: its config says ``from_logits=True``."""
+def _from_logits_argument(loss):
+    """A part's ``from_logits`` setting: True, False, or None (no such
+    argument, as Dice and Tversky, which take probabilities)."""
     try:
-        return loss.get_config().get("from_logits") is True
+        value = loss.get_config().get("from_logits")
     except (NotImplementedError, AttributeError, TypeError):
-        return False
+        return None
+    return None if value is None else bool(value)
 
 
 @keras.saving.register_keras_serializable(package="klseg")
@@ -881,9 +905,10 @@ class WeightedSum(keras.losses.Loss):
       pixel without a label (``ignore_class``, or any label outside ``[0,
       C)`` such as 255) is an all-zero row, and the pixels without a label
       are weighted zero: they carry a Keras mask, so a per-pixel part
-      averages over the labelled pixels only, and a part that pools the
-      whole batch (Dice) sees zeros there in both the target and its
-      probability input, so they add nothing to its sums. A one-hot or soft
+      averages over the labelled pixels only; a part without a
+      ``from_logits`` argument (``Dice``, ``Tversky``: they pool the whole
+      batch) also gets zero probabilities there, so those pixels add
+      nothing to its sums. A one-hot or soft
       ``y_true`` is given unchanged to every part.
     - **Prediction.** ``y_pred`` holds logits when ``from_logits=True``
       (klseg models output logits). A part whose config says
@@ -1001,7 +1026,8 @@ class WeightedSum(keras.losses.Loss):
         one_hot = valid = None
         total = None
         for weight, loss in zip(self.weights, self.losses):
-            takes_logits = _takes_logits(loss)
+            from_logits = _from_logits_argument(loss)
+            takes_logits = from_logits is True
             if takes_logits and logits is None:
                 _, logits = log_probs(y_pred, "probabilities")
             if not takes_logits and probs is None:
@@ -1012,12 +1038,14 @@ class WeightedSum(keras.losses.Loss):
                 if one_hot is None:
                     one_hot, valid = self._dense_target(y_true, y_pred)
                 target = one_hot
-                # A fresh tensor carrying the mask of labelled pixels, with
-                # zeros off it (for parts that pool, such as Dice).
-                mask = ops.expand_dims(valid, -1)
-                prediction = set_mask(
-                    ops.where(mask, prediction, ops.zeros_like(prediction)), valid
-                )
+                if from_logits is None:
+                    # Dice, Tversky: they pool the batch; zeros add nothing.
+                    mask = ops.expand_dims(valid, -1)
+                    prediction = ops.where(mask, prediction, 0.0)
+                else:
+                    # A fresh tensor, to carry this part's mask alone.
+                    prediction = ops.add(prediction, 0.0)
+                prediction = set_mask(prediction, valid)
             value = loss(target, prediction, sample_weight=sample_weight)
             value = ops.cast(value, "float32") * weight
             total = value if total is None else total + value
