@@ -176,6 +176,20 @@ def test_finetune_refuses_a_users_project_folder(bench, model, tmp_path, overwri
     assert snapshot(proj) == before
 
 
+@pytest.mark.parametrize("command", ["sweep", "demo"])
+def test_sweep_and_demo_refuse_a_users_project_folder(bench, model, tmp_path, command):
+    proj = user_project(tmp_path / "proj", bench / "source")
+    before = snapshot(proj)
+    if command == "sweep":
+        args = [*finetune_args(bench, model, proj), "--kl-weight", "0,0.5"]
+    else:
+        args = ["demo", "--quick", "--output", proj, "--quiet"]
+    for extra in ([], ["--overwrite"]):
+        result = refused(*args, *extra)
+        assert f"{proj} is not empty and was not written by klseg" in result.output
+    assert snapshot(proj) == before
+
+
 def test_a_folder_holding_only_a_config_is_not_a_run(bench, tmp_path):
     """A config.yaml alone (the name klseg uses) does not make a run folder."""
     proj = tmp_path / "proj"
@@ -279,6 +293,54 @@ def test_predict_output_inside_or_equal_to_its_images_is_refused(
     assert snapshot(images) == before
 
 
+def test_an_input_reached_through_a_link_is_still_an_input(bench, model, tmp_path):
+    """A symbolic link must not hide that an output and an input overlap."""
+    pred = tmp_path / "pred"
+    ok(
+        "predict",
+        "--model",
+        model,
+        "--images",
+        bench / "target" / "val",
+        "--output",
+        pred,
+        "--quiet",
+    )
+    (tmp_path / "alias").symlink_to(pred)
+    before = snapshot(pred)
+    result = refused(
+        "predict",
+        "--model",
+        model,
+        "--images",
+        tmp_path / "alias" / "overlays",
+        "--output",
+        pred,
+        "--overwrite",
+    )
+    assert f"--output {pred} contains the input --images" in result.output
+    assert snapshot(pred) == before  # the overlays read as input are intact
+
+    data = tmp_path / "train"
+    shutil.copytree(bench / "source" / "train", data)
+    (tmp_path / "data-link").symlink_to(data)
+    before = snapshot(data)
+    out = tmp_path / "data-link" / "run"
+    result = refused(
+        "train",
+        "--data",
+        data,
+        "--val-data",
+        bench / "source" / "val",
+        "--output",
+        out,
+        *TINY_MODEL,
+        *TINY_RUN,
+    )
+    assert f"output {out} lies inside the input data {data}" in result.output
+    assert snapshot(data) == before
+
+
 # --------------------------------------------------------------------------
 # --overwrite and reuse replace only klseg's own entries
 # --------------------------------------------------------------------------
@@ -297,8 +359,15 @@ def test_overwrite_replaces_a_run_and_keeps_the_users_files(
         for k, v in snapshot(run).items()
         if k.split("/")[0] in ("notes.txt", "extra")
     }
-    # klseg's own entries: a stale file inside one shows the run is replaced.
+    # klseg's own entries: a stale file inside one shows the run is replaced;
+    # one of them made a link to the user's folder, which must survive.
     (run / "plots" / "stale.png").write_bytes(b"old")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("a,b\n1,2\n")
+    mine_before = snapshot(mine)
+    shutil.rmtree(run / "logs")
+    (run / "logs").symlink_to(mine)
     before = snapshot(run)
     old_model = (run / "model.keras").stat().st_mtime_ns  # copytree keeps it
 
@@ -309,6 +378,8 @@ def test_overwrite_replaces_a_run_and_keeps_the_users_files(
     ok(*train_args(bench, run), "--overwrite")
 
     assert_kept(user, run)
+    assert snapshot(mine) == mine_before
+    assert (run / "logs").is_dir() and not (run / "logs").is_symlink()
     assert not (run / "plots" / "stale.png").exists()
     assert (run / "model.keras").stat().st_mtime_ns > old_model
     assert json.loads((run / MARKER).read_text())["kind"] == "run"

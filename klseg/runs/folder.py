@@ -268,11 +268,25 @@ def _remove_klseg_entry(path):
 
 
 def _resolved(path):
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
+    """``path`` as written (absolute) and with every symbolic link resolved:
+    a link can make an output and an input the same folder."""
+    path = os.path.expanduser(str(path))
+    return Path(os.path.abspath(path)), Path(os.path.realpath(path))
+
+
+def _relation(out, source):
+    if out == source:
+        return "is"
+    if out in source.parents:
+        return "contains"
+    if source in out.parents:
+        return "lies inside"
+    return None
 
 
 def check_inputs_not_outputs(outputs, inputs):
-    """Refuse an output that is, contains or lies inside an input.
+    """Refuse an output that is, contains or lies inside an input, also when
+    a symbolic link on either path leads there.
 
     Args:
         outputs: ``{option: path}`` of what a job writes.
@@ -292,13 +306,8 @@ def check_inputs_not_outputs(outputs, inputs):
             if str(in_path).startswith("tfds:"):
                 continue
             source = _resolved(in_path)
-            if out == source:
-                relation = "is"
-            elif out in source.parents:
-                relation = "contains"
-            elif source in out.parents:
-                relation = "lies inside"
-            else:
+            relation = _relation(out[0], source[0]) or _relation(out[1], source[1])
+            if relation is None:
                 continue
             raise errors.RunError(
                 f"{out_name} {out_path} {relation} the input {in_name} {in_path}: "
