@@ -1,11 +1,14 @@
 """Keras callbacks of the training jobs.
 
 Validation is ``klseg.finetune.DomainEvaluation`` (the one validation
-callback; see :func:`validation`); it runs before :class:`RunCheckpoint`, so
-the scores it adds to the epoch logs reach the checkpoint, the history file
-and :class:`EpochScalars`. :class:`StopOnNonFinite` and :class:`StopOnInterrupt`
-raise from the batch in which the problem appears, before any epoch-end
-callback can save a checkpoint or a "best" model from it.
+callback; see :func:`validation`); it runs before :class:`StopOnNonFinite`
+and :class:`RunCheckpoint`, so the scores it adds to the epoch logs are
+checked, then reach the history file, the checkpoint and
+:class:`EpochScalars`. :class:`StopOnNonFinite` and :class:`StopOnInterrupt`
+raise from the batch in which the problem appears, and
+:class:`StopOnNonFinite` again at the end of an epoch that left the model
+broken, before any later callback can save a checkpoint or a "best" model
+from it.
 """
 
 import math
@@ -63,29 +66,39 @@ class RunCheckpoint(keras.callbacks.Callback):
             better = self.best is None or value < self.best
         else:
             better = self.best is None or value > self.best
-        if math.isfinite(value) and better:
-            self.best, self.best_epoch = value, epoch + 1
-            save_model(self.save_model, self.run.model)
-        state = {
-            "epoch": epoch + 1,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "monitor": self.monitor,
-            "seed": self.seed,
-            "optimizer_iterations": int(to_numpy(self.model.optimizer.iterations)),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        save_checkpoint(self.run, self.model, self.model.optimizer, state)
+        # A Ctrl-C waits until both files are written: model.keras never
+        # holds an epoch that the checkpoint does not record.
+        with runtime.uninterrupted():
+            if math.isfinite(value) and better:
+                self.best, self.best_epoch = value, epoch + 1
+                save_model(self.save_model, self.run.model)
+            state = {
+                "epoch": epoch + 1,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "monitor": self.monitor,
+                "seed": self.seed,
+                "optimizer_iterations": int(to_numpy(self.model.optimizer.iterations)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            save_checkpoint(self.run, self.model, self.model.optimizer, state)
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
     """Stop at the first batch whose loss is NaN or infinite.
 
     Raises ``klseg.errors.TrainingDiverged`` naming the epoch and the step,
-    so the epoch is never completed: no checkpoint and no "best" model come
-    from it, and the last good checkpoint stays in place.
+    so the epoch is never completed: no checkpoint, history row or "best"
+    model comes from it, and the last good checkpoint stays in place.
 
-    Every log entry whose name ends in ``loss`` is checked.
+    Checked after every batch: each log entry whose name ends in ``loss``.
+    Checked at the end of each epoch, so that it must run after the
+    validation callback and before the checkpoint: the same entries, the
+    validation losses, and the model's weights. The last step's update can
+    leave NaN weights behind a finite loss, and float16 inference can
+    overflow where training did not; either makes the epoch bad. A
+    validation loss is NaN without a fault when its data has no labelled
+    pixel; that is recognised by its pixel accuracy being NaN too.
 
     Args:
         hint: sentence appended to the message (what to try).
@@ -97,26 +110,65 @@ class StopOnNonFinite(keras.callbacks.Callback):
         self.hint = hint
         self.steps = steps
         self.epoch = 0
+        self.step = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self.step = 0
+
+    def _diverged(self, what, step):
+        of = f" of {self.steps}" if self.steps else ""
+        return errors.TrainingDiverged(
+            f"training diverged: {what} at epoch {self.epoch + 1}, step "
+            f"{step}{of}. {self.hint}".rstrip(),
+            epoch=self.epoch + 1,
+            step=step,
+        )
 
     def on_train_batch_end(self, batch, logs=None):
-        for key, value in (logs or {}).items():
-            if not key.endswith("loss"):
-                continue
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue
+        self.step = batch + 1
+        for key, value in _losses(logs):
             if not math.isfinite(value):
-                of = f" of {self.steps}" if self.steps else ""
-                raise errors.TrainingDiverged(
-                    f"training diverged: {key} became {value} at epoch "
-                    f"{self.epoch + 1}, step {batch + 1}{of}. {self.hint}",
-                    epoch=self.epoch + 1,
-                    step=batch + 1,
-                )
+                raise self._diverged(f"{key} became {value}", batch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        step = self.step or self.steps
+        for key, value in _losses(logs):
+            if math.isfinite(value):
+                continue
+            if key.startswith("val_"):
+                accuracy = logs.get(key[: -len("loss")] + "pixel_accuracy")
+                if accuracy is not None and not math.isfinite(float(accuracy)):
+                    continue  # no labelled pixel to score
+            raise self._diverged(f"{key} became {value} (after the last step)", step)
+        bad = _non_finite_weight(self.model)
+        if bad is not None:
+            raise self._diverged(
+                f"the weights of {bad} are no longer finite (after the last step)",
+                step,
+            )
+
+
+def _losses(logs):
+    for key, value in (logs or {}).items():
+        if not key.endswith("loss"):
+            continue
+        try:
+            yield key, float(value)
+        except (TypeError, ValueError):
+            continue
+
+
+def _non_finite_weight(model):
+    """The path of the first floating-point weight holding NaN or inf."""
+    ops = keras.ops
+    for weight in model.weights:
+        if "float" not in str(weight.dtype):
+            continue
+        if not bool(ops.all(ops.isfinite(weight.value))):
+            return weight.path
+    return None
 
 
 class StopOnInterrupt(keras.callbacks.Callback):

@@ -2,9 +2,12 @@
 
 :func:`in_run_folder` opens the run folder (new, reused or resumed, by the
 policy of :mod:`klseg.runs.folder`) and runs the job in it.
-:func:`fit` runs ``model.fit`` with klseg's callbacks in their order:
-validation, the non-finite-loss stop, the interrupt check, checkpoints and
-the best model, the history file, TensorBoard scalars, then the caller's.
+:func:`fit` runs ``model.fit`` with klseg's callbacks in their order: the
+interrupt check, validation, the non-finite-loss stop, the history file,
+checkpoints and the best model, TensorBoard scalars, then the caller's. An
+epoch that diverges or is interrupted writes none of the files after it; the
+history row comes before the checkpoint so that a resumed run never misses
+the row of a checkpointed epoch (it drops rows past the checkpoint).
 """
 
 import shutil
@@ -53,10 +56,28 @@ def in_run_folder(cfg, job, *, is_chief=True, kind="run", abandoned=None):
 def _divergence_hint(cfg, learning_rate):
     hint = f"Lower --learning-rate (it was {learning_rate:g})"
     if cfg.mixed_precision != "off":
-        hint += ", or train without --mixed-precision"
+        hint += " or train without --mixed-precision"
+    return hint + "."
+
+
+def _after_divergence(run):
+    """What a diverged run kept, and how to start it again."""
+    latest = run.latest_checkpoint()
+    if latest is None:
+        return (
+            "Then start the run again; no epoch was completed, so there is "
+            "nothing to --resume."
+        )
+    state = latest[1]
+    best = state.get("best_epoch")
+    kept = (
+        f"model.keras is the best of them (epoch {best})"
+        if best
+        else "no epoch gave a finite score, so there is no model.keras"
+    )
     return (
-        hint + "; then start again (--overwrite), or --resume from the last "
-        "completed epoch if one was saved."
+        "Then start the run again with --overwrite. Epochs up to "
+        f"{state['epoch']} are kept in {run.checkpoints}; {kept}."
     )
 
 
@@ -76,15 +97,18 @@ def fit(
 ):
     """``model.fit`` with validation, checkpoints, history, logs and resume.
 
-    ``validation`` is an ``EpochValidation`` callback; it runs first, so the
-    metrics it adds to the epoch logs reach the checkpoint, the history and
-    TensorBoard. ``callbacks`` run after klseg's own.
+    ``validation`` is the validation callback (:func:`klseg.runs.callbacks.
+    validation`); it runs before the checks and the writers, so the metrics
+    it adds to the epoch logs are checked, then reach the history, the
+    checkpoint and TensorBoard. ``callbacks`` run after klseg's own.
 
     Returns:
         The state of the last checkpoint (``None`` when no epoch ran).
 
     Raises:
-        klseg.errors.TrainingDiverged: the loss became NaN or infinite.
+        klseg.errors.TrainingDiverged: the loss, a validation loss or a
+            weight became NaN or infinite; the message names the epoch and
+            the step, what to try, and what the run kept.
     """
     state = checkpoint[1] if checkpoint else None
     initial_epoch = int(state["epoch"]) if state else 0
@@ -108,27 +132,32 @@ def fit(
     if initial_epoch:
         say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
     all_callbacks = [
-        cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
         cb.StopOnInterrupt(),
         validation,
+        cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
+        keras.callbacks.CSVLogger(str(run.history), append=True),
         cb.RunCheckpoint(
             run, monitor, save_model=save_model, state=state, seed=cfg.seed
         ),
-        keras.callbacks.CSVLogger(str(run.history), append=True),
         cb.EpochScalars(run.logs),
         *list(callbacks or []),
     ]
     if cfg.strategy == "multi-worker":
         runtime.multi_worker_fit_fixes(model, train_ds)
-    model.fit(
-        train_ds,
-        epochs=cfg.epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=steps,
-        callbacks=all_callbacks,
-        shuffle=False,  # the datasets shuffle themselves, with the run's seed
-        verbose=_fit_verbosity(cfg.verbose),
-    )
+    try:
+        model.fit(
+            train_ds,
+            epochs=cfg.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=all_callbacks,
+            shuffle=False,  # the datasets shuffle themselves, with the run's seed
+            verbose=_fit_verbosity(cfg.verbose),
+        )
+    except errors.TrainingDiverged as e:
+        raise errors.TrainingDiverged(
+            f"{e} {_after_divergence(run)}", epoch=e.epoch, step=e.step
+        ) from None
     latest = run.latest_checkpoint()
     return latest[1] if latest else state
 

@@ -6,7 +6,8 @@
 - :func:`make_optimizer`: Adam, with loss scaling under float16;
 - :func:`multi_worker_fit_fixes`: the contained workaround that lets Keras 3
   ``fit`` run under ``MultiWorkerMirroredStrategy``;
-- :func:`interrupt_handler`: Ctrl-C that is never lost inside library code.
+- :func:`interrupt_handler`: Ctrl-C that is never lost inside library code;
+  :func:`uninterrupted` holds it back while a checkpoint is written.
 
 TensorFlow and Keras are imported inside the functions.
 """
@@ -30,6 +31,8 @@ __all__ = [
     "multi_worker_fit_fixes",
     "precision",
     "raise_if_interrupted",
+    "uninterrupted",
+    "was_interrupted",
 ]
 
 
@@ -171,6 +174,7 @@ def multi_worker_fit_fixes(model, dataset):
 # --------------------------------------------------------------------------
 
 _interrupted = threading.Event()
+_held = 0  # depth of uninterrupted() blocks
 
 
 def raise_if_interrupted():
@@ -180,7 +184,26 @@ def raise_if_interrupted():
 
 
 def was_interrupted():
+    """Whether a Ctrl-C was caught inside the current interrupt handler."""
     return _interrupted.is_set()
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold back a Ctrl-C until the block is done, then raise it.
+
+    Inside :func:`interrupt_handler`, the files an epoch end writes (the
+    best model, the checkpoint) are then written completely or not at all
+    by the same Ctrl-C. A second Ctrl-C still stops the process at once.
+    """
+    global _held
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+    if not _held:
+        raise_if_interrupted()
 
 
 def _ignore_lost_interrupts(unraisable):
@@ -203,8 +226,9 @@ def interrupt_handler():
     flag; where library code swallows the exception (Python ignores
     exceptions in garbage-collection callbacks), the flag makes the next
     training batch raise it (:class:`klseg.runs.callbacks.StopOnInterrupt`)
-    and the command still ends as interrupted. A second Ctrl-C stops the
-    process at once with status 130.
+    and the block still ends with ``KeyboardInterrupt``. Inside
+    :func:`uninterrupted` the exception waits for the end of that block. A
+    second Ctrl-C stops the process at once with status 130.
     """
     global _previous_hook
     if threading.current_thread() is not threading.main_thread():
@@ -218,7 +242,8 @@ def interrupt_handler():
             sys.stderr.flush()
             os._exit(130)
         _interrupted.set()
-        raise KeyboardInterrupt
+        if not _held:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handle)
     _previous_hook = sys.unraisablehook
