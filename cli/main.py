@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
 import warnings
 from pathlib import Path
 
@@ -78,15 +79,31 @@ def _format_warning(message, category, filename, lineno, line=None):
 
 
 def _run_errors(fn):
-    """Turn klseg's errors into exit codes without tracebacks."""
+    """Turn klseg's errors into exit codes without tracebacks.
+
+    A Ctrl-C (``KeyboardInterrupt``, or any error raised once one was
+    caught: an interrupted import can surface as another exception) prints
+    one line, ``Interrupted.`` with the resume hint, and exits 130. A Ctrl-C
+    held since start-up (:mod:`klseg.cli.entry`) stops the command before
+    it starts.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from klseg.runs.runtime import interrupt_handler
+        from klseg.runs.runtime import interrupt_handler, was_interrupted
+
+        from .entry import take_interrupt
 
         try:
-            with interrupt_handler():
-                return fn(*args, **kwargs)
+            try:
+                with interrupt_handler():
+                    if take_interrupt():
+                        raise KeyboardInterrupt
+                    return fn(*args, **kwargs)
+            except Exception:
+                if was_interrupted():
+                    raise KeyboardInterrupt from None
+                raise
         except click.ClickException:
             raise
         except errors.InvalidArgumentError as e:
@@ -107,7 +124,7 @@ def _run_errors(fn):
 def _resume_hint(ctx):
     """How to continue an interrupted run, when there is something to resume:
     a completed epoch saved in the run folder (or in a sweep's runs)."""
-    values = ctx.meta.get("klseg.values", {})
+    values = ctx.meta.get("klseg.values") or ctx.params
     if "resume" not in values or not values.get("output"):
         return ""
     out = Path(values["output"])
@@ -116,7 +133,7 @@ def _resume_hint(ctx):
     if any(p.is_file() for p in saved):
         return (
             f" Continue it with: klseg {ctx.info_name} "
-            f"--output {values['output']} --resume"
+            f"--output {shlex.quote(str(values['output']))} --resume"
         )
     return " No epoch was completed, so there is nothing to --resume; start it again."
 
@@ -180,13 +197,15 @@ def _run_options(fn):
         ),
         click.option(
             "--monitor",
-            default="auto",
+            default=_default(_TRAIN, "monitor"),
             show_default=True,
             help="History column that picks the best epoch for model.keras "
             "(lowest for *loss and val_forgetting, else highest), or 'auto' "
             "(val_mean_iou for train, val_target_mean_iou for finetune).",
         ),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--seed", type=int, default=_default(_TRAIN, "seed"), show_default=True
+        ),
         click.option(
             "--strategy",
             type=click.Choice(STRATEGIES),
@@ -206,7 +225,7 @@ def _run_options(fn):
         click.option(
             "--mixed-precision",
             type=MixedPrecision(MIXED_PRECISION),
-            default="off",
+            default=_default(_TRAIN, "mixed_precision"),
             is_flag=False,
             flag_value="auto",
             show_default=True,
@@ -290,7 +309,7 @@ def cli():
 @click.option(
     "--model",
     type=click.Choice(MODELS),
-    default="unet",
+    default=_default(_TRAIN, "model"),
     show_default=True,
     help="Architecture.",
 )
@@ -445,9 +464,17 @@ def finetune(ctx, **_):
     type=click.IntRange(min=8),
     help="Resize to this size  [default: the run's training size].",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
-    "--ignore-value", type=click.IntRange(0, 255), default=255, show_default=True
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_default(run_config.EvaluateConfig, "batch_size"),
+    show_default=True,
+)
+@click.option(
+    "--ignore-value",
+    type=click.IntRange(0, 255),
+    default=_default(run_config.EvaluateConfig, "ignore_value"),
+    show_default=True,
 )
 @click.option("--class-map", type=_PATH, help="JSON file mapping mask values.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
@@ -488,7 +515,7 @@ def evaluate(ctx, **_):
 @click.option(
     "--alpha",
     type=FiniteFloat(0, 1),
-    default=0.5,
+    default=_default(run_config.PredictConfig, "alpha"),
     show_default=True,
     help="Opacity of the overlay colours.",
 )
@@ -547,14 +574,35 @@ def data():
 @_config_option
 @click.option("--output", "-o", type=_PATH, help="Folder to write.")
 @click.option(
-    "--image-size", type=click.IntRange(min=16), default=64, show_default=True
+    "--image-size",
+    type=click.IntRange(min=16),
+    default=_default(run_config.SynthConfig, "image_size"),
+    show_default=True,
 )
-@click.option("--num-train", type=click.IntRange(min=1), default=160, show_default=True)
-@click.option("--num-val", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
-    "--num-unlabeled", type=click.IntRange(min=0), default=160, show_default=True
+    "--num-train",
+    type=click.IntRange(min=1),
+    default=_default(run_config.SynthConfig, "num_train"),
+    show_default=True,
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--num-val",
+    type=click.IntRange(min=1),
+    default=_default(run_config.SynthConfig, "num_val"),
+    show_default=True,
+)
+@click.option(
+    "--num-unlabeled",
+    type=click.IntRange(min=0),
+    default=_default(run_config.SynthConfig, "num_unlabeled"),
+    show_default=True,
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=_default(run_config.SynthConfig, "seed"),
+    show_default=True,
+)
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder.")
 @click.pass_context
 @_run_errors
@@ -581,7 +629,7 @@ def synth(ctx, **_):
     "--output",
     "-o",
     type=_PATH,
-    default="klseg-demo",
+    default=_default(run_config.DemoConfig, "output"),
     show_default=True,
     help="Folder for the data, runs, report and export.",
 )
@@ -598,7 +646,12 @@ def synth(ctx, **_):
     "--finetune-epochs", type=click.IntRange(min=1), help="Fine-tuning epochs."
 )
 @click.option("--kl-weight", type=FiniteFloat(min=0), help="KL weight of the KL run.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=_default(run_config.DemoConfig, "seed"),
+    show_default=True,
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context
