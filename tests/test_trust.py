@@ -11,7 +11,10 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,6 +190,27 @@ def test_sweep_and_demo_refuse_a_users_project_folder(bench, model, tmp_path, co
     for extra in ([], ["--overwrite"]):
         result = refused(*args, *extra)
         assert f"{proj} is not empty and was not written by klseg" in result.output
+    assert snapshot(proj) == before
+
+
+def test_the_installed_command_refuses_and_keeps_everything(bench, tmp_path):
+    """The console script itself, in its own process: exit status 1, the
+    message on stderr, not a file lost."""
+    klseg = Path(sys.executable).with_name("klseg")
+    assert klseg.is_file(), "pip install -e . installs the klseg command"
+    proj = user_project(tmp_path / "proj", bench / "source")
+    before = snapshot(proj)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [klseg, "data", "synth", "--output", proj, "--overwrite"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"--output {proj} is not empty and was not written by klseg" in (done.stderr)
+    assert "Traceback" not in done.stderr
     assert snapshot(proj) == before
 
 
@@ -616,11 +640,18 @@ def test_train_data_with_values_above_num_classes(bench, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("option", ["--val-data", "--source-val-data"])
-def test_finetune_eval_data_with_values_above_the_models_classes(
+_FINETUNE_FOLDERS = {
+    "--data": ("target", "train"),
+    "--val-data": ("target", "val"),
+    "--source-val-data": ("source", "val"),
+}
+
+
+@pytest.mark.parametrize("option", list(_FINETUNE_FOLDERS))
+def test_finetune_masks_with_values_above_the_models_classes(
     bench, model, tmp_path, option
 ):
-    folder = bench / ("target" if option == "--val-data" else "source") / "val"
+    folder = bench.joinpath(*_FINETUNE_FOLDERS[option])
     bad, name = copy_with_bad_mask(folder, tmp_path / "bad", 11)
     args = finetune_args(bench, model, tmp_path / "o")
     if option in args:
@@ -631,6 +662,13 @@ def test_finetune_eval_data_with_values_above_the_models_classes(
     assert option in result.output
     assert name in result.output and "[11]" in result.output
     assert not (tmp_path / "o" / "model.keras").exists()
+
+
+def test_evaluate_masks_with_values_above_the_models_classes(bench, model, tmp_path):
+    bad, name = copy_with_bad_mask(bench / "target" / "val", tmp_path / "bad", 200)
+    result = refused("evaluate", "--model", model, "--data", bad)
+    assert "--data" in result.output
+    assert name in result.output and "[200]" in result.output
 
 
 # --------------------------------------------------------------------------
@@ -691,6 +729,19 @@ def test_evaluate_output_under_a_file(bench, model, tmp_path):
     assert f"{afile} is a file, not a folder" in result.output
     assert "File exists" not in result.output
     assert afile.read_text() == "not a folder\n"
+    folder = tmp_path / "results"
+    (folder / "kept").mkdir(parents=True)
+    result = refused(
+        "evaluate",
+        "--model",
+        model,
+        "--data",
+        bench / "target" / "val",
+        "--output",
+        folder,
+    )
+    assert f"--output {folder} is a folder" in result.output
+    assert [p.name for p in folder.iterdir()] == ["kept"]
 
 
 def test_evaluate_output_never_overwrites_a_foreign_file(bench, model, tmp_path):
