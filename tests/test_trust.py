@@ -409,6 +409,39 @@ def test_overwrite_replaces_a_run_and_keeps_the_users_files(
     assert json.loads((run / MARKER).read_text())["kind"] == "run"
 
 
+@pytest.mark.slow
+def test_sweep_overwrite_keeps_user_files_in_and_beside_its_runs(
+    bench, model, tmp_path
+):
+    out = tmp_path / "sweep"
+    args = [*finetune_args(bench, model, out), "--kl-weight", "0,0.5"]
+    # A sweep that stopped in its first run (bad masks) leaves klseg folders.
+    bad, _ = copy_with_bad_mask(bench / "target" / "val", tmp_path / "bad", 9)
+    first = list(args)
+    first[first.index("--val-data") + 1] = bad
+    refused(*first)
+    assert json.loads((out / MARKER).read_text())["kind"] == "sweep"
+    assert json.loads((out / "kl_0" / MARKER).read_text())["kind"] == "run"
+    # The user keeps notes in its run and a folder of their own beside it
+    # (named like klseg's runs, but without a marker).
+    (out / "kl_0" / "notes.txt").write_text("lr too high?\n")
+    (out / "kl_backup").mkdir()
+    shutil.copy(model, out / "kl_backup" / "model.keras")
+    user = {
+        k: v
+        for k, v in snapshot(out).items()
+        if k in ("kl_0/notes.txt",) or k.startswith("kl_backup")
+    }
+    ok(*args, "--overwrite")
+    assert_kept(user, out)
+    for name in ("kl_0", "kl_0.5"):
+        assert (out / name / "model.keras").is_file()
+    assert set(json.loads((out / "metrics.json").read_text())["runs"]) == {
+        "kl_0",
+        "kl_0.5",
+    }
+
+
 def test_a_rejected_run_leaves_a_folder_the_next_run_reuses(bench, tmp_path):
     out = tmp_path / "o"
     args = train_args(bench, out)

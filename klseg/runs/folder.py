@@ -12,7 +12,10 @@ anything else. It names the kind of output. The rules:
 - Resuming, reusing an abandoned run (one that stopped before completing an
   epoch) and ``--overwrite`` apply to marked folders only, and remove only
   the entries klseg writes there (``OWNED[kind]``); other files kept inside
-  a klseg folder stay where they are.
+  a klseg folder stay where they are. An entry that is a klseg folder itself
+  (``NESTED``: a sweep's ``kl_*`` runs, the demo's parts) is klseg's only
+  when it carries a marker, and is cleared by its own policy: foreign files
+  in it stay, and so does its marker then.
 - Inputs are never outputs: an output that is, contains or lies inside an
   input file or folder is refused before anything is written.
 - A run that fails or is interrupted before it completes an epoch leaves a
@@ -79,6 +82,14 @@ OWNED = {
     ),
 }
 
+#: The entries of ``OWNED`` that are klseg output folders themselves (a
+#: sweep's runs, the demo's data, runs and export): klseg's only when they
+#: carry a marker, so a user's own ``kl_backup/`` or ``data/`` is foreign.
+NESTED = {
+    "sweep": ("kl_*",),
+    "demo": ("data", "source", "finetune-plain", "finetune-kl", "export"),
+}
+
 _WHAT = {
     "run": "training run",
     "sweep": "KL-weight sweep",
@@ -128,9 +139,11 @@ class OutputFolder:
             ) from None
 
     def is_owned(self, name):
-        return name == MARKER or any(
-            fnmatch.fnmatch(name, pattern) for pattern in OWNED[self.kind]
-        )
+        if name == MARKER:
+            return True
+        if any(fnmatch.fnmatch(name, p) for p in NESTED.get(self.kind, ())):
+            return (self.path / name / MARKER).is_file()
+        return any(fnmatch.fnmatch(name, pattern) for pattern in OWNED[self.kind])
 
     def entries(self):
         if not self.path.is_dir():
@@ -258,8 +271,10 @@ def _remove_klseg_entry(path):
         if kind in OWNED:
             inner = OutputFolder(path, kind)
             inner.remove_owned()
-            inner.marker.unlink()
-            if not any(path.iterdir()):
+            # With foreign files left the folder keeps its marker: it stays
+            # a klseg folder that the job now writing here can use again.
+            if not inner.foreign_entries():
+                inner.marker.unlink()
                 path.rmdir()
             return
         shutil.rmtree(path)
