@@ -48,6 +48,7 @@ from klseg.ops import (
     check_argument,
     concrete,
     log_probs,
+    log_softmax,
     move_axis_last,
     normalize_axis,
     per_pixel_weights,
@@ -212,17 +213,12 @@ def _check_distribution(x, name):
 def _softmax_parts(x, temperature):
     """(log softmax, softmax) of ``x / T`` over the last axis, finite.
 
-    As ``klseg.ops.log_softmax``: shifted by the maximum, divided by ``T``,
-    floored at ``LOG_FLOOR``; the maximum of the shifted logits is 0, so the
-    log-sum-exp needs no second shift.
+    As ``klseg.ops.log_softmax``: the log-probabilities are floored at
+    ``LOG_FLOOR``, which turns the ``-inf`` of a logit gap beyond the
+    float32 range into a finite value.
     """
-    z = x - ops.max(x, axis=-1, keepdims=True)
-    if temperature != 1.0:
-        z = z * (1.0 / temperature)
-    z = ops.maximum(z, LOG_FLOOR)
-    e = ops.exp(z)
-    total = ops.sum(e, axis=-1, keepdims=True)
-    return z - ops.log(total), e / total
+    lp = log_softmax(x, temperature)
+    return lp, ops.exp(lp)
 
 
 def _kl_between_logits(a, b, temperature=1.0):

@@ -43,7 +43,6 @@ __all__ = [
     "pixel_weights",
     "segment_counts",
     "safe_log",
-    "scaled_logits",
     "set_mask",
     "sparse_labels",
     "split_count",
@@ -105,35 +104,26 @@ def as_float32(x):
 def log_softmax(x, temperature=1.0):
     """``log_softmax(x / temperature)`` over the last axis, finite for finite x.
 
-    The logits are shifted by their maximum first (``x - max`` is at most
-    0; beyond the float32 range it becomes ``-inf``), divided by the
-    temperature, and floored at ``LOG_FLOOR`` before the ``log_softmax``. For
-    logit gaps below ``1e15 * temperature`` this is the plain
-    ``log_softmax`` (the shift does not change it); larger gaps give
-    log-probabilities of about ``LOG_FLOOR`` (probability 0) instead of
-    ``-inf``, whose products with zero probabilities would be NaN.
+    Floored at ``LOG_FLOOR``: for logit gaps below ``1e15 * temperature``
+    this is the plain ``log_softmax``; larger gaps (up to the whole float32
+    range, where ``x - max`` overflows to ``-inf``) give ``LOG_FLOOR``
+    (probability 0) instead of ``-inf``, whose products with zero
+    probabilities would be NaN. Below ``T = 1`` the logits are shifted by
+    their maximum before the division, so ``x / T`` cannot overflow to
+    ``+inf``.
 
     Args:
         x: float32 logits, classes on the last axis.
         temperature: a float in ``TEMPERATURE_RANGE``. Defaults to 1.0.
 
     Returns:
-        float32 log-probabilities, at least ``LOG_FLOOR - log(C)``.
+        float32 log-probabilities in ``[LOG_FLOOR, 0]``.
     """
-    return ops.log_softmax(scaled_logits(x, temperature), axis=-1)
-
-
-def scaled_logits(x, temperature=1.0):
-    """``(x - max x) / temperature`` floored at ``LOG_FLOOR``: finite logits.
-
-    Their softmax is that of ``x / temperature`` up to the floor (see
-    ``log_softmax``); the maximum is taken without gradient, as softmax
-    does not depend on it.
-    """
-    z = x - ops.stop_gradient(ops.max(x, axis=-1, keepdims=True))
-    if temperature != 1.0:
-        z = z / temperature
-    return ops.maximum(z, LOG_FLOOR)
+    if temperature < 1.0:
+        x = (x - ops.stop_gradient(ops.max(x, axis=-1, keepdims=True))) / temperature
+    elif temperature != 1.0:
+        x = x / temperature
+    return ops.maximum(ops.log_softmax(x, axis=-1), LOG_FLOOR)
 
 
 def safe_log(p):
