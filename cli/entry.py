@@ -4,7 +4,7 @@ Importing the command layer (click, the option types, the run configs)
 takes a noticeable time, and Python's own Ctrl-C handling would print a
 traceback from the middle of it. :func:`main` therefore installs a handler
 before importing anything: a Ctrl-C is held until a command's own handler
-takes over (it then stops at once; see ``klseg.cli.main._run_errors``), or
+takes over (it then stops at once; see ``klseg.cli.options.run_errors``), or
 until the command line is done, and the process exits with status 130 after
 one line, ``Interrupted.``. A second Ctrl-C exits 130 at once.
 
