@@ -3,14 +3,14 @@
 import math
 import time
 
-from klseg.files import write_json, yaml_text
+from klseg.files import yaml_text
 from klseg.runs import classmaps, inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
-from klseg.runs.fit import fit, in_run_folder, say
+from klseg.runs.fit import curves_section, finish, fit, in_run_folder, say
 from klseg.runs.folder import check_inputs_not_outputs
-from klseg.runs.results import RunResult, pct
+from klseg.runs.results import pct
 
 __all__ = ["finetune", "finetune_run", "input_paths"]
 
@@ -355,15 +355,8 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
         result_metrics["forgetting"] = (
             baseline["source"]["mean_iou"] - after["source"]["mean_iou"]
         )
-    write_json(run.metrics, result_metrics)
     _write_report(run, cfg, best, domains, names, result_metrics)
-    return RunResult(
-        output=run.path,
-        model_path=run.model,
-        metrics=result_metrics,
-        best_epoch=result_metrics["best_epoch"],
-        epochs=cfg.epochs,
-    )
+    return finish(run, cfg, result_metrics)
 
 
 def _write_report(run, cfg, model, domains, names, metrics):
@@ -390,15 +383,9 @@ def _write_report(run, cfg, model, domains, names, metrics):
     sections.append(("Result", text))
     bars = report.plot_domain_miou(table, run.plots / "domains.png")
     sections.append(("Mean IoU before and after", bars))
-    if run.history.is_file():
-        rows = report.read_history(run.history)
-        if rows:
-            sections.append(
-                (
-                    "Training curves",
-                    report.plot_history(rows, run.plots / "training_curves.png"),
-                )
-            )
+    curves = curves_section(run)
+    if curves:
+        sections.append(curves)
     for domain, ds in domains.items():
         if ds is None:
             continue

@@ -16,13 +16,15 @@ import tempfile
 import keras
 
 from klseg import errors
+from klseg.files import write_json
 from klseg.runs import callbacks as cb
 from klseg.runs import runtime
 from klseg.runs.checkpoint import truncate_history
 from klseg.runs.config import RESUMABLE_CHANGES
 from klseg.runs.folder import RunFolder, open_run
+from klseg.runs.results import RunResult
 
-__all__ = ["fit", "in_run_folder", "say"]
+__all__ = ["curves_section", "finish", "fit", "in_run_folder", "say"]
 
 
 def say(verbose, message):
@@ -169,3 +171,28 @@ def _fit_verbosity(verbose):
     if not verbose:
         return 0
     return 1 if sys.stdout.isatty() else 2
+
+
+def finish(run, cfg, metrics):
+    """Write ``metrics.json`` and return the run's :class:`RunResult`."""
+    write_json(run.metrics, metrics)
+    return RunResult(
+        output=run.path,
+        model_path=run.model,
+        metrics=metrics,
+        best_epoch=metrics["best_epoch"],
+        epochs=cfg.epochs,
+    )
+
+
+def curves_section(run):
+    """The report section with the history's training curves, or None."""
+    from klseg import report
+
+    rows = report.read_history(run.history) if run.history.is_file() else None
+    if not rows:
+        return None
+    return (
+        "Training curves",
+        report.plot_history(rows, run.plots / "training_curves.png"),
+    )

@@ -3,14 +3,14 @@
 import math
 import time
 
-from klseg.files import write_json, yaml_text
+from klseg.files import yaml_text
 from klseg.runs import inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import evaluate_model, first_batch, predict_classes
-from klseg.runs.fit import fit, in_run_folder, say
+from klseg.runs.fit import curves_section, finish, fit, in_run_folder, say
 from klseg.runs.folder import check_inputs_not_outputs
-from klseg.runs.results import RunResult, pct
+from klseg.runs.results import pct
 
 __all__ = ["train"]
 
@@ -193,26 +193,17 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
         "monitor": monitor,
         "seconds": round(time.time() - started, 1),
     }
-    write_json(run.metrics, result_metrics)
     _write_report(run, cfg, best, val_ds, names, val_metrics)
-    return RunResult(
-        output=run.path,
-        model_path=run.model,
-        metrics=result_metrics,
-        best_epoch=result_metrics["best_epoch"],
-        epochs=cfg.epochs,
-    )
+    return finish(run, cfg, result_metrics)
 
 
 def _write_report(run, cfg, model, val_ds, names, val_metrics):
     from klseg import report
 
     sections = []
-    if run.history.is_file():
-        rows = report.read_history(run.history)
-        if rows:
-            curves = report.plot_history(rows, run.plots / "training_curves.png")
-            sections.append(("Training curves", curves))
+    curves = curves_section(run)
+    if curves:
+        sections.append(curves)
     images, masks = first_batch(val_ds, 4)
     preds = predict_classes(model, images)
     overlays = report.plot_overlays(
