@@ -862,3 +862,18 @@ def test_outputs_honour_the_umask(bench, source_run, tmp_path, umask):
             f"{root}: expected files {oct(file_mode)}, folders "
             f"{oct(folder_mode)}; got {wrong}"
         )
+
+
+def test_jobs_stay_callable_after_their_modules_are_imported():
+    """``klseg.runs.demo`` imports the export, train and finetune modules;
+    the package keeps the job functions under those names (a command run
+    after the demo in one process, or a Python user's next call, works)."""
+    import importlib
+
+    from klseg import runs
+
+    importlib.import_module("klseg.runs.demo")
+    for name in ("demo", "evaluate", "export", "finetune", "predict", "train"):
+        importlib.import_module(f"klseg.runs.{name}")
+        job = getattr(runs, name)
+        assert callable(job) and job.__name__ == name, (name, job)

@@ -33,6 +33,8 @@ Importing ``klseg.runs`` loads only ``config`` and ``results``; the jobs
 """
 
 import importlib
+import sys
+import types
 
 from klseg.runs.config import (
     DemoConfig,
@@ -112,3 +114,21 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps each job's function under its name: importing a job's module
+    (``klseg.runs.export``, say from ``klseg.runs.demo``) makes Python bind
+    that module as the package attribute of the same name, over the job."""
+
+    def __setattr__(self, name, value):
+        if (
+            isinstance(value, types.ModuleType)
+            and name in _LAZY
+            and value.__name__ == _LAZY[name][0]
+        ):
+            value = getattr(value, _LAZY[name][1], value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
