@@ -166,7 +166,8 @@ def train(ctx, **_):
     type=click.Choice(STUDENT_BN),
     default=default(run_config.FinetuneConfig, "student_bn"),
     show_default=True,
-    help="BatchNorm statistics of the fine-tuned model.",
+    help="BatchNorm statistics of the fine-tuned model: learned, frozen at the "
+    "source model's, or learned and synchronised across replicas (mirrored).",
 )
 @click.option(
     "--source-predictions",

@@ -37,7 +37,7 @@ STRATEGIES = ("default", "mirrored", "multi-worker")
 MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
 AUGMENT = ("none", "light", "strong")
 KL_INPUTS = ("auto", "target", "source", "both")
-STUDENT_BN = ("trainable", "frozen")
+STUDENT_BN = ("trainable", "frozen", "synchronized")
 SOURCE_PREDICTIONS = ("live", "stored")
 
 #: Temperatures of the KL term a run accepts (both ends included): the
@@ -297,7 +297,8 @@ class FinetuneConfig(_RunOptions):
         kl_inputs: ``"target"``, ``"source"``, ``"both"`` or ``"auto"``
             (``"source"`` when ``source_images`` is given, else
             ``"target"``).
-        student_bn: ``"trainable"`` or ``"frozen"`` BatchNorm statistics.
+        student_bn: ``"trainable"``, ``"frozen"`` or ``"synchronized"``
+            (trainable, batch statistics over all replicas) BatchNorm.
         source_predictions: ``"live"`` (source model run each step) or
             ``"stored"`` (computed once).
         class_names: the fine-tuned model's classes when they differ from
