@@ -146,6 +146,8 @@ def fit(
     ]
     if cfg.strategy == "multi-worker":
         runtime.multi_worker_fit_fixes(model, train_ds)
+    elif cfg.strategy == "mirrored":
+        runtime.build_before_fit(model, train_ds)
     try:
         model.fit(
             train_ds,
