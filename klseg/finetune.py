@@ -72,10 +72,6 @@ _INPUT_KEYS = ("images", "source_images", "source_probs", "source_images_probs")
 
 # Model checks -------------------------------------------------------------
 
-# The one model check (klseg.models.check_segmentation_model), under the name
-# the functions of this module call it by.
-_check_segmentation_model = klseg_models.check_segmentation_model
-
 
 def _check_input_sizes(student, source):
     a = tuple(student.inputs[0].shape)
@@ -599,8 +595,8 @@ class KLRegularizedModel(keras.Model):
                 "a copy: student = keras.models.clone_model(source); "
                 "student.set_weights(source.get_weights())."
             )
-        num_target = _check_segmentation_model(student, "student")
-        num_source = _check_segmentation_model(source, "source")
+        num_target = klseg_models.check_segmentation_model(student, "student")
+        num_source = klseg_models.check_segmentation_model(source, "source")
         _check_input_sizes(student, source)
         if not student.trainable_weights:
             raise InvalidArgumentError(
@@ -958,7 +954,7 @@ def store_source_predictions(
         ResourceError: before any work, when the result would not fit.
         ModelError: for a model that does not output per-pixel logits.
     """
-    num_classes = _check_segmentation_model(source, "source")
+    num_classes = klseg_models.check_segmentation_model(source, "source")
     shape = tuple(np.shape(images))
     if len(shape) != 4 or shape[-1] != 3:
         raise InvalidArgumentError(

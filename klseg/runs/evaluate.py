@@ -64,15 +64,13 @@ def evaluate(cfg):
     image_size = cfg.image_size or inputs.run_image_size(cfg.model) or 256
     inputs.check_image_size(image_size, multiple)
     split = inputs.load_split(cfg.data, cfg)
-    seen = getattr(split, "num_classes_seen", None)
-    if seen and int(seen) > num_classes:
-        inputs.check_labels(
-            split,
-            num_classes,
-            "--data",
-            f"The model predicts {num_classes} classes. Use --class-map to map "
-            "the mask values to the model's classes.",
-        )
+    inputs.check_labels(
+        split,
+        num_classes,
+        "--data",
+        f"The model predicts {num_classes} classes. Use --class-map to map "
+        "the mask values to the model's classes.",
+    )
     dataset = data.make_dataset(
         split,
         batch_size=cfg.batch_size,

@@ -32,7 +32,7 @@ def say(verbose, message):
         print(message, flush=True)
 
 
-def in_run_folder(cfg, job, *, is_chief=True, kind="run", abandoned=None):
+def in_run_folder(cfg, job, *, is_chief=True):
     """Run ``job(run, checkpoint)`` in the prepared run folder.
 
     Workers of a multi-worker run other than the chief write to a private
@@ -46,11 +46,7 @@ def in_run_folder(cfg, job, *, is_chief=True, kind="run", abandoned=None):
         finally:
             shutil.rmtree(run.path, ignore_errors=True)
     run, checkpoint = open_run(
-        cfg,
-        kind=kind,
-        ignore=RESUMABLE_CHANGES,
-        say=lambda message: say(cfg.verbose, message),
-        abandoned=abandoned,
+        cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
     )
     return job(run, checkpoint)
 
