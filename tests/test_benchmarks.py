@@ -5,6 +5,7 @@ backend), so an error in a code path used only on the full-size run, such as
 an argument or a report line, shows here rather than on a GPU machine.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
+VARIANTS = ("klseg", "keras", "naive")
 
 
 def _run(script, args, tmp_path):
@@ -41,15 +43,54 @@ def _table_rows(text, first_cell):
 def test_bench_losses_prints_ratios_and_agreeing_losses(tmp_path):
     out = _run("bench_losses.py", "--batches 1 --size 16 --repeats 1", tmp_path)
     assert "copy bandwidth" in out
-    rows = {v: _table_rows(out, v) for v in ("klseg", "keras", "naive")}
+    rows = {v: _table_rows(out, v) for v in VARIANTS}
     assert all(len(r) == 1 for r in rows.values()), out
     cells = {v: [c.strip() for c in r[0].split("|")[1:-1]] for v, r in rows.items()}
-    assert cells["keras"][3] == "1.00x"
+    # "vs keras" is each row's printed time over the keras row's, up to the
+    # rounding of the printed cells (times to 0.05 ms, ratios to 0.005).
+    keras_ms = float(cells["keras"][2])
+    for v in VARIANTS:
+        ratio, ms = float(cells[v][3].removesuffix("x")), float(cells[v][2])
+        slack = 0.05 + 0.05 * ratio + 0.005 * keras_ms
+        assert abs(ratio * keras_ms - ms) <= slack, (v, out)
     # klseg and the naive formula agree on random logits; Keras is near.
     klseg_loss, naive_loss = float(cells["klseg"][1]), float(cells["naive"][1])
     assert klseg_loss == pytest.approx(naive_loss, rel=1e-4)
     assert float(cells["keras"][1]) == pytest.approx(klseg_loss, rel=1e-2)
     assert cells["klseg"][5] != "-"  # peak memory measured
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_losses_ratios_divide_by_the_keras_row(monkeypatch, capsys):
+    """The table's ratio columns, from known medians: a wrong divisor shows."""
+    bench = _load_script("bench_losses.py")
+    medians = {"klseg": 0.002, "keras": 0.004, "naive": 0.010}
+    values = {"klseg": 1.25, "keras": 1.5, "naive": 1.75}
+    # 3 logits tensors of 2*10*10*19 float32 at 22.8 MB/s: a 2.0 ms floor.
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 22.8e6)
+    monkeypatch.setattr(bench, "time_variants", lambda *a: (medians, values))
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["bench_losses.py", "--batches", "2", "--size", "10", "--no-memory"],
+    )
+    bench.main()
+    out = capsys.readouterr().out
+    assert "memory-traffic floor 2.0 ms" in out
+    expected = {
+        "klseg": ["klseg", "1.2500", "2.0", "0.50x", "1.0x"],
+        "keras": ["keras", "1.5000", "4.0", "1.00x", "2.0x"],
+        "naive": ["naive", "1.7500", "10.0", "2.50x", "5.0x"],
+    }
+    for v, cells in expected.items():
+        (row,) = _table_rows(out, v)
+        assert [c.strip() for c in row.split("|")[1:-1]] == [*cells, "-", "-"]
 
 
 def test_bench_gpu_script_runs_on_this_backend(tmp_path):
