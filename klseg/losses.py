@@ -1263,13 +1263,16 @@ class ChannelWiseKLDivergence(_KlsegLoss):
       teacher's size; axes of size 1 broadcast): pixels whose weight is 0
       (or negative) are left out; the image's values are then multiplied by
       the mean weight of its kept pixels, so a 0/1 mask leaves them as they
-      are and a constant weight ``(batch, 1, 1)`` scales the image as
-      ``(batch,)`` does. This is the way to mask pixels through
+      are and a constant positive weight ``(batch, 1, 1)`` scales the image
+      as ``(batch,)`` does. This is the way to mask pixels through
       ``compile``/``fit``, where the loss receives no labels.
 
     Both may be given; a pixel is kept when both keep it. Other
     ``sample_weight`` shapes are Keras': a scalar, per image ``(batch,)``,
-    or per image and channel ``(batch, channels)``.
+    or per image and channel ``(batch, channels)``; they multiply the
+    values and leave the denominator alone (a per-image weight of 0 keeps
+    the image in the mean, as in Keras, where an image whose per-pixel
+    weights are all 0 is left out of it).
 
     The values are per image and channel, ``(batch, channels)``, and the
     denominator is Keras': with the default ``"sum_over_batch_size"``
