@@ -348,7 +348,6 @@ def test_fit_evaluate_save_load_of_wrapper_and_student(tmp_path):
     loaded_logs = loaded.evaluate(x, masks, batch_size=2, verbose=0, return_dict=True)
     for key in ("loss", "task_loss", "kl_loss", "mean_iou"):
         np.testing.assert_allclose(loaded_logs[key], logs[key], rtol=1e-5)
-    loaded.fit(x, masks, batch_size=2, epochs=1, verbose=0)  # training resumes
 
     # The fine-tuned student stands alone.
     student_path = tmp_path / "student.keras"
@@ -356,6 +355,31 @@ def test_fit_evaluate_save_load_of_wrapper_and_student(tmp_path):
     alone = keras.saving.load_model(student_path)
     assert models.get_class_names(alone) == ["a", "b", "c"]
     np.testing.assert_allclose(alone.predict(images, verbose=0), predictions, atol=1e-6)
+
+    # Training resumes: the optimizer counts on from the saved step (2 epochs
+    # of 2 batches), and the first step's logged loss is the float64 loss at
+    # the saved weights (one batch of 4: student and BatchNorm in training
+    # mode on target and source images together, as fit runs it).
+    assert int(loaded.optimizer.iterations) == 4
+    saved = loaded.student.get_weights()
+    both = np.concatenate([images, x["source_images"]])
+    logits = np.asarray(loaded.student(both, training=True), "float64")
+    loaded.student.set_weights(saved)  # undo the moving-statistics update
+    task = _ce(logits[:4], masks)
+    teacher = _log_softmax(_predict(loaded.source, x["source_images"]))
+    kl = _kl(teacher, logits[4:], loaded.temperature)
+    resumed = loaded.fit(x, masks, batch_size=4, epochs=1, verbose=0).history
+    assert int(loaded.optimizer.iterations) == 5
+    np.testing.assert_allclose(resumed["task_loss"], [task], rtol=1e-5)
+    np.testing.assert_allclose(resumed["kl_loss"], [kl], rtol=1e-5)
+    np.testing.assert_allclose(resumed["loss"], [task + 0.3 * kl], rtol=1e-5)
+    after = loaded.student.get_weights()
+    assert any(not np.array_equal(b, a) for b, a in zip(saved, after))
+    # The same step on the model that was never saved gives the same weights.
+    model.fit(x, masks, batch_size=4, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 5
+    for continued, reloaded in zip(model.student.get_weights(), after):
+        np.testing.assert_allclose(reloaded, continued, rtol=1e-5, atol=1e-6)
 
 
 # Stored predictions --------------------------------------------------------
