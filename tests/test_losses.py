@@ -238,9 +238,16 @@ def test_extreme_logits_give_true_value_and_gradient(value_and_grad):
     value, grad = value_and_grad(lambda s: kl(teacher, s), student)
     assert value == pytest.approx(1e4, rel=1e-6)
     np.testing.assert_allclose(grad, [[[[-1.0, 1.0]]]], atol=1e-6)
-    # The Keras built-in saturates near 16.1 (it clips at 1e-7).
-    builtin = keras.losses.KLDivergence()(ops.softmax(teacher), ops.softmax(student))
-    assert float(builtin) < 20
+    # Probabilities far below Keras' 1e-7 clip (softmax of +-30 logits; Keras'
+    # KLDivergence saturates near 16.1 on such inputs) keep their true value,
+    # about 90 nats, and gradient q - p against float64.
+    p = np.exp(log_softmax64([[[[30.0, 0.0, -30.0]]]])).astype("float32")
+    s = np.array([[[[-40.0, 0.0, 50.0]]]], dtype="float32")
+    value, grad = value_and_grad(lambda s: losses.KLDivergence()(p, s), s)
+    p64 = p.astype("float64")
+    expected = float(kl64(p64, np.log(p64), log_softmax64(s))[0, 0, 0])
+    assert expected > 89 and value == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(grad, np.exp(log_softmax64(s)) - p64, atol=1e-6)
     # Sparse: label 0 against logits (-1e4, 1e4) costs 2e4 nats.
     sparse = losses.SparseKLDivergence()
     value, grad = value_and_grad(
