@@ -251,10 +251,30 @@ def test_evaluate_json(bench, sweep):
     metrics = json.loads(result.output)
     assert metrics["num_images"] == 4
     assert metrics["image_size"] == SIZE  # read from the run's config.yaml
-    run_metrics = json.loads((sweep[0] / "kl_0.5" / "metrics.json").read_text())
-    assert metrics["mean_iou"] == pytest.approx(
-        run_metrics["target"]["mean_iou"], abs=1e-6
-    )
+    # Against float64 numpy: the saved model's predictions on the folder's
+    # images (already at the run's size), a confusion matrix of the masks.
+    images, masks = _read_folder(bench / "target" / "val")
+    logits = runs.load_model(model).predict(images, verbose=0).astype("float64")
+    predicted = logits.argmax(-1)
+    valid = masks != 255
+    assert valid.any()
+    n = synthetic.NUM_CLASSES
+    confusion = np.bincount(
+        masks[valid] * n + predicted[valid], minlength=n * n
+    ).reshape(n, n)
+    tp = np.diag(confusion).astype("float64")
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = {
+        name: (tp[c] / union[c] if union[c] else None)
+        for c, name in enumerate(synthetic.CLASS_NAMES)
+    }
+    assert metrics["per_class_iou"] == pytest.approx(iou, abs=1e-9)
+    assert metrics["mean_iou"] == pytest.approx(_miou64(masks, predicted, n), abs=1e-9)
+    assert metrics["pixel_accuracy"] == pytest.approx(tp.sum() / valid.sum(), abs=1e-9)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, np.where(valid, masks, 0)[..., None], -1)
+    assert metrics["loss"] == pytest.approx(-picked[..., 0][valid].mean(), rel=1e-5)
 
 
 def test_predict_export_and_serve(bench, sweep, tmp_path):
@@ -422,16 +442,19 @@ def test_missing_files(bench, tmp_path):
     )
     assert result.exit_code == 1
     assert "nothing" in result.output
+    # Valid images, so that the missing model is the error.
     result = invoke(
         "predict",
         "--model",
         tmp_path / "m.keras",
         "--images",
-        tmp_path,
+        bench / "target" / "val",
         "-o",
         tmp_path / "p",
     )
     assert result.exit_code == 1
+    assert "m.keras does not exist" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_a_run_that_failed_early_leaves_a_reusable_folder(bench, tmp_path):
