@@ -48,12 +48,14 @@ How it is computed:
    and returns the mean of the two probability maps.
 
 The model runs through Keras (any backend); padding, windows and blending
-are NumPy on the host.
+are NumPy on the host. NumPy and Keras load on first use:
+:class:`InferenceOptions` and the argument checks are standard library only,
+so the run configs (``klseg.runs.config``) build on them.
 """
 
+import dataclasses
 import math
-
-import numpy as np
+import numbers
 
 from klseg.errors import InvalidArgumentError, ModelError
 
@@ -61,6 +63,7 @@ __all__ = [
     "MAX_TILE_OVERLAP",
     "PAD_MODES",
     "TTA_MODES",
+    "InferenceOptions",
     "check_tile_size",
     "predict_classes",
     "predict_probabilities",
@@ -81,7 +84,7 @@ def _fail(message):
 
 
 def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _show_size(size):
@@ -141,7 +144,7 @@ def check_tile_size(tile_size, size_multiple=1, *, name="tile_size"):
 
 def _check_overlap(tile_overlap):
     ok = (
-        isinstance(tile_overlap, (int, float, np.floating, np.integer))
+        isinstance(tile_overlap, numbers.Real)
         and not isinstance(tile_overlap, bool)
         and math.isfinite(tile_overlap)
         and 0 <= tile_overlap <= MAX_TILE_OVERLAP
@@ -157,6 +160,46 @@ def _check_overlap(tile_overlap):
 def _check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         _fail(f"{name} must be one of {', '.join(choices)}. Received: {name}={value!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class InferenceOptions:
+    """How images are predicted: windows and test-time augmentation.
+
+    The model-independent part of :func:`predict_probabilities`'s
+    arguments, checked when the object is made (a side's multiple of the
+    model's size multiple is checked once the model is known). The run
+    configs of ``klseg evaluate`` and ``klseg predict`` extend it.
+
+    Args:
+        tile_size: None, N (a square) or ``(height, width)``; stored as a
+            pair. Defaults to None (whole images).
+        tile_overlap: in ``[0, 0.9]``. Defaults to 0.
+        tta: one of ``TTA_MODES``. Defaults to ``"none"``.
+    """
+
+    tile_size: tuple | None = None
+    tile_overlap: float = 0.0
+    tta: str = "none"
+
+    def __post_init__(self):
+        self.tile_size = check_tile_size(self.tile_size)
+        self.tile_overlap = _check_overlap(self.tile_overlap)
+        _check_choice("tta", self.tta, TTA_MODES)
+
+    @property
+    def is_plain(self):
+        """True for whole-image inference without augmentation."""
+        return self.tile_size is None and self.tta == "none"
+
+    def inference_kwargs(self):
+        """``{"tile_size", "tile_overlap", "tta"}`` for
+        :func:`predict_probabilities`."""
+        return {
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "tta": self.tta,
+        }
 
 
 def _stride(tile, overlap, multiple):
@@ -195,6 +238,8 @@ def tile_weights(start, tile, size, ramp):
     >>> tile_weights(0, 4, 6, 2).tolist()
     [1.0, 1.0, 0.75, 0.25]
     """
+    import numpy as np
+
     weights = np.ones(tile)
     if ramp <= 0:
         return weights
@@ -207,6 +252,8 @@ def tile_weights(start, tile, size, ramp):
 
 
 def _softmax64(logits):
+    import numpy as np
+
     logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -215,6 +262,8 @@ def _softmax64(logits):
 
 def _blend(images, forward, tile, overlap, multiple, batch_size):
     """Blended float64 probabilities of ``images`` (already padded)."""
+    import numpy as np
+
     count, height, width = images.shape[:3]
     th, tw = (height, width) if tile is None else tile
     th, tw = min(th, height), min(tw, width)
@@ -319,6 +368,8 @@ def predict_probabilities(
     >>> probs.shape, bool(np.allclose(probs.sum(-1), 1))
     ((1, 30, 50, 3), True)
     """
+    import numpy as np
+
     images = np.asarray(images)
     if images.ndim != 4:
         _fail(
@@ -372,6 +423,8 @@ def predict_classes(model, images, **kwargs):
 
     Takes the same arguments.
     """
+    import numpy as np
+
     kwargs["dtype"] = "float64"  # argmax before rounding to float32
     probs = predict_probabilities(model, images, **kwargs)
     return np.argmax(probs, axis=-1).astype(np.int32)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 
-from klseg import errors
+from klseg import errors, inference
 from klseg.registry import BACKBONES, MODELS
 
 __all__ = [
@@ -393,12 +393,13 @@ class FinetuneConfig(_RunOptions):
 
 
 @dataclasses.dataclass
-class EvaluateConfig:
+class EvaluateConfig(inference.InferenceOptions):
     """Options of :func:`evaluate` (``klseg evaluate``).
 
     ``model`` is a ``.keras`` path or a ``keras.Model``; ``image_size``
     ``None`` uses the training size saved next to the model (its run's
     ``config.yaml``), else 256. ``output`` optionally names a JSON file.
+    Tiles and TTA (``tile_size``, ...): ``klseg.inference.InferenceOptions``.
     """
 
     model: object = None
@@ -410,6 +411,7 @@ class EvaluateConfig:
     output: str | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.model is None or not self.data:
             _fail(
                 "evaluate needs model and data. "
@@ -425,11 +427,12 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass
-class PredictConfig:
+class PredictConfig(inference.InferenceOptions):
     """Options of :func:`predict` (``klseg predict``).
 
     ``image_size`` ``None`` predicts each image at its own size (padded to
-    the model's size multiple inside and cropped back).
+    the model's size multiple inside and cropped back). Tiles and TTA
+    (``tile_size``, ...): ``klseg.inference.InferenceOptions``.
     """
 
     model: object = None
@@ -442,6 +445,7 @@ class PredictConfig:
     verbose: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.model is None or not self.images or not self.output:
             _fail(
                 "predict needs model, images and output. Received: "

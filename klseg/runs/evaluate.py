@@ -45,13 +45,20 @@ def _check_output_file(path):
 def evaluate(cfg):
     """Evaluate a model on a labelled folder.
 
+    The images are resized to ``image_size``; with ``cfg.tile_size`` or
+    ``cfg.tta`` they are then predicted in windows and/or with the flip
+    (:func:`klseg.inference.predict_probabilities`) and scored by the same
+    confusion counts. A tile as large as the images gives the whole-image
+    scores.
+
     Returns:
-        ``{"model", "data", "image_size", "num_images", "loss", "mean_iou",
-        "pixel_accuracy", "per_class_iou"}``; also written to ``cfg.output``
-        when set (an earlier result there is replaced, any other file is
-        refused).
+        ``{"model", "data", "image_size", "inference", "num_images", "loss",
+        "mean_iou", "pixel_accuracy", "per_class_iou"}`` (``inference``:
+        ``tile_size``, ``tile_overlap``, ``tta``); also written to
+        ``cfg.output`` when set (an earlier result there is replaced, any
+        other file is refused).
     """
-    from klseg import data, models
+    from klseg import data, inference, models
 
     if cfg.output:
         check_inputs_not_outputs(
@@ -63,6 +70,7 @@ def evaluate(cfg):
     num_classes, multiple = inputs.model_info(model, cfg.model)
     image_size = cfg.image_size or inputs.run_image_size(cfg.model) or 256
     inputs.check_image_size(image_size, multiple)
+    inference.check_tile_size(cfg.tile_size, multiple, name="--tile-size")
     split = inputs.load_split(cfg.data, cfg)
     inputs.check_labels(
         split,
@@ -84,11 +92,16 @@ def evaluate(cfg):
         num_classes=num_classes,
         ignore_value=cfg.ignore_value,
         class_names=models.get_class_names(model),
+        options=cfg,
     )
+    options = cfg.inference_kwargs()
+    if options["tile_size"] is not None:
+        options["tile_size"] = list(options["tile_size"])
     result = {
         "model": str(cfg.model) if isinstance(cfg.model, (str, Path)) else model.name,
         "data": str(cfg.data),
         "image_size": image_size,
+        "inference": options,
         **result,
     }
     if cfg.output:

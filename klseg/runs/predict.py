@@ -10,26 +10,25 @@ from klseg.runs.results import PredictResult
 __all__ = ["predict", "predict_image"]
 
 
-def predict_image(model, image, *, multiple=None):
-    """Class indices (H, W) for one uint8 image (H, W, 3) of any size.
+def predict_image(model, image, *, multiple=None, options=None, forward=None):
+    """Class indices (uint8, (H, W)) for one uint8 image (H, W, 3) of any size.
 
-    The image is padded with zeros at the bottom and right to the model's
-    size multiple (as the SavedModel export does), the logits are cropped
-    back to the image's size.
+    :func:`klseg.inference.predict_classes`: the image is padded with zeros
+    at the bottom and right to the model's size multiple (as the SavedModel
+    export does) and the result cropped back; ``options`` (a
+    :class:`klseg.inference.InferenceOptions`, or the ``PredictConfig``)
+    adds windows and flip TTA. ``forward`` is the model call
+    (``model.predict_on_batch`` by default: Keras' compiled predict
+    function, traced once per input shape, about 3x faster than an eager
+    call on a 2-core CPU).
     """
-    import numpy as np
+    from klseg import inference
 
-    from klseg import models
-
-    multiple = multiple or models.size_multiple(model)
-    height, width = image.shape[:2]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-    # predict_on_batch runs Keras' compiled predict function (traced once per
-    # input shape, with relaxed shapes on TensorFlow): about 3x faster than
-    # an eager call of the model on a 2-core CPU.
-    logits = np.asarray(model.predict_on_batch(padded[None]))
-    return np.argmax(logits[0, :height, :width], axis=-1).astype(np.uint8)
+    kwargs = options.inference_kwargs() if options is not None else {}
+    classes = inference.predict_classes(
+        model, image[None], size_multiple=multiple, forward=forward, **kwargs
+    )
+    return classes[0].astype("uint8")
 
 
 def predict(cfg):
@@ -37,7 +36,9 @@ def predict(cfg):
 
     Writes ``OUTPUT/masks/NAME.png`` (palette PNG of class indices, readable
     as a mask folder), with ``cfg.overlay`` ``OUTPUT/overlays/NAME.png``, and
-    ``OUTPUT/classes.json``. Everything is written to a temporary folder
+    ``OUTPUT/classes.json``. ``cfg.tile_size``, ``cfg.tile_overlap`` and
+    ``cfg.tta`` predict each image in windows and/or with the flip (see
+    :mod:`klseg.inference`). Everything is written to a temporary folder
     first and moved into place only when every image succeeded, so a
     failure leaves the earlier output (or none), never half of one. Two
     images with one name stem (``x.jpg`` and ``x.png``) are refused before
@@ -49,7 +50,7 @@ def predict(cfg):
     import keras
     import numpy as np
 
-    from klseg import models, report
+    from klseg import inference, models, report
     from klseg.data.images import list_images, read_image
 
     check_inputs_not_outputs(
@@ -61,6 +62,7 @@ def predict(cfg):
     files = list_images(folder, unique_stems=True)
     model = inputs.load_model(cfg.model)
     num_classes, multiple = inputs.model_info(model, cfg.model)
+    inference.check_tile_size(cfg.tile_size, multiple, name="--tile-size")
     out = OutputFolder(cfg.output, "predictions").claim(
         replace=cfg.overwrite, clear=False
     )
@@ -84,7 +86,7 @@ def predict(cfg):
                         (cfg.image_size, cfg.image_size), Image.BILINEAR
                     )
                 )
-            classes = predict_image(model, image, multiple=multiple)
+            classes = predict_image(model, image, multiple=multiple, options=cfg)
             write_png(masks_dir / f"{path.stem}.png", classes, palette=colors)
             if cfg.overlay:
                 blended = report.overlay(image, classes, colors, alpha=cfg.alpha)
