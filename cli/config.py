@@ -32,8 +32,9 @@ key and the value:
   ``true`` or ``false``; a path, a name or a choice takes a string (a number
   or a date where a path belongs is refused: quote it), and a choice must be
   one of the listed strings; list options (``kl_weight``, ``class_names``)
-  take a list of numbers or strings, or one number or string. The same range
-  checks as on the command line apply.
+  take a list of numbers or strings, or one number or string; ``tile_size``
+  takes ``"HxW"``, an integer or a list ``[H, W]`` of integers. The same
+  range checks as on the command line apply.
 - ``null`` (YAML ``null`` or ``~``, JSON ``null``) means "not set here": the
   next layer applies (the file's top level under a section, then the saved
   run config, then the default). TOML has no null.
@@ -58,7 +59,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .types import FloatList, MixedPrecision, NameList
+from .types import FloatList, MixedPrecision, NameList, TileSize
 
 __all__ = ["read_config_file", "resolve_options", "EXPLICIT_SOURCES"]
 
@@ -410,6 +411,16 @@ def _type_problem(param, value):
         if items and all(isinstance(v, str) for v in items):
             return None
         return f"{shown} is not a list of names ({kind}); quote each name."
+    if isinstance(ptype, TileSize):
+        if isinstance(value, str) or (
+            isinstance(value, int) and not isinstance(value, bool)
+        ):
+            return None
+        if isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return None
+        return f"{shown} is not a tile size: HxW, an integer or [H, W] ({kind})."
     if isinstance(ptype, MixedPrecision):
         if isinstance(value, (str, bool)):
             return None

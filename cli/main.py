@@ -33,6 +33,7 @@ from .options import (
     config_option,
     default,
     echo_result,
+    inference_options,
     prepare_runtime,
     require,
     run_errors,
@@ -238,6 +239,7 @@ def finetune(ctx, **_):
     show_default=True,
 )
 @click.option("--class-map", type=PATH, help="JSON file mapping mask values.")
+@inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--output", "-o", type=PATH, help="Also write the metrics to this file.")
 @click.pass_context
@@ -245,9 +247,14 @@ def finetune(ctx, **_):
 def evaluate(ctx, **_):
     """Evaluate a model: mean IoU, pixel accuracy and per-class IoU.
 
+    With --tile-size / --tta the (resized) images are predicted in
+    overlapping windows and/or with the flip; the scores come from the same
+    confusion counts.
+
     \b
     Example:
       klseg evaluate --model runs/finetune/model.keras --data data/target/val
+      klseg evaluate --model m.keras --data val --tile-size 128 --tile-overlap 0.5
     """
     values, _ = resolve_options(ctx)
     require(values, "model", "data")
@@ -285,6 +292,7 @@ def evaluate(ctx, **_):
     type=click.IntRange(min=8),
     help="Resize before predicting  [default: each image's own size].",
 )
+@inference_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -293,7 +301,8 @@ def predict(ctx, **_):
     """Predict class masks for a folder of images.
 
     Writes masks/NAME.png (class index per pixel, the format --data reads)
-    and, with --overlay, overlays/NAME.png.
+    and, with --overlay, overlays/NAME.png. Large images: --tile-size 512
+    --tile-overlap 0.25 predicts them in blended windows.
     """
     values, _ = resolve_options(ctx)
     require(values, "model", "images", "output")

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from klseg import errors
+from klseg.inference import MAX_TILE_OVERLAP, TTA_MODES
 from klseg.runs import config as run_config
 from klseg.runs.config import (
     AUGMENT,
@@ -21,7 +22,7 @@ from klseg.runs.config import (
     STRATEGIES,
 )
 
-from .types import FiniteFloat, MixedPrecision
+from .types import FiniteFloat, MixedPrecision, TileSize
 
 __all__ = [
     "PATH",
@@ -29,6 +30,7 @@ __all__ = [
     "config_option",
     "default",
     "echo_result",
+    "inference_options",
     "prepare_runtime",
     "require",
     "run_errors",
@@ -241,6 +243,38 @@ def run_options(fn):
             help="Replace an existing run in --output.",
         ),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def inference_options(fn):
+    """Windows and test-time augmentation (evaluate, predict)."""
+    options = [
+        click.option(
+            "--tile-size",
+            type=TileSize(),
+            help="Predict in windows of HxW pixels (or N for NxN), each side a "
+            "multiple of the model's size multiple; larger than the image "
+            "means the whole image  [default: whole images].",
+        ),
+        click.option(
+            "--tile-overlap",
+            type=FiniteFloat(0, MAX_TILE_OVERLAP),
+            default=default(run_config.PredictConfig, "tile_overlap"),
+            show_default=True,
+            help="Fraction of a window shared with its neighbour; overlaps "
+            "are blended with linear weights.",
+        ),
+        click.option(
+            "--tta",
+            type=click.Choice(TTA_MODES),
+            default=default(run_config.PredictConfig, "tta"),
+            show_default=True,
+            help="Test-time augmentation: 'flip' averages with the "
+            "horizontally flipped image.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

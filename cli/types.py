@@ -9,6 +9,7 @@ __all__ = [
     "FloatList",
     "NameList",
     "MixedPrecision",
+    "TileSize",
 ]
 
 
@@ -134,3 +135,56 @@ class MixedPrecision(click.Choice):
         if value is False or value is None:
             return "off"
         return super().convert(value, param, ctx)
+
+
+class TileSize(click.ParamType):
+    """``HxW`` (``512x256``) or ``N`` for a square; a pair of positive ints.
+
+    Config files may also give an integer, a ``"HxW"`` string or a list
+    ``[H, W]`` of integers. Whether the sides fit the model (multiples of its
+    size multiple) is checked once the model is loaded.
+
+    Example:
+
+    >>> TileSize().convert("512x256", None, None), TileSize().convert(64, None, None)
+    ((512, 256), (64, 64))
+    """
+
+    name = "HxW"
+
+    def get_metavar(self, param, ctx=None):
+        return "HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple) and len(value) == 2:
+            items = list(value)
+        elif isinstance(value, list):
+            items = value
+        elif _is_real(value):
+            items = [value, value]
+        elif isinstance(value, str):
+            text = value.strip().lower()
+            items = text.split("x") if "x" in text else [text, text]
+            try:
+                items = [int(v.strip()) for v in items]
+            except ValueError:
+                self.fail(
+                    f"{value!r} is not a tile size; write HxW (e.g. 512x512) "
+                    "or one integer for a square.",
+                    param,
+                    ctx,
+                )
+        else:
+            self.fail(f"{value!r} is not a tile size (HxW or N).", param, ctx)
+        if len(items) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in items
+        ):
+            self.fail(
+                f"{value!r} is not a tile size; give two integers [H, W] or "
+                "one integer.",
+                param,
+                ctx,
+            )
+        if min(items) < 1:
+            self.fail(f"{value!r}: the tile sides must be positive.", param, ctx)
+        return (items[0], items[1])

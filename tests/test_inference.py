@@ -11,14 +11,18 @@ show). A tiny U-Net checks tiled against whole-image where its receptive
 field fits in every window.
 """
 
+import json
 import math
 
 import keras
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from keras import ops
 
-from klseg import errors, export, inference, models
+from klseg import errors, export, inference, models, runs
+from klseg.cli.main import cli
+from klseg.data import synthetic
 
 # --------------------------------------------------------------------------
 # Fake models
@@ -429,3 +433,251 @@ def test_bad_images_and_models(unet, pixel_model):
         inference.predict_probabilities(unet, np.zeros((8, 8, 3)))
     with pytest.raises(errors.ModelError, match="size_multiple"):
         inference.predict_probabilities(pixel_model, np.zeros((1, 8, 8, 3)))
+
+
+def test_inference_options():
+    options = inference.InferenceOptions(tile_size=64, tile_overlap=0.5)
+    assert options.tile_size == (64, 64) and not options.is_plain
+    assert inference.InferenceOptions().is_plain
+    with pytest.raises(errors.InvalidArgumentError, match="tile_size=-1"):
+        inference.InferenceOptions(tile_size=-1)
+    with pytest.raises(errors.InvalidArgumentError, match="tta='x'"):
+        runs.PredictConfig(model="m", images="i", output="o", tta="x")
+    with pytest.raises(errors.InvalidArgumentError, match="tile_overlap=1"):
+        runs.EvaluateConfig(model="m", data="d", tile_overlap=1)
+    cfg = runs.EvaluateConfig("m", "d", tile_size=[32, 16])
+    assert cfg.tile_size == (32, 16) and cfg.data == "d"
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+PREDICT = ["predict", "--model", "m.keras", "--images", "i", "-o", "out"]
+EVALUATE = ["evaluate", "--model", "m.keras", "--data", "d"]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = {}
+
+    def record(name):
+        def job(cfg):
+            calls[name] = cfg
+            return {} if name == "evaluate" else None
+
+        return job
+
+    for name in ("predict", "evaluate"):
+        monkeypatch.setattr(runs, name, record(name))
+    monkeypatch.setattr(runs, "format_metrics", lambda result: "")
+    return calls
+
+
+@pytest.mark.parametrize("command", [PREDICT, EVALUATE], ids=["predict", "evaluate"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], (None, 0.0, "none")),
+        (["--tile-size", "64"], ((64, 64), 0.0, "none")),
+        (["--tile-size", "64x32", "--tile-overlap", "0.5"], ((64, 32), 0.5, "none")),
+        (["--tile-size", " 48X16 ", "--tta", "flip"], ((48, 16), 0.0, "flip")),
+        (["--tta", "flip", "--tile-overlap", "0.9"], (None, 0.9, "flip")),
+    ],
+)
+def test_tile_options_reach_the_config(recorded, command, args, expected):
+    result = CliRunner().invoke(cli, [*command, *args])
+    assert result.exit_code == 0, result.output
+    cfg = recorded[command[0]]
+    assert (cfg.tile_size, cfg.tile_overlap, cfg.tta) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("tile_size: 32\n", (32, 32)),
+        ("tile-size: 32x16\n", (32, 16)),
+        ("predict:\n  tile_size: [32, 16]\n  tta: flip\n", (32, 16)),
+    ],
+)
+def test_tile_options_from_a_config_file(recorded, tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(cli, [*PREDICT, "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert recorded["predict"].tile_size == expected
+
+
+@pytest.mark.parametrize("command", [PREDICT, EVALUATE], ids=["predict", "evaluate"])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tile-size", "30x"], ["--tile-size", "'30x'"]),
+        (["--tile-size", "0x8"], ["--tile-size", "'0x8'", "positive"]),
+        (["--tile-size", "big"], ["--tile-size", "'big'"]),
+        (["--tile-size", "8x8x8"], ["--tile-size", "'8x8x8'"]),
+        (["--tile-overlap", "0.95"], ["--tile-overlap", "0.95"]),
+        (["--tile-overlap", "-0.1"], ["--tile-overlap", "-0.1"]),
+        (["--tile-overlap", "nan"], ["--tile-overlap", "nan"]),
+        (["--tta", "hflip"], ["--tta", "'hflip'"]),
+    ],
+)
+def test_bad_tile_options_exit_2(recorded, command, args, words):
+    result = CliRunner().invoke(cli, [*command, *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not recorded
+    for word in words:
+        assert word in result.output
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("tile_size: true\n", ["tile_size", "true", "HxW"]),
+        ("tile_size: [32]\n", ["tile_size", "[32]"]),
+        ("tile_size: 32.5\n", ["tile_size", "32.5"]),
+        ("tile_overlap: 1.5\n", ["tile_overlap", "1.5"]),
+        ("tta: [flip]\n", ["tta", "['flip']"]),
+    ],
+)
+def test_bad_tile_options_in_a_config_file(recorded, tmp_path, text, words):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(cli, [*PREDICT, "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not recorded
+    for word in words:
+        assert word in result.output
+
+
+# --------------------------------------------------------------------------
+# End to end on the built-in synthetic data
+# --------------------------------------------------------------------------
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny U-Net trained briefly on synthetic scenes, and a labelled
+    validation folder."""
+    root = tmp_path_factory.mktemp("tiles")
+    keras.utils.set_random_seed(0)
+    images, masks = synthetic.generate("source", 32, image_size=SIZE, seed=1)
+    model = models.build(
+        "unet",
+        num_classes=synthetic.NUM_CLASSES,
+        base_filters=4,
+        depth=2,
+        class_names=list(synthetic.CLASS_NAMES),
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(images, masks, batch_size=8, epochs=8, verbose=0)
+    model.save(root / "model.keras")
+    val_images, val_masks = synthetic.generate("source", 4, image_size=SIZE, seed=2)
+    for folder in ("images", "masks"):
+        (root / "val" / folder).mkdir(parents=True)
+    for i, (image, mask) in enumerate(zip(val_images, val_masks)):
+        synthetic.write_png(root / "val" / "images" / f"{i}.png", image)
+        synthetic.write_png(root / "val" / "masks" / f"{i}.png", mask)
+    return root
+
+
+def _evaluate(trained, *args):
+    result = CliRunner().invoke(
+        cli,
+        [
+            *["evaluate", "--model", trained / "model.keras"],
+            *["--data", trained / "val", "--image-size", SIZE, "--json"],
+            *[str(a) for a in args],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_tiled_evaluate_scores(trained):
+    whole = _evaluate(trained)
+    assert whole["inference"] == {"tile_size": None, "tile_overlap": 0.0, "tta": "none"}
+    assert whole["mean_iou"] > 0.3  # the model learned something
+    # A tile as large as the images is the whole image: the same counts.
+    same = _evaluate(trained, "--tile-size", SIZE * 2, "--tile-overlap", 0.5)
+    assert same["inference"]["tile_size"] == [SIZE * 2, SIZE * 2]
+    for key in ("mean_iou", "pixel_accuracy", "per_class_iou", "num_images"):
+        assert same[key] == whole[key], key
+    assert same["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    # Windows of half the image: seams change a few pixels only.
+    tiled = _evaluate(trained, "--tile-size", "32x32", "--tile-overlap", 0.5)
+    assert tiled["mean_iou"] == pytest.approx(whole["mean_iou"], abs=0.03)
+    assert tiled["pixel_accuracy"] == pytest.approx(whole["pixel_accuracy"], abs=0.02)
+    assert tiled["loss"] == pytest.approx(whole["loss"], rel=0.1)
+    assert tiled["mean_iou"] != whole["mean_iou"] or tiled["loss"] != whole["loss"]
+    flipped = _evaluate(trained, "--tta", "flip", "--tile-size", 32)
+    assert flipped["inference"]["tta"] == "flip"
+    assert flipped["mean_iou"] == pytest.approx(whole["mean_iou"], abs=0.05)
+
+
+def test_tile_size_must_fit_the_model(trained, tmp_path):
+    for command in (
+        ["evaluate", "--data", trained / "val", "--image-size", SIZE],
+        ["predict", "--images", trained / "val", "-o", tmp_path / "p"],
+    ):
+        result = CliRunner().invoke(
+            cli,
+            [
+                *[str(a) for a in command],
+                *["--model", str(trained / "model.keras"), "--tile-size", "30"],
+            ],
+        )
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        for word in ("--tile-size", "30x30", "multiple", "28 and 32"):
+            assert word in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_tiled_predict(trained, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    big, _ = synthetic.generate("source", 1, image_size=96, seed=3)
+    synthetic.write_png(folder / "odd.png", big[0, :50, :70])  # not multiples of 4
+
+    def masks(*args):
+        out = tmp_path / "pred"
+        result = CliRunner().invoke(
+            cli,
+            [
+                *["predict", "--model", str(trained / "model.keras")],
+                *["--images", str(folder), "-o", str(out), "--overwrite", "-q"],
+                *[str(a) for a in args],
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        return np.asarray(Image.open(out / "masks" / "odd.png"))
+
+    whole = masks()
+    assert whole.shape == (50, 70)
+    np.testing.assert_array_equal(masks("--tile-size", "64x96"), whole)
+    tiled = masks("--tile-size", "32", "--tile-overlap", "0.25", "--tta", "flip")
+    assert tiled.shape == (50, 70)
+    assert (tiled == whole).mean() > 0.7
+    # The same classes as the library gives.
+    model = keras.saving.load_model(trained / "model.keras")
+    expected = inference.predict_classes(
+        model, big[:, :50, :70], tile_size=32, tile_overlap=0.25, tta="flip"
+    )
+    np.testing.assert_array_equal(tiled, expected[0])
+
+
+def test_tta_modes_are_the_run_layers():
+    from klseg.cli import options
+
+    assert "none" in inference.TTA_MODES and "flip" in inference.TTA_MODES
+    params = {p.name: p for p in cli.commands["predict"].params}
+    assert tuple(params["tta"].type.choices) == inference.TTA_MODES
+    assert options.default(runs.PredictConfig, "tta") == "none"
