@@ -10,7 +10,8 @@ gives
   (batch, height, width, num_classes)}``. Inside, the images are padded at
   the bottom and right with zeros (black pixels) up to the next multiple of
   the model's size multiple, the model runs once, and the outputs are cropped
-  back to the input size.
+  back to the input size. An empty batch (or images without pixels) gives
+  empty outputs of the same shapes without running the model.
 - ``signatures["class_names"]``: takes nothing and returns ``{"class_names":
   string (num_classes,)}``; the same list is written as JSON to
   ``assets.extra/class_names.json`` for tools that read files.
@@ -176,15 +177,27 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
     def serve(images):
         shape = tf.shape(images)
         height, width = shape[1], shape[2]
-        pad_h = tf.math.floormod(-height, size_multiple)
-        pad_w = tf.math.floormod(-width, size_multiple)
-        padded = tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-        logits = logits_fn(tf.cast(padded, tf.float32))
-        logits = tf.cast(logits[:, :height, :width, :], tf.float32)
-        return {
-            "classes": tf.argmax(logits, axis=-1, output_type=tf.int32),
-            "probabilities": tf.nn.softmax(logits, axis=-1),
-        }
+
+        def run_model():
+            pad_h = tf.math.floormod(-height, size_multiple)
+            pad_w = tf.math.floormod(-width, size_multiple)
+            padded = tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+            logits = logits_fn(tf.cast(padded, tf.float32))
+            logits = tf.cast(logits[:, :height, :width, :], tf.float32)
+            classes = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            return classes, tf.nn.softmax(logits, axis=-1)
+
+        def no_pixels():
+            # The model never sees an empty batch (or an image without
+            # pixels): on JAX its converted function requires every
+            # dimension to be at least 1.
+            return (
+                tf.zeros(shape[:3], tf.int32),
+                tf.zeros(tf.concat([shape[:3], [num_classes]], 0), tf.float32),
+            )
+
+        classes, probabilities = tf.cond(tf.size(images) > 0, run_model, no_pixels)
+        return {"classes": classes, "probabilities": probabilities}
 
     names_tensor = tf.constant(names, dtype=tf.string)
 

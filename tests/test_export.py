@@ -173,3 +173,21 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ModelError, match="per-pixel"):
         export_saved_model(flat, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_empty_batch_gives_empty_outputs(tmp_path):
+    import tensorflow as tf
+
+    path = export_saved_model(_tiny_model(), tmp_path / "m", size_multiple=4)
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    for shape in [(0, 8, 12, 3), (0, 7, 9, 3), (2, 0, 9, 3)]:
+        out = serve(images=tf.zeros(shape, tf.uint8))
+        assert out["classes"].dtype == tf.int32
+        assert out["probabilities"].dtype == tf.float32
+        assert tuple(out["classes"].shape) == shape[:3]
+        assert tuple(out["probabilities"].shape) == (*shape[:3], 3)
+    # The same signature still serves images after an empty batch.
+    images = _images(7, 9)
+    out = serve(images=tf.constant(images))
+    _, probs = _reference(_tiny_model(), images, 4)
+    np.testing.assert_allclose(out["probabilities"].numpy(), probs, atol=2e-5)
