@@ -212,6 +212,7 @@ def make_dataset(
     require_masks=False,
     cache=False,
     num_parallel_calls=None,
+    skip=0,
 ):
     """Builds a batched, prefetched ``tf.data.Dataset``.
 
@@ -241,6 +242,13 @@ def make_dataset(
             (augmentation still runs every epoch). Good for small sets.
             Defaults to ``False``.
         num_parallel_calls: Parallel workers. Defaults to ``tf.data.AUTOTUNE``.
+        skip: Start after the first ``skip`` examples of the stream, as if
+            they had been drawn: the examples that follow, their order and
+            their augmentation are the same as in the stream started from the
+            beginning. Only the example references are drawn and dropped (no
+            image is decoded, except for a TFDS split streamed from disk,
+            whose records are read). A resumed run uses it to continue
+            exactly where the checkpointed one stopped. Defaults to ``0``.
 
     Returns:
         A ``tf.data.Dataset`` of ``(images uint8 (B, H, W, 3), masks int32
@@ -262,6 +270,10 @@ def make_dataset(
             f"Received: batch_size={batch_size!r}"
         )
     check_resize_mode(resize)
+    if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or skip < 0:
+        raise InvalidArgumentError(
+            f"`skip` must be a non-negative integer. Received: skip={skip!r}"
+        )
     size = size_pair(image_size)
     split = load_split(
         split_or_spec,
@@ -327,8 +339,11 @@ def make_dataset(
         outputs = tf.numpy_function(load, inputs, out_types, name="klseg_load")
         return set_shapes(outputs)
 
-    dataset = tf.data.Dataset.zip(examples, seeds).map(
-        load_map, num_parallel_calls=parallel, deterministic=True
-    )
+    # The references and their seeds are drawn before any image is loaded,
+    # so skipping them is cheap and leaves the rest of the stream unchanged.
+    references = tf.data.Dataset.zip(examples, seeds)
+    if skip:
+        references = references.skip(int(skip))
+    dataset = references.map(load_map, num_parallel_calls=parallel, deterministic=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -45,8 +45,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     finite and better than every earlier one.
     """
 
-    def __init__(self, run, monitor, *, save_model, state, seed):
+    def __init__(self, run, monitor, *, save_model, state, seed, steps=None):
         super().__init__()
+        self.steps = steps
         self.run = run
         self.monitor = monitor
         self.save_model = save_model
@@ -78,6 +79,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                 "best_epoch": self.best_epoch,
                 "monitor": self.monitor,
                 "seed": self.seed,
+                "steps_per_epoch": self.steps,
                 "optimizer_iterations": int(to_numpy(self.model.optimizer.iterations)),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }

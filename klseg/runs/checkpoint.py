@@ -1,12 +1,21 @@
 """The one checkpoint format: ``checkpoints/epoch_NNNN/`` and ``latest.json``.
 
 Each completed epoch writes a folder with the model weights
-(``model.weights.h5``), the optimizer variables (``optimizer.npz``) and
-``state.json`` (epoch, best score so far, its epoch, the monitored column,
-the seed, the optimizer step). The folder is written under a temporary name
-and renamed into place, then ``latest.json`` is pointed at it; the two
-newest are kept. An interruption at any moment leaves the previous
-checkpoint intact.
+(``model.weights.h5``), the optimizer variables (``optimizer.npz``), the
+random-number state of the model's layers (``random.npz``: the seed
+generators of dropout layers, which Keras leaves out of the weights file)
+and ``state.json`` (epoch, best score so far, its epoch, the monitored
+column, the seed, the optimizer step, the steps per epoch, and the size and
+SHA-256 of each file). The folder is written under a temporary name and
+renamed into place, then ``latest.json`` is pointed at it; the two newest
+are kept. An interruption at any moment leaves the previous checkpoint
+intact, and a checkpoint damaged afterwards (a truncated or edited file, a
+missing ``state.json``) is detected by :func:`usable_checkpoints` before
+anything is loaded from it.
+
+With the data streams started where the checkpoint left them
+(``klseg.data.make_dataset(skip=...)``), a resumed run is the run that was
+interrupted: same batches, same augmentation, same dropout masks.
 """
 
 import csv
@@ -19,7 +28,14 @@ from pathlib import Path
 from klseg import errors
 from klseg.files import atomic_write_text, clean_json, make_temp_dir, write_json
 
-__all__ = ["restore_checkpoint", "save_checkpoint", "truncate_history"]
+__all__ = [
+    "restore_checkpoint",
+    "save_checkpoint",
+    "truncate_history",
+    "usable_checkpoints",
+]
+
+FILES = ("model.weights.h5", "optimizer.npz", "random.npz")
 
 
 def to_numpy(variable):
@@ -28,9 +44,51 @@ def to_numpy(variable):
     return keras.ops.convert_to_numpy(variable.value)
 
 
+def random_state_variables(model):
+    """The model's variables that its weights file leaves out: the states of
+    the seed generators (dropout), in a fixed order."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _digest(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save_arrays(path, variables):
+    import numpy as np
+
+    arrays = {f"v{i:05d}": np.asarray(to_numpy(v)) for i, v in enumerate(variables)}
+    np.savez(path, **arrays)
+
+
+def _load_arrays(path, variables, what, folder):
+    import numpy as np
+
+    try:
+        with np.load(path) as saved:
+            values = [saved[k] for k in sorted(saved.files)]
+    except (OSError, ValueError, KeyError) as e:
+        raise errors.RunError(f"cannot read the {what} in {folder}: {e}") from None
+    if len(values) != len(variables) or any(
+        tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values)
+    ):
+        raise errors.RunError(
+            f"the {what} in {folder} does not match this model "
+            f"({len(values)} saved variables, {len(variables)} expected)."
+        )
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
 def save_checkpoint(run, model, optimizer, state, keep=2):
     """Write ``checkpoints/epoch_NNNN`` then point ``latest.json`` at it."""
-    import numpy as np
 
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     name = f"epoch_{state['epoch']:04d}"
@@ -38,13 +96,15 @@ def save_checkpoint(run, model, optimizer, state, keep=2):
     tmp = make_temp_dir(run.checkpoints, f".{name}.")
     try:
         model.save_weights(tmp / "model.weights.h5")
-        arrays = {
-            f"v{i:05d}": np.asarray(to_numpy(v))
-            for i, v in enumerate(optimizer.variables)
+        _save_arrays(tmp / "optimizer.npz", optimizer.variables)
+        _save_arrays(tmp / "random.npz", random_state_variables(model))
+        files = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _digest(tmp / name)}
+            for name in FILES
         }
-        np.savez(tmp / "optimizer.npz", **arrays)
         atomic_write_text(
-            tmp / "state.json", json.dumps(clean_json(state), indent=2) + "\n"
+            tmp / "state.json",
+            json.dumps(clean_json({**state, "files": files}), indent=2) + "\n",
         )
         if final.exists():
             shutil.rmtree(final)
@@ -57,10 +117,62 @@ def save_checkpoint(run, model, optimizer, state, keep=2):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def restore_checkpoint(folder, model, optimizer):
-    """Load the weights and optimizer variables saved in ``folder``."""
-    import numpy as np
+def _check_files(folder, state):
+    """Why the files of a checkpoint do not match its record, or None."""
+    for name, record in (state.get("files") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != record.get("bytes"):
+            return (
+                f"{name} has {path.stat().st_size} bytes, {record.get('bytes')} written"
+            )
+        if _digest(path) != record.get("sha256"):
+            return f"{name} was changed after it was written"
+    if not state.get("files") and not (folder / "model.weights.h5").is_file():
+        return "model.weights.h5 is missing"
+    return None
 
+
+def _read_state(folder):
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "state.json is missing"
+    except (OSError, ValueError) as e:
+        return None, f"state.json is unreadable ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        return None, "state.json has no epoch"
+    return state, None
+
+
+def usable_checkpoints(checkpoints):
+    """The checkpoints in the folder ``checkpoints``, newest first.
+
+    Returns:
+        ``(usable, damaged)``: ``usable`` is a list of ``(folder, state)``
+        whose files match their record (sizes and SHA-256); ``damaged`` is
+        a list of ``"epoch_NNNN: why"`` for the others. ``latest.json``
+        names the newest for a reader; the folders themselves are the record
+        (each is renamed into place only once complete).
+    """
+    folders = sorted(
+        (p for p in Path(checkpoints).glob("epoch_*") if p.is_dir()), reverse=True
+    )
+    usable, damaged = [], []
+    for folder in folders:
+        state, why = _read_state(folder)
+        if state is not None:
+            why = _check_files(folder, state)
+        if why is None:
+            usable.append((folder, state))
+        else:
+            damaged.append(f"{folder.name}: {why}")
+    return usable, damaged
+
+
+def restore_checkpoint(folder, model, optimizer):
+    """Load the weights, optimizer variables and random state saved in ``folder``."""
     # Build the optimizer first: the weights file holds its variables too.
     optimizer.build(model.trainable_variables)
     try:
@@ -69,23 +181,16 @@ def restore_checkpoint(folder, model, optimizer):
         raise errors.RunError(
             f"cannot restore the model weights from {folder}: {e}"
         ) from None
-    try:
-        with np.load(folder / "optimizer.npz") as saved:
-            values = [saved[k] for k in sorted(saved.files)]
-    except (OSError, ValueError) as e:
-        raise errors.RunError(
-            f"cannot read the optimizer state in {folder}: {e}"
-        ) from None
-    variables = list(optimizer.variables)
-    if len(values) != len(variables) or any(
-        tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values)
-    ):
-        raise errors.RunError(
-            f"the optimizer state in {folder} does not match this model "
-            f"({len(values)} saved variables, {len(variables)} expected)."
+    _load_arrays(
+        folder / "optimizer.npz", list(optimizer.variables), "optimizer state", folder
+    )
+    if (folder / "random.npz").is_file():  # absent in older checkpoints
+        _load_arrays(
+            folder / "random.npz",
+            random_state_variables(model),
+            "random state",
+            folder,
         )
-    for variable, value in zip(variables, values):
-        variable.assign(value)
 
 
 def truncate_history(path, epochs_done):

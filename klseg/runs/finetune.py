@@ -131,15 +131,36 @@ def _resolve_kl_inputs(cfg):
     return "source" if cfg.source_images else "target"
 
 
-def _mix_unlabeled(labeled, unlabeled, batch_size, n_labeled, n_unlabeled, seed):
-    """One stream of batches drawing images from both sets in proportion."""
+def _mix_unlabeled(stream, n_labeled, n_unlabeled, batch_size, seed, skip):
+    """One stream of batches drawing images from both sets in proportion.
+
+    Whether each example comes from the labelled or the unlabelled set is
+    drawn from a seeded stream of its own, so a resumed run can count how
+    many of the first ``skip`` examples each set gave and start both sets
+    there: the batches that follow are those of the uninterrupted run.
+    ``stream(key, skip)`` makes the stream of one set.
+    """
+    import numpy as np
     import tensorflow as tf
 
     total = n_labeled + n_unlabeled
-    mixed = tf.data.Dataset.sample_from_datasets(
-        [labeled.unbatch(), unlabeled.unbatch()],
-        weights=[n_labeled / total, n_unlabeled / total],
-        seed=seed,
+
+    def choices():
+        return tf.data.Dataset.random(seed=seed).map(
+            lambda r: tf.cast(r % total >= n_labeled, tf.int64)
+        )
+
+    from_unlabeled = 0
+    if skip:
+        from_unlabeled = int(
+            choices().take(skip).reduce(np.int64(0), lambda count, c: count + c)
+        )
+    mixed = tf.data.Dataset.choose_from_datasets(
+        [
+            stream("data", skip - from_unlabeled).unbatch(),
+            stream("unlabeled_data", from_unlabeled).unbatch(),
+        ],
+        choices().skip(skip),
     )
     return mixed.batch(batch_size, drop_remainder=True).prefetch(2)
 
@@ -224,7 +245,7 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
                 restore_checkpoint(checkpoint[0], model, optimizer)
         stored = cfg.source_predictions == "stored" and kl_weight > 0
 
-        def train_stream(split, seed, maps=None):
+        def train_stream(split, seed, maps=None, skip=0):
             return data.make_dataset(
                 split,
                 batch_size=batch,
@@ -237,39 +258,49 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
                 ignore_value=cfg.ignore_value,
                 extra_maps=maps,
                 cache=inputs.cache_in_memory(split, cfg.image_size),
+                skip=skip,
             )
 
-        seed = cfg.seed + initial_epoch
+        seed = cfg.seed
         n_labeled = inputs.num_images(splits["data"]) or batch
         n_total = n_labeled
         uses_target = kl_inputs in ("target", "both") and kl_weight > 0
+        mixes = "unlabeled_data" in splits and uses_target
+        if mixes:
+            n_total += inputs.num_images(splits["unlabeled_data"]) or batch
+        steps = max(1, math.ceil(n_total / batch))
+        # A resumed run starts every stream where the checkpointed epoch left
+        # it: the same batches, in the same order, with the same augmentation.
+        drawn = initial_epoch * steps * batch
 
         def maps_for(key):
             if not stored:
                 return None
             return _stored_maps(source, splits[key], cfg.image_size, cfg.verbose)
 
-        train_ds = train_stream(
-            splits["data"], seed, maps_for("data") if uses_target else None
-        )
+        streams = {"data": seed, "unlabeled_data": seed + 1}
+
+        def target_stream(key, skip):
+            maps = maps_for(key) if uses_target else None
+            return train_stream(splits[key], streams[key], maps, skip)
+
         # Unlabelled target images only feed the KL term on target images.
-        if "unlabeled_data" in splits and uses_target:
-            n_unlabeled = inputs.num_images(splits["unlabeled_data"]) or batch
-            unlabeled_ds = train_stream(
-                splits["unlabeled_data"], seed + 1, maps_for("unlabeled_data")
-            )
+        if mixes:
             train_ds = _mix_unlabeled(
-                train_ds, unlabeled_ds, batch, n_labeled, n_unlabeled, seed
+                target_stream, n_labeled, n_total - n_labeled, batch, seed, drawn
             )
-            n_total += n_unlabeled
+        else:
+            train_ds = target_stream("data", drawn)
         if kl_weight > 0 and kl_inputs in ("source", "both"):
             import tensorflow as tf
 
             source_ds = train_stream(
-                splits["source_images"], seed + 2, maps_for("source_images")
+                splits["source_images"],
+                seed + 2,
+                maps_for("source_images"),
+                skip=drawn,
             )
             train_ds = tf.data.Dataset.zip((train_ds, source_ds)).map(ft.pair_batches)
-        steps = max(1, math.ceil(n_total / batch))
 
         def eval_stream(split):
             if split is None:

@@ -118,6 +118,14 @@ def fit(
                 "--monitor."
             )
         truncate_history(run.history, initial_epoch)
+        saved_steps = state.get("steps_per_epoch")
+        if saved_steps is not None and saved_steps != steps:
+            say(
+                cfg.verbose,
+                f"Note: the run in {run.path} had {saved_steps} steps per epoch, "
+                f"now {steps}: its training data changed, so the resumed run "
+                "continues on other batches than the interrupted one would have.",
+            )
     elif run.history.exists():
         run.history.unlink()
     if initial_epoch >= cfg.epochs:
@@ -135,7 +143,7 @@ def fit(
         cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
         keras.callbacks.CSVLogger(str(run.history), append=True),
         cb.RunCheckpoint(
-            run, monitor, save_model=save_model, state=state, seed=cfg.seed
+            run, monitor, save_model=save_model, state=state, seed=cfg.seed, steps=steps
         ),
         cb.EpochScalars(run.logs),
         *list(callbacks or []),

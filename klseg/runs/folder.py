@@ -357,21 +357,37 @@ class RunFolder(OutputFolder):
     plots = property(lambda self: self.path / "plots")
     report = property(lambda self: self.path / "report.md")
 
-    def latest_checkpoint(self):
-        """``(folder, state)`` of the last completed epoch, or ``None``."""
-        pointer = self.checkpoints / "latest.json"
-        if not pointer.is_file():
+    def latest_checkpoint(self, say=None):
+        """``(folder, state)`` of the newest usable checkpoint, or ``None``.
+
+        A checkpoint whose files do not match their record (see
+        :func:`klseg.runs.checkpoint.usable_checkpoints`) is passed over for
+        the one before it, and ``say`` is told which and why.
+
+        Raises:
+            klseg.errors.RunError: there are checkpoints, and none is usable.
+        """
+        from klseg.runs.checkpoint import usable_checkpoints
+
+        if not self.checkpoints.is_dir():
             return None
-        try:
-            name = json.loads(pointer.read_text())["checkpoint"]
-            folder = self.checkpoints / name
-            state = json.loads((folder / "state.json").read_text())
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        usable, damaged = usable_checkpoints(self.checkpoints)
+        if not usable:
+            if not damaged and not self.has_checkpoint():
+                return None
             raise errors.RunError(
-                f"the checkpoint record in {self.checkpoints} is unreadable "
-                f"({e}); start the run again with --overwrite."
-            ) from None
-        return folder, state
+                f"no usable checkpoint in {self.checkpoints} ("
+                + ("; ".join(damaged) or "latest.json names none")
+                + "); start the run again with --overwrite."
+            )
+        chosen = usable[0]
+        newer = [d for d in damaged if d.split(":")[0] > chosen[0].name]
+        if newer and say is not None:
+            say(
+                f"Checkpoint {'; '.join(newer)}. Resuming from {chosen[0].name} "
+                f"(epoch {chosen[1]['epoch']}) instead."
+            )
+        return chosen
 
     def has_checkpoint(self):
         return (self.checkpoints / "latest.json").is_file()
@@ -443,7 +459,7 @@ def open_run(cfg, *, kind="run", ignore=frozenset(), say=print, abandoned=None):
                 "or start a new run."
             )
         run.adopt()
-        checkpoint = run.latest_checkpoint() if kind == "run" else None
+        checkpoint = run.latest_checkpoint(say) if kind == "run" else None
         run.write_config(current)
         return run, checkpoint
     abandoned = abandoned or RunFolder.abandoned

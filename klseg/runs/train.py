@@ -140,11 +140,13 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
             image_size=cfg.image_size,
             augment=cfg.augment,
             shuffle=True,
-            seed=cfg.seed + initial_epoch,
+            seed=cfg.seed,
             repeat=True,
             drop_remainder=True,
             ignore_value=cfg.ignore_value,
             cache=inputs.cache_in_memory(train_split, cfg.image_size),
+            # A resumed run continues the stream where its checkpoint left it.
+            skip=initial_epoch * steps * cfg.batch_size,
         )
         val_ds = data.make_dataset(
             val_split,
