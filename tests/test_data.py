@@ -626,6 +626,86 @@ def test_tfds_mock_data_offline(tmp_path, no_network):
         assert images.shape == (5, 16, 16, 3) and masks.shape == (5, 16, 16)
 
 
+# Two oxford_iiit_pet examples with trimap values at known pixels: 1 pet,
+# 2 background, 3 border; 0, 4 and 255 are not trimap values.
+_TRIMAPS = np.array(
+    [
+        [
+            [1, 1, 2, 2],
+            [2, 3, 1, 2],
+            [3, 3, 2, 1],
+            [0, 4, 255, 2],
+        ],
+        [
+            [2, 2, 2, 2],
+            [2, 1, 1, 2],
+            [2, 1, 1, 3],
+            [3, 3, 3, 3],
+        ],
+    ],
+    np.uint8,
+)
+# docs/data.md: background (trimap 2) is class 0, pet (trimap 1) class 1,
+# the border (trimap 3) and anything else is ignored (255).
+_TRIMAP_CLASSES = np.array(
+    [
+        [
+            [1, 1, 0, 0],
+            [0, 255, 1, 0],
+            [255, 255, 0, 1],
+            [255, 255, 255, 0],
+        ],
+        [
+            [0, 0, 0, 0],
+            [0, 1, 1, 0],
+            [0, 1, 1, 255],
+            [255, 255, 255, 255],
+        ],
+    ]
+)
+
+
+def _pet_examples(self, split, decoders=None, read_config=None, **kwargs):
+    import tensorflow as tf
+
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    return tf.data.Dataset.from_tensor_slices(
+        {"image": images, "segmentation_mask": _TRIMAPS[..., None]}
+    )
+
+
+def test_tfds_pet_trimap_maps_to_background_and_pet(tmp_path, no_network):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from klseg.data import load_arrays, load_split, make_dataset
+
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    with tfds.testing.mock_data(as_dataset_fn=_pet_examples):
+        split = load_split("tfds:oxford_iiit_pet:test", data_dir=tmp_path)
+        names = split.class_names
+        assert names[int(_TRIMAP_CLASSES[0, 0, 0])] == "pet"
+        assert names[int(_TRIMAP_CLASSES[0, 0, 2])] == "background"
+        streamed = list(split.iterate_numpy())
+        np.testing.assert_array_equal([m for _, m in streamed], _TRIMAP_CLASSES)
+        np.testing.assert_array_equal([i for i, _ in streamed], images)
+        (batch,) = make_dataset(split, batch_size=2, image_size=4).as_numpy_iterator()
+        np.testing.assert_array_equal(batch[0], images)
+        np.testing.assert_array_equal(batch[1], _TRIMAP_CLASSES)
+        got_images, got_masks = load_arrays("tfds:oxford_iiit_pet:test", 4)
+        np.testing.assert_array_equal(got_images, images)
+        np.testing.assert_array_equal(got_masks, _TRIMAP_CLASSES)
+        # An explicit class map replaces the built-in one, value by value.
+        swapped = load_split(
+            "tfds:oxford_iiit_pet:test",
+            data_dir=tmp_path,
+            class_map={"1": 0, "2": 1, "3": 2},
+        )
+        masks = np.array([m for _, m in swapped.iterate_numpy()])
+        expected = np.select(
+            [_TRIMAPS == 1, _TRIMAPS == 2, _TRIMAPS == 3], [0, 1, 2], 255
+        )
+        np.testing.assert_array_equal(masks, expected)
+
+
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path, no_network, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     from klseg.data import load_split
