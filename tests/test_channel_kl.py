@@ -196,6 +196,18 @@ def test_ignored_pixels_are_left_out_of_both_softmaxes(rng):
     assert not np.allclose(plain, values, rtol=1e-3)
 
 
+def test_masks_hold_for_logits_far_from_zero(rng):
+    """Left-out pixels stay out however large or small the kept logits are."""
+    keep = rng.random((2, 4, 5)) > 0.3
+    loss = losses.ChannelWiseKLDivergence()
+    for offset, spread in [(-1e20, 1e14), (1e20, 1e14)]:
+        teacher = (offset + spread * rng.normal(size=(2, 4, 5, 2))).astype("float32")
+        student = (offset + spread * rng.normal(size=(2, 4, 5, 2))).astype("float32")
+        expected = loss64(*cwd64(teacher, student, 2.0, keep=keep))
+        got = float(loss(teacher, student, sample_weight=keep))
+        assert got == pytest.approx(expected, rel=1e-4), offset
+
+
 def test_per_pixel_sample_weight_masks_and_scales(rng):
     teacher, student = logits(rng, (3, 4, 5, 3)), logits(rng, (3, 4, 5, 3))
     keep = rng.random((3, 4, 5)) > 0.3
