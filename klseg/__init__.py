@@ -19,6 +19,7 @@ _SUBMODULES = (
     "errors",
     "export",
     "finetune",
+    "inference",
     "losses",
     "metrics",
     "models",

@@ -18,6 +18,7 @@ PACKAGE = ROOT / "klseg"
 #: Modules of klseg.runs that make up the engine; the jobs build on them.
 ENGINE = {
     "config",
+    "checks",
     "results",
     "folder",
     "checkpoint",

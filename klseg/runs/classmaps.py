@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from klseg import errors
-from klseg.runs.config import _fail
+from klseg.runs.checks import fail
 from klseg.runs.evaluation import inference_function
 
 __all__ = [
@@ -70,7 +70,7 @@ def target_classes(cfg, splits, source_names):
         return list(source_names), None
     names = list(cfg.class_names or getattr(splits["data"], "class_names", None) or [])
     if not names:
-        _fail(
+        fail(
             f"source_class_map ({cfg.source_class_map}) needs the target classes: "
             "give class_names (--class-names), or a class map with class_names "
             f"or a classes.json for {cfg.data}."

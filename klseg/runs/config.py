@@ -9,10 +9,20 @@ a non-finite or out-of-range number or an unknown choice raises
 
 import dataclasses
 import math
-import os
 
-from klseg import errors, inference
+from klseg import inference
 from klseg.registry import BACKBONES, MODELS
+from klseg.runs.checks import (
+    check_choice,
+    check_flag,
+    check_int,
+    check_model_source,
+    check_names,
+    check_number,
+    check_path,
+    check_positive,
+    fail,
+)
 
 __all__ = [
     "AUGMENT",
@@ -56,107 +66,6 @@ RESUMABLE_CHANGES = frozenset(
 _NOT_SAVED = frozenset({"resume", "overwrite", "verbose"})
 
 
-def _fail(message):
-    raise errors.InvalidArgumentError(message)
-
-
-def _check_choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        _fail(
-            f"{name} must be one of {', '.join(map(str, choices))}. "
-            f"Received: {name}={value!r}"
-        )
-
-
-def _check_int(name, value, *, minimum=None, maximum=None, allow_none=False):
-    if value is None and allow_none:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or (minimum is not None and value < minimum)
-        or (maximum is not None and value > maximum)
-    ):
-        if minimum == 1 and maximum is None:
-            what = "a positive integer"
-        elif minimum is not None and maximum is not None:
-            what = f"an integer in {minimum}..{maximum}"
-        elif minimum is not None:
-            what = f"an integer >= {minimum}"
-        else:
-            what = "an integer"
-        _fail(f"{name} must be {what}. Received: {name}={value!r}")
-
-
-def _check_positive(name, value, *, allow_none=False, integer=True):
-    if integer:
-        _check_int(name, value, minimum=1, allow_none=allow_none)
-    else:
-        _check_number(name, value, minimum=0, open_min=True, allow_none=allow_none)
-
-
-def _check_number(
-    name, value, *, minimum=None, open_min=False, maximum=None, allow_none=False
-):
-    """A finite int or float within the bounds (NaN and inf are refused)."""
-    if value is None and allow_none:
-        return
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (minimum is None or value > minimum or (value == minimum and not open_min))
-        and (maximum is None or value <= maximum)
-    )
-    if not ok:
-        bounds = []
-        if minimum is not None:
-            bounds.append(f"{'>' if open_min else '>='} {minimum:g}")
-        if maximum is not None:
-            bounds.append(f"<= {maximum:g}")
-        what = " and ".join(bounds)
-        _fail(
-            f"{name} must be a finite number{' ' + what if what else ''}. "
-            f"Received: {name}={value!r}"
-        )
-
-
-def _check_path(name, value, *, allow_none=True):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        _fail(f"{name} must be a path (a string). Received: {name}={value!r}")
-
-
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        _fail(f"{name} must be True or False. Received: {name}={value!r}")
-
-
-def _check_names(name, value):
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        _fail(f"{name} must be a list of names. Received: {name}={value!r}")
-    names = tuple(str(c) for c in value)
-    if not names:
-        _fail(f"{name} must not be empty. Received: {name}=()")
-    if len(set(names)) != len(names):
-        _fail(f"{name} repeats a name. Received: {name}={value!r}")
-    return names
-
-
-def _check_model_source(name, value):
-    """A path to a .keras file, or a keras.Model (checked when loaded)."""
-    if value is None or (isinstance(value, (str, os.PathLike)) and not str(value)):
-        return False
-    if isinstance(value, (bool, int, float, list, tuple, dict)):
-        _fail(
-            f"{name} must be a .keras path or a keras.Model. Received: {name}={value!r}"
-        )
-    return True
-
-
 @dataclasses.dataclass
 class _RunOptions:
     """Options shared by the training jobs (``train``, ``finetune``)."""
@@ -180,12 +89,12 @@ class _RunOptions:
 
     def _check_run_options(self):
         if not self.output:
-            _fail("output must name the run folder to write. Received: output=None")
-        _check_path("output", self.output)
-        _check_int("image_size", self.image_size, minimum=8)
-        _check_positive("epochs", self.epochs)
-        _check_positive("batch_size", self.batch_size)
-        _check_number(
+            fail("output must name the run folder to write. Received: output=None")
+        check_path("output", self.output)
+        check_int("image_size", self.image_size, minimum=8)
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size", self.batch_size)
+        check_number(
             "learning_rate",
             self.learning_rate,
             minimum=0,
@@ -193,23 +102,23 @@ class _RunOptions:
             maximum=10,
             allow_none=True,
         )
-        _check_path("class_map", self.class_map)
+        check_path("class_map", self.class_map)
         if not isinstance(self.monitor, str) or not self.monitor:
-            _fail(f"monitor must be a history column name. Received: {self.monitor!r}")
-        _check_int("seed", self.seed)
-        _check_int("verbose", self.verbose, minimum=0)
+            fail(f"monitor must be a history column name. Received: {self.monitor!r}")
+        check_int("seed", self.seed)
+        check_int("verbose", self.verbose, minimum=0)
         for name in ("jit", "resume", "overwrite"):
-            _check_flag(name, getattr(self, name))
-        _check_choice("augment", self.augment, AUGMENT)
-        _check_choice("strategy", self.strategy, STRATEGIES)
+            check_flag(name, getattr(self, name))
+        check_choice("augment", self.augment, AUGMENT)
+        check_choice("strategy", self.strategy, STRATEGIES)
         if self.mixed_precision is True:
             self.mixed_precision = "auto"
         elif self.mixed_precision in (False, None):
             self.mixed_precision = "off"
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
         if self.jit and self.strategy != "default":
-            _fail(
+            fail(
                 f"jit cannot be combined with strategy={self.strategy!r}: XLA "
                 "compilation of a distributed training step fails on "
                 "TensorFlow 2.21 (a resource on one device is read from "
@@ -217,7 +126,7 @@ class _RunOptions:
                 f"Received: jit=True, strategy={self.strategy!r}"
             )
         if self.resume and self.overwrite:
-            _fail("resume and overwrite exclude each other. Received both=True")
+            fail("resume and overwrite exclude each other. Received both=True")
 
     def to_dict(self):
         """The options as saved in ``config.yaml`` (invocation flags left out)."""
@@ -261,19 +170,19 @@ class TrainConfig(_RunOptions):
     def __post_init__(self):
         self._check_run_options()
         if not self.data or not self.val_data:
-            _fail(
+            fail(
                 "train needs data and val_data. "
                 f"Received: data={self.data!r}, val_data={self.val_data!r}"
             )
-        _check_path("data", self.data)
-        _check_path("val_data", self.val_data)
-        _check_choice("model", self.model, MODELS)
+        check_path("data", self.data)
+        check_path("val_data", self.val_data)
+        check_choice("model", self.model, MODELS)
         if self.backbone is not None:
-            _check_choice("backbone", self.backbone, BACKBONES)
-        _check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
-        _check_positive("base_filters", self.base_filters, allow_none=True)
-        _check_int("depth", self.depth, minimum=1, maximum=6, allow_none=True)
-        self.class_names = _check_names("class_names", self.class_names)
+            check_choice("backbone", self.backbone, BACKBONES)
+        check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
+        check_positive("base_filters", self.base_filters, allow_none=True)
+        check_int("depth", self.depth, minimum=1, maximum=6, allow_none=True)
+        self.class_names = check_names("class_names", self.class_names)
 
 
 @dataclasses.dataclass
@@ -334,14 +243,14 @@ class FinetuneConfig(_RunOptions):
 
     def __post_init__(self):
         self._check_run_options()
-        self.class_names = _check_names("class_names", self.class_names)
+        self.class_names = check_names("class_names", self.class_names)
         if not self.source or not self.data or not self.val_data:
-            _fail(
+            fail(
                 "finetune needs source, data and val_data. Received: "
                 f"source={self.source!r}, data={self.data!r}, "
                 f"val_data={self.val_data!r}"
             )
-        _check_model_source("source", self.source)
+        check_model_source("source", self.source)
         for name in (
             "data",
             "val_data",
@@ -350,7 +259,7 @@ class FinetuneConfig(_RunOptions):
             "source_images",
             "source_class_map",
         ):
-            _check_path(name, getattr(self, name))
+            check_path(name, getattr(self, name))
         if self.kl_weight is not None:
             weights = (
                 tuple(self.kl_weight)
@@ -364,28 +273,28 @@ class FinetuneConfig(_RunOptions):
                     or not math.isfinite(w)
                     or w < 0
                 ):
-                    _fail(
+                    fail(
                         "kl_weight must be a number >= 0 or a list of them. "
                         f"Received: kl_weight={self.kl_weight!r}"
                     )
             if not weights:
-                _fail("kl_weight must not be an empty list. Received: kl_weight=()")
+                fail("kl_weight must not be an empty list. Received: kl_weight=()")
             self.kl_weight = tuple(float(w) for w in weights)
-        _check_number(
+        check_number(
             "temperature",
             self.temperature,
             minimum=TEMPERATURE_RANGE[0],
             maximum=TEMPERATURE_RANGE[1],
             allow_none=True,
         )
-        _check_choice("kl_inputs", self.kl_inputs, KL_INPUTS)
+        check_choice("kl_inputs", self.kl_inputs, KL_INPUTS)
         if self.kl_inputs in ("source", "both") and not self.source_images:
-            _fail(
+            fail(
                 f"kl_inputs={self.kl_inputs!r} needs source_images (a folder of "
                 "unlabelled source-domain images). Received: source_images=None"
             )
-        _check_choice("student_bn", self.student_bn, STUDENT_BN)
-        _check_choice("source_predictions", self.source_predictions, SOURCE_PREDICTIONS)
+        check_choice("student_bn", self.student_bn, STUDENT_BN)
+        check_choice("source_predictions", self.source_predictions, SOURCE_PREDICTIONS)
 
     @property
     def is_sweep(self):
@@ -413,17 +322,17 @@ class EvaluateConfig(inference.InferenceOptions):
     def __post_init__(self):
         super().__post_init__()
         if self.model is None or not self.data:
-            _fail(
+            fail(
                 "evaluate needs model and data. "
                 f"Received: model={self.model!r}, data={self.data!r}"
             )
-        _check_model_source("model", self.model)
-        _check_path("data", self.data)
-        _check_path("class_map", self.class_map)
-        _check_path("output", self.output)
-        _check_int("image_size", self.image_size, minimum=8, allow_none=True)
-        _check_positive("batch_size", self.batch_size)
-        _check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
+        check_model_source("model", self.model)
+        check_path("data", self.data)
+        check_path("class_map", self.class_map)
+        check_path("output", self.output)
+        check_int("image_size", self.image_size, minimum=8, allow_none=True)
+        check_positive("batch_size", self.batch_size)
+        check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
 
 
 @dataclasses.dataclass
@@ -447,19 +356,19 @@ class PredictConfig(inference.InferenceOptions):
     def __post_init__(self):
         super().__post_init__()
         if self.model is None or not self.images or not self.output:
-            _fail(
+            fail(
                 "predict needs model, images and output. Received: "
                 f"model={self.model!r}, images={self.images!r}, "
                 f"output={self.output!r}"
             )
-        _check_model_source("model", self.model)
-        _check_path("images", self.images)
-        _check_path("output", self.output)
-        _check_int("image_size", self.image_size, minimum=8, allow_none=True)
-        _check_number("alpha", self.alpha, minimum=0, maximum=1)
-        _check_flag("overlay", self.overlay)
-        _check_flag("overwrite", self.overwrite)
-        _check_int("verbose", self.verbose, minimum=0)
+        check_model_source("model", self.model)
+        check_path("images", self.images)
+        check_path("output", self.output)
+        check_int("image_size", self.image_size, minimum=8, allow_none=True)
+        check_number("alpha", self.alpha, minimum=0, maximum=1)
+        check_flag("overlay", self.overlay)
+        check_flag("overwrite", self.overwrite)
+        check_int("verbose", self.verbose, minimum=0)
 
 
 @dataclasses.dataclass
@@ -472,13 +381,13 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.model is None or not self.output:
-            _fail(
+            fail(
                 "export needs model and output. "
                 f"Received: model={self.model!r}, output={self.output!r}"
             )
-        _check_model_source("model", self.model)
-        _check_path("output", self.output)
-        _check_flag("overwrite", self.overwrite)
+        check_model_source("model", self.model)
+        check_path("output", self.output)
+        check_flag("overwrite", self.overwrite)
 
 
 @dataclasses.dataclass
@@ -496,15 +405,15 @@ class SynthConfig:
 
     def __post_init__(self):
         if not self.output:
-            _fail("synth needs output. Received: output=None")
-        _check_path("output", self.output)
-        _check_int("image_size", self.image_size, minimum=16)
-        _check_positive("num_train", self.num_train)
-        _check_positive("num_val", self.num_val)
-        _check_int("num_unlabeled", self.num_unlabeled, minimum=0)
-        _check_positive("num_target_train", self.num_target_train, allow_none=True)
-        _check_int("seed", self.seed)
-        _check_flag("overwrite", self.overwrite)
+            fail("synth needs output. Received: output=None")
+        check_path("output", self.output)
+        check_int("image_size", self.image_size, minimum=16)
+        check_positive("num_train", self.num_train)
+        check_positive("num_val", self.num_val)
+        check_int("num_unlabeled", self.num_unlabeled, minimum=0)
+        check_positive("num_target_train", self.num_target_train, allow_none=True)
+        check_int("seed", self.seed)
+        check_flag("overwrite", self.overwrite)
 
 
 #: Demo settings. "full" is the README's demo (minutes on 2 CPU cores);
@@ -574,16 +483,16 @@ class DemoConfig:
 
     def __post_init__(self):
         if not self.output:
-            _fail("demo needs output. Received: output=None")
-        _check_path("output", self.output)
-        _check_int("image_size", self.image_size, minimum=16, allow_none=True)
+            fail("demo needs output. Received: output=None")
+        check_path("output", self.output)
+        check_int("image_size", self.image_size, minimum=16, allow_none=True)
         for name in ("num_train", "source_epochs", "finetune_epochs"):
-            _check_positive(name, getattr(self, name), allow_none=True)
-        _check_number("kl_weight", self.kl_weight, minimum=0, allow_none=True)
-        _check_int("seed", self.seed)
+            check_positive(name, getattr(self, name), allow_none=True)
+        check_number("kl_weight", self.kl_weight, minimum=0, allow_none=True)
+        check_int("seed", self.seed)
         for name in ("quick", "overwrite"):
-            _check_flag(name, getattr(self, name))
-        _check_int("verbose", self.verbose, minimum=0)
+            check_flag(name, getattr(self, name))
+        check_int("verbose", self.verbose, minimum=0)
 
     def settings(self):
         """The preset with this config's overrides applied."""

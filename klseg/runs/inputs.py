@@ -15,7 +15,7 @@ from pathlib import Path
 import klseg
 from klseg import errors
 from klseg.files import read_yaml
-from klseg.runs.config import _fail
+from klseg.runs.checks import fail
 
 __all__ = [
     "cache_in_memory",
@@ -140,7 +140,7 @@ def check_image_size(image_size, multiple, what="image_size"):
     if image_size % multiple:
         lower = max(multiple, image_size // multiple * multiple)
         upper = lower + multiple if lower < image_size else lower
-        _fail(
+        fail(
             f"{what} must be a multiple of the model's size multiple {multiple}; "
             f"the nearest valid sizes are {lower} and {upper}. "
             f"Received: {what}={image_size}"

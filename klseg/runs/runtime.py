@@ -20,7 +20,8 @@ import sys
 import threading
 import warnings
 
-from klseg.runs.config import STRATEGIES, _check_choice, _fail
+from klseg.runs.checks import check_choice, fail
+from klseg.runs.config import STRATEGIES
 
 __all__ = [
     "distribute_options",
@@ -40,7 +41,7 @@ __all__ = [
 def _cluster_spec():
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        _fail(
+        fail(
             "strategy='multi-worker' needs the TF_CONFIG environment variable "
             '(e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
             '"task": {"type": "worker", "index": 0}}). Received: TF_CONFIG unset'
@@ -50,7 +51,7 @@ def _cluster_spec():
         cluster, task = spec["cluster"], spec["task"]
         task_type, index = task["type"], int(task["index"])
     except (ValueError, KeyError, TypeError) as e:
-        _fail(f"TF_CONFIG is not valid ({e}). Received: TF_CONFIG={raw!r}")
+        fail(f"TF_CONFIG is not valid ({e}). Received: TF_CONFIG={raw!r}")
     return cluster, task_type, index
 
 
@@ -63,7 +64,7 @@ def make_strategy(name):
     """
     import tensorflow as tf
 
-    _check_choice("strategy", name, STRATEGIES)
+    check_choice("strategy", name, STRATEGIES)
     if name == "default":
         return tf.distribute.get_strategy(), True
     if name == "mirrored":
