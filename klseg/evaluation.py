@@ -12,6 +12,16 @@ with :func:`scores`:
 - ``mean_iou`` is the mean of the defined ``IoU_c``; with no valid pixel at
   all it is undefined (NaN, written ``null`` in JSON);
 - ``pixel_accuracy = sum_c TP_c / valid pixels``;
+- ``precision_c = TP_c / (TP_c + FP_c)`` (the fraction of the pixels
+  predicted as ``c`` that are ``c``): a class never predicted has no
+  precision (``None``);
+- ``recall_c = TP_c / (TP_c + FN_c)`` (the fraction of the pixels of class
+  ``c`` predicted as ``c``): a class with no valid pixel in the masks has no
+  recall (``None``);
+- ``confusion_matrix`` holds the counts themselves: ``counts[i][j]`` is the
+  number of valid pixels of true class ``i`` predicted as class ``j`` (rows:
+  truth, columns: prediction; a list of lists of integers), with the class
+  names in the order of the rows and columns;
 - ``loss`` is the cross-entropy, mean over valid pixels (computed in float64
   from the logits: equal to ``klseg.losses.SparseKLDivergence`` without label
   smoothing).
@@ -116,24 +126,36 @@ def scores(confusion, *, loss_sum=None, class_names=None, num_images=None):
     Args:
         confusion: integer (or exact float) counts.
         loss_sum: summed cross-entropy over the counted pixels, or None.
-        class_names: names for ``per_class_iou``. Defaults to ``class_i``.
+        class_names: names of the classes, in the order of the rows. Defaults
+            to ``class_i``.
         num_images: passed through as ``num_images`` when given.
 
     Returns:
         ``{"loss", "mean_iou", "pixel_accuracy", "per_class_iou": {name: IoU
-        or None for a class absent from masks and predictions}}`` (plus
-        ``"num_images"``). Undefined values (no valid pixel) are NaN.
+        or None for a class absent from masks and predictions},
+        "per_class_precision": {name: precision or None for a class never
+        predicted}, "per_class_recall": {name: recall or None for a class
+        without pixels}, "confusion_matrix": {"class_names": [...],
+        "counts": [[...]]}}`` (plus ``"num_images"``; ``counts`` rows: true
+        class, columns: predicted class). Undefined values (no valid pixel)
+        are NaN.
 
     Example:
 
     >>> s = scores(np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
     >>> round(s["mean_iou"], 4), s["per_class_iou"]["class_2"]
-    (0.6875, None)
+    (0.7083, None)
+    >>> s["per_class_precision"]["class_1"], s["per_class_recall"]["class_0"]
+    (0.6666666666666666, 0.75)
+    >>> s["confusion_matrix"]["counts"][0]
+    [3, 1, 0]
     """
     confusion = np.asarray(confusion, dtype=np.float64)
     num_classes = confusion.shape[0]
     tp = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - tp
+    predicted = confusion.sum(0)
+    actual = confusion.sum(1)
+    union = predicted + actual - tp
     present = union > 0
     iou = np.where(present, tp / np.maximum(union, 1), np.nan)
     valid = confusion.sum()
@@ -153,8 +175,14 @@ def scores(confusion, *, loss_sum=None, class_names=None, num_images=None):
         else None,
         "mean_iou": float(iou[present].mean()) if present.any() else float("nan"),
         "pixel_accuracy": float(tp.sum() / valid) if valid else float("nan"),
-        "per_class_iou": {
-            n: (float(v) if p else None) for n, v, p in zip(names, iou, present)
+        "per_class_iou": _per_class(names, iou, present),
+        "per_class_precision": _per_class(
+            names, tp / np.maximum(predicted, 1), predicted > 0
+        ),
+        "per_class_recall": _per_class(names, tp / np.maximum(actual, 1), actual > 0),
+        "confusion_matrix": {
+            "class_names": names,
+            "counts": np.rint(confusion).astype(np.int64).tolist(),
         },
     }
     if loss_sum is None:
@@ -162,6 +190,11 @@ def scores(confusion, *, loss_sum=None, class_names=None, num_images=None):
     if num_images is not None:
         result["num_images"] = int(num_images)
     return result
+
+
+def _per_class(names, values, defined):
+    """``{name: float or None}``: None where ``defined`` is False."""
+    return {n: (float(v) if d else None) for n, v, d in zip(names, values, defined)}
 
 
 def evaluate(
@@ -175,7 +208,7 @@ def evaluate(
     label_map=None,
     batch_size=8,
 ):
-    """Loss, mean IoU, pixel accuracy and per-class IoU of a model on a data set.
+    """Loss, mean IoU, pixel accuracy and per-class scores of a model on a data set.
 
     Args:
         model: a model mapping uint8 images to per-pixel logits; only called
