@@ -35,11 +35,18 @@ __all__ = [
     "plot_domain_miou",
     "plot_tradeoff",
     "plot_overlays",
+    "plot_confusion",
+    "is_confusion_plot",
+    "confusion_section",
     "markdown_table",
     "write_report",
 ]
 
 _DPI = 100
+
+#: The PNG ``Title`` of a confusion-matrix plot: how klseg recognises one it
+#: wrote (and may replace).
+CONFUSION_PLOT_TITLE = "klseg confusion matrix"
 
 
 # --------------------------------------------------------------------------
@@ -124,8 +131,12 @@ def overlay(image, mask, colors, *, alpha=0.5, ignore_value=255):
 
 
 def _save_figure(fig, path):
+    """Write ``fig`` atomically; a PNG of a labelled figure gets the label as
+    its ``Title`` text."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    metadata = {"Title": fig.get_label()} if fmt == "png" and fig.get_label() else None
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=_DPI, format=Path(path).suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=_DPI, format=fmt, metadata=metadata)
     return Path(path)
 
 
@@ -377,6 +388,172 @@ def plot_overlays(
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
+
+
+def _normalized(counts, normalize):
+    counts = np.asarray(counts, dtype=np.float64)
+    if normalize is None:
+        return counts
+    axis = {"true": 1, "pred": 0}[normalize]
+    totals = counts.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, counts / totals, np.nan)
+
+
+def plot_confusion(
+    counts, class_names, path, *, normalize="true", title="Confusion matrix"
+):
+    """A confusion matrix as a heat map, class names on both axes.
+
+    With ``normalize="true"`` each row (true class) is divided by its sum,
+    so cell ``(i, j)`` is the fraction of the pixels of class ``i`` predicted
+    as ``j`` and the diagonal is the recall; a row without pixels (a class
+    absent from the masks) is left empty and marked "no pixels". With
+    ``"pred"`` each column is divided by its sum (the diagonal is the
+    precision; a class never predicted leaves its column empty); with None
+    the counts are drawn as they are. Cells are annotated with their values
+    up to 30 classes.
+
+    Args:
+        counts: ``(C, C)`` integer counts, rows: true class, columns:
+            predicted class (``scores(...)["confusion_matrix"]["counts"]``).
+        class_names: ``C`` names, in the order of the rows.
+        path: PNG file to write.
+        normalize: ``"true"``, ``"pred"`` or None. Defaults to ``"true"``.
+        title: axes title. Defaults to ``"Confusion matrix"``.
+
+    Returns:
+        The path written.
+
+    Example:
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "confusion.png"
+    >>> plot_confusion([[3, 1], [0, 2]], ["sky", "road"], out).name
+    'confusion.png'
+    """
+    from matplotlib import colormaps
+
+    counts = np.asarray(counts)
+    names = [str(n) for n in class_names]
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(
+            f"counts must be a square (C, C) matrix. Received: counts.shape="
+            f"{counts.shape}"
+        )
+    if len(names) != counts.shape[0]:
+        raise ValueError(
+            f"class_names must hold {counts.shape[0]} names, one per row of "
+            f"counts. Received: class_names={names}"
+        )
+    if normalize not in ("true", "pred", None):
+        raise ValueError(
+            "normalize must be 'true', 'pred' or None. "
+            f"Received: normalize={normalize!r}"
+        )
+    values = _normalized(counts, normalize)
+    n = len(names)
+    side = min(3.0 + 0.55 * n, 24.0)
+    fig = _figure(side + 1.2, side)
+    fig.set_label(CONFUSION_PLOT_TITLE)
+    ax = fig.subplots()
+    cmap = colormaps["Blues"].with_extremes(bad="white")
+    top = 1.0 if normalize else max(float(np.nanmax(values, initial=0)), 1.0)
+    image = ax.imshow(
+        np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=top, aspect="equal"
+    )
+    fig.colorbar(
+        image,
+        ax=ax,
+        shrink=0.8,
+        label={
+            "true": "fraction of the true class",
+            "pred": "fraction of the predicted class",
+            None: "pixels",
+        }[normalize],
+    )
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                v = values[i, j]
+                if np.isfinite(v):
+                    text = f"{v:.2f}" if normalize else f"{int(v)}"
+                    color = "white" if v > 0.5 * top else "black"
+                    ax.text(
+                        j, i, text, ha="center", va="center", fontsize=8, color=color
+                    )
+        if normalize == "true":
+            for i in np.flatnonzero(np.isnan(values).all(axis=1)):
+                ax.text(
+                    (n - 1) / 2,
+                    i,
+                    "no pixels",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="0.5",
+                    style="italic",
+                )
+    ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    return _save_figure(fig, path)
+
+
+def is_confusion_plot(path):
+    """Whether ``path`` is a PNG that :func:`plot_confusion` wrote."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return (
+                image.format == "PNG"
+                and image.text.get("Title") == CONFUSION_PLOT_TITLE
+            )
+    except (OSError, ValueError):
+        return False
+
+
+def confusion_section(scores, path, *, heading="Confusion matrix"):
+    """A report section: the per-class table and the row-normalised plot.
+
+    Args:
+        scores: a :func:`klseg.evaluation.scores` dict (with
+            ``confusion_matrix``, ``per_class_iou``, ``per_class_precision``
+            and ``per_class_recall``).
+        path: PNG file for :func:`plot_confusion`.
+        heading: the section heading (also the plot's title).
+
+    Returns:
+        ``(heading, [markdown table, path])`` for :func:`write_report`.
+    """
+    matrix = scores["confusion_matrix"]
+    names = matrix["class_names"]
+    plot = plot_confusion(matrix["counts"], names, path, title=heading)
+
+    def shown(value, missing):
+        return missing if value is None else round(100 * value, 1)
+
+    rows = [
+        (
+            name,
+            int(sum(row)),
+            shown(scores["per_class_iou"].get(name), "absent"),
+            shown(scores["per_class_precision"].get(name), "never predicted"),
+            shown(scores["per_class_recall"].get(name), "no pixels"),
+        )
+        for name, row in zip(names, matrix["counts"])
+    ]
+    table = markdown_table(
+        ["class", "pixels", "IoU (%)", "precision (%)", "recall (%)"], rows
+    )
+    note = (
+        "Rows: true class, columns: predicted class; each row is divided by "
+        "its number of pixels, so the diagonal is the recall."
+    )
+    return heading, [table, note, plot]
 
 
 # --------------------------------------------------------------------------
