@@ -242,10 +242,17 @@ def finetune(ctx, **_):
 @inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--output", "-o", type=PATH, help="Also write the metrics to this file.")
+@click.option(
+    "--plot",
+    type=PATH,
+    help="Also draw the confusion matrix (rows normalised) to this PNG file.",
+)
 @click.pass_context
 @run_errors
 def evaluate(ctx, **_):
-    """Evaluate a model: mean IoU, pixel accuracy and per-class IoU.
+    """Evaluate a model: mean IoU, pixel accuracy, per-class IoU, precision
+    and recall, and the confusion counts (rows: true class, columns:
+    predicted class).
 
     With --tile-size / --tta the (resized) images are predicted in
     overlapping windows and/or with the flip; the scores come from the same
@@ -255,6 +262,7 @@ def evaluate(ctx, **_):
     Example:
       klseg evaluate --model runs/finetune/model.keras --data data/target/val
       klseg evaluate --model m.keras --data val --tile-size 128 --tile-overlap 0.5
+      klseg evaluate --model m.keras --data val --json --plot confusion.png
     """
     values, _ = resolve_options(ctx)
     require(values, "model", "data")

@@ -307,7 +307,8 @@ class EvaluateConfig(inference.InferenceOptions):
 
     ``model`` is a ``.keras`` path or a ``keras.Model``; ``image_size``
     ``None`` uses the training size saved next to the model (its run's
-    ``config.yaml``), else 256. ``output`` optionally names a JSON file.
+    ``config.yaml``), else 256. ``output`` optionally names a JSON file,
+    ``plot`` a PNG file for the row-normalised confusion matrix.
     Tiles and TTA (``tile_size``, ...): ``klseg.inference.InferenceOptions``.
     """
 
@@ -318,6 +319,7 @@ class EvaluateConfig(inference.InferenceOptions):
     ignore_value: int = 255
     class_map: str | None = None
     output: str | None = None
+    plot: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -330,6 +332,9 @@ class EvaluateConfig(inference.InferenceOptions):
         check_path("data", self.data)
         check_path("class_map", self.class_map)
         check_path("output", self.output)
+        check_path("plot", self.plot)
+        if self.plot is not None and not str(self.plot).lower().endswith(".png"):
+            fail(f"plot must name a .png file. Received: plot={str(self.plot)!r}")
         check_int("image_size", self.image_size, minimum=8, allow_none=True)
         check_positive("batch_size", self.batch_size)
         check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)

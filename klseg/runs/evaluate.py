@@ -14,21 +14,46 @@ __all__ = ["evaluate"]
 _RESULT_KEYS = {"model", "data", "mean_iou", "per_class_iou"}
 
 
-def _check_output_file(path):
-    """An output JSON file: its folder can be made, and an existing file
-    there is an earlier klseg evaluation (never someone else's file)."""
+def _check_file_target(path, option, example):
+    """A file to write: its folder can be made and it is not a folder."""
     path = Path(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise errors.RunError(
-                    f"cannot write --output {path}: {parent} is a file, not a folder."
+                    f"cannot write {option} {path}: {parent} is a file, not a folder."
                 )
             break
     if path.is_dir():
         raise errors.RunError(
-            f"--output {path} is a folder; name a JSON file (e.g. {path}/metrics.json)."
+            f"{option} {path} is a folder; name a file (e.g. {path}/{example})."
         )
+    return path
+
+
+def _check_plot_file(path, output=None):
+    """The confusion-matrix PNG: an existing file there must be a plot klseg
+    drew (its PNG title says so); never the --output file."""
+    path = _check_file_target(path, "--plot", "confusion.png")
+    if output is not None and path.resolve() == Path(output).resolve():
+        raise errors.RunError(
+            f"--plot {path} and --output {output} name the same file; choose two."
+        )
+    if path.exists():
+        from klseg import report
+
+        if not report.is_confusion_plot(path):
+            raise errors.RunError(
+                f"--plot {path} exists and is not a klseg confusion-matrix plot; "
+                "klseg does not overwrite files it did not write. Choose another "
+                "file name."
+            )
+
+
+def _check_output_file(path):
+    """An output JSON file: its folder can be made, and an existing file
+    there is an earlier klseg evaluation (never someone else's file)."""
+    path = _check_file_target(path, "--output", "metrics.json")
     if path.exists():
         try:
             content = json.loads(path.read_text(encoding="utf-8"))
@@ -53,19 +78,28 @@ def evaluate(cfg):
 
     Returns:
         ``{"model", "data", "image_size", "inference", "num_images", "loss",
-        "mean_iou", "pixel_accuracy", "per_class_iou"}`` (``inference``:
-        ``tile_size``, ``tile_overlap``, ``tta``); also written to
+        "mean_iou", "pixel_accuracy", "per_class_iou", "per_class_precision",
+        "per_class_recall", "confusion_matrix"}`` (``inference``:
+        ``tile_size``, ``tile_overlap``, ``tta``; ``confusion_matrix``:
+        ``class_names`` and ``counts``, rows: true class, columns: predicted
+        class; see :func:`klseg.evaluation.scores`); also written to
         ``cfg.output`` when set (an earlier result there is replaced, any
-        other file is refused).
+        other file is refused). With ``cfg.plot`` the row-normalised matrix
+        is drawn to that PNG (:func:`klseg.report.plot_confusion`; an earlier
+        plot there is replaced, any other file is refused) and the result
+        holds ``"plot"``.
     """
     from klseg import data, inference, models
 
-    if cfg.output:
+    if cfg.output or cfg.plot:
         check_inputs_not_outputs(
-            {"--output": cfg.output},
+            {"--output": cfg.output, "--plot": cfg.plot},
             {"--model": cfg.model, "--data": cfg.data, "--class-map": cfg.class_map},
         )
+    if cfg.output:
         _check_output_file(cfg.output)
+    if cfg.plot:
+        _check_plot_file(cfg.plot, cfg.output)
     model = inputs.load_model(cfg.model)
     num_classes, multiple = inputs.model_info(model, cfg.model)
     image_size = cfg.image_size or inputs.run_image_size(cfg.model) or 256
@@ -104,6 +138,17 @@ def evaluate(cfg):
         "inference": options,
         **result,
     }
+    if cfg.plot:
+        from klseg import report
+
+        matrix = result["confusion_matrix"]
+        report.plot_confusion(
+            matrix["counts"],
+            matrix["class_names"],
+            cfg.plot,
+            title=f"Confusion matrix on {Path(str(cfg.data)).name or cfg.data}",
+        )
+        result["plot"] = str(cfg.plot)
     if cfg.output:
         write_json(cfg.output, result)
     return result

@@ -124,14 +124,53 @@ def format_metrics(result):
         f"{result.get('image_size')}px)",
         f"mean IoU:       {pct(result.get('mean_iou'))}",
         f"pixel accuracy: {pct(result.get('pixel_accuracy'))}",
-        "IoU per class:",
     ]
-    per_class = result.get("per_class_iou") or {}
-    width = max([5] + [len(k) for k in per_class])
-    for name, value in per_class.items():
-        shown = "absent" if value is None else pct(value)
-        lines.append(f"  {name:<{width}}  {shown:>6}")
+    columns = [
+        (title, result[key])
+        for title, key in (
+            ("IoU", "per_class_iou"),
+            ("precision", "per_class_precision"),
+            ("recall", "per_class_recall"),
+        )
+        if isinstance(result.get(key), dict)
+    ]
+    names = list(result.get("per_class_iou") or {})
+    width = max([5] + [len(k) for k in names])
+    lines.append("Per class (%):")
+    lines.append("  " + " " * width + "".join(f"  {t:>9}" for t, _ in columns))
+    for name in names:
+        cells = []
+        for title, values in columns:
+            value = values.get(name)
+            cells.append(
+                ("absent" if title == "IoU" else "n/a") if value is None else pct(value)
+            )
+        lines.append(f"  {name:<{width}}" + "".join(f"  {c:>9}" for c in cells))
+    if len(columns) > 1:
+        lines.append(
+            "  absent: no pixel in masks or predictions; n/a: never predicted "
+            "(precision), no pixel in the masks (recall)"
+        )
+    matrix = result.get("confusion_matrix")
+    if matrix and len(matrix["class_names"]) <= _MAX_TEXT_CLASSES:
+        lines += ["Confusion counts (rows: true class, columns: predicted):"]
+        lines += _count_table(matrix["class_names"], matrix["counts"])
+    elif matrix:
+        lines.append("Confusion counts: see --json (too many classes to print).")
+    if result.get("plot"):
+        lines.append(f"Confusion-matrix plot: {result['plot']}")
     return "\n".join(lines)
+
+
+_MAX_TEXT_CLASSES = 20
+
+
+def _count_table(names, counts):
+    width = max([len(n) for n in names] + [len(str(v)) for row in counts for v in row])
+    lines = ["  " + " " * width + "".join(f"  {n:>{width}}" for n in names)]
+    for name, row in zip(names, counts):
+        lines.append(f"  {name:<{width}}" + "".join(f"  {v:>{width}}" for v in row))
+    return lines
 
 
 @dataclasses.dataclass
