@@ -164,6 +164,21 @@ def run_options(fn):
             show_default=True,
         ),
         click.option(
+            "--steps-per-epoch",
+            type=click.IntRange(min=1),
+            help="Optimizer steps per epoch (an epoch is then a fixed number of "
+            "batches, not a pass over the data)  [default: one pass over the "
+            "training images].",
+        ),
+        click.option(
+            "--val-every",
+            type=click.IntRange(min=1),
+            default=default(TRAIN, "val_every"),
+            show_default=True,
+            help="Validate every N epochs and after the last one; model.keras "
+            "is the best validated epoch.",
+        ),
+        click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=default(TRAIN, "batch_size"),

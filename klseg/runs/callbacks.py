@@ -11,6 +11,7 @@ broken, before any later callback can save a checkpoint or a "best" model
 from it.
 """
 
+import csv
 import math
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ from klseg.runs.evaluation import inference_function
 
 __all__ = [
     "EpochScalars",
+    "HistoryFile",
     "RunCheckpoint",
     "StopOnInterrupt",
     "StopOnNonFinite",
+    "ValidateEvery",
     "lower_is_better",
     "validation",
 ]
@@ -42,12 +45,18 @@ class RunCheckpoint(keras.callbacks.Callback):
     """Best model by ``monitor`` plus a resumable checkpoint every epoch.
 
     ``model.keras`` is replaced only by an epoch whose monitored value is
-    finite and better than every earlier one.
+    finite and better than every earlier one. A monitor among ``optional``
+    (the validation scores, absent from the logs of an epoch that was not
+    validated) leaves ``model.keras`` alone in the epochs without it; the
+    checkpoint is written all the same.
     """
 
-    def __init__(self, run, monitor, *, save_model, state, seed, steps=None):
+    def __init__(
+        self, run, monitor, *, save_model, state, seed, steps=None, optional=()
+    ):
         super().__init__()
         self.steps = steps
+        self.optional = frozenset(optional)
         self.run = run
         self.monitor = monitor
         self.save_model = save_model
@@ -57,12 +66,12 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if self.monitor not in logs:
-            names = ", ".join(sorted(logs)) or "none"
+        if self.monitor not in logs and self.monitor not in self.optional:
+            names = ", ".join(sorted(set(logs) | self.optional)) or "none"
             raise errors.RunError(
                 f"monitor {self.monitor!r} is not a history column. Columns: {names}."
             )
-        value = float(logs[self.monitor])
+        value = float(logs.get(self.monitor, math.nan))
         if lower_is_better(self.monitor):
             better = self.best is None or value < self.best
         else:
@@ -84,6 +93,115 @@ class RunCheckpoint(keras.callbacks.Callback):
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             save_checkpoint(self.run, self.model, self.model.optimizer, state)
+
+
+class ValidateEvery(keras.callbacks.Callback):
+    """Run the validation callback after every ``every``-th epoch and the last.
+
+    The epochs in between have no validation scores in their logs (the
+    history file leaves those cells empty; nothing treats them as NaN).
+
+    Args:
+        validation: the validation callback (see :func:`validation`).
+        every: validate every ``every`` epochs (epochs ``every``, ``2 *
+            every``, ... counted from 1, as in the history). Defaults to 1.
+        epochs: the run's last epoch, always validated. Defaults to None.
+    """
+
+    def __init__(self, validation, every=1, epochs=None):
+        super().__init__()
+        self.validation = validation
+        self.every = int(every)
+        self.epochs = epochs
+
+    @property
+    def keys(self):
+        """The log entries a validated epoch gets, known before it runs."""
+        return validation_keys(self.validation)
+
+    def due(self, epoch):
+        """Whether epoch ``epoch`` (0-based, as Keras counts) is validated."""
+        number = epoch + 1
+        return number % self.every == 0 or number == self.epochs
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.validation.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.validation.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.validation.on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.due(epoch):
+            self.validation.on_epoch_end(epoch, logs)
+
+
+def validation_keys(callback):
+    """``val_...`` log entries a ``DomainEvaluation`` adds (sorted)."""
+    datasets = getattr(callback, "datasets", None)
+    if datasets is None:
+        return ()
+    keys = {
+        f"val_{domain}_{score}" if domain else f"val_{score}"
+        for domain in datasets
+        for score in callback.scores
+    }
+    if "source" in datasets:
+        keys.add("val_forgetting")
+    return tuple(sorted(keys))
+
+
+class HistoryFile(keras.callbacks.Callback):
+    """One row per epoch in ``history.csv``, with fixed columns.
+
+    The columns are ``epoch`` (0-based, as Keras counts) then the sorted
+    names of the first epoch's logs together with ``keys`` (the validation
+    scores, which an epoch that is not validated lacks). A missing value is
+    an empty cell; a NaN score is written ``nan``. A resumed run appends to
+    the file under its existing header.
+
+    Args:
+        path: the CSV file.
+        keys: columns to have even when the first epoch lacks them.
+    """
+
+    def __init__(self, path, keys=()):
+        super().__init__()
+        self.path = Path(path)
+        self.keys = tuple(keys)
+        self.columns = None
+
+    def on_train_begin(self, logs=None):
+        self.columns = None
+        if self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), None)
+            self.columns = header or None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        new = self.columns is None
+        if new:
+            self.columns = ["epoch", *sorted(set(logs) | set(self.keys))]
+        row = [epoch] + [_cell(logs.get(key, "")) for key in self.columns[1:]]
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(self.columns)
+            writer.writerow(row)
+
+
+def _cell(value):
+    if isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 class StopOnNonFinite(keras.callbacks.Callback):

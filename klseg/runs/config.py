@@ -68,11 +68,20 @@ _NOT_SAVED = frozenset({"resume", "overwrite", "verbose"})
 
 @dataclasses.dataclass
 class _RunOptions:
-    """Options shared by the training jobs (``train``, ``finetune``)."""
+    """Options shared by the training jobs (``train``, ``finetune``).
+
+    ``steps_per_epoch``: optimizer steps per epoch; ``None`` is one pass over
+    the training images (``ceil(images / batch_size)``). ``val_every``:
+    validate after every ``val_every``-th epoch and after the last one; a
+    checkpoint is written after every epoch, and ``model.keras`` is chosen
+    among the validated epochs.
+    """
 
     output: str | None = None
     image_size: int = 128
     epochs: int = 20
+    steps_per_epoch: int | None = None
+    val_every: int = 1
     batch_size: int = 8
     learning_rate: float | None = None
     augment: str = "light"
@@ -93,6 +102,8 @@ class _RunOptions:
         check_path("output", self.output)
         check_int("image_size", self.image_size, minimum=8)
         check_positive("epochs", self.epochs)
+        check_positive("steps_per_epoch", self.steps_per_epoch, allow_none=True)
+        check_positive("val_every", self.val_every)
         check_positive("batch_size", self.batch_size)
         check_number(
             "learning_rate",

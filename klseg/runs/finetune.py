@@ -8,7 +8,14 @@ from klseg.runs import classmaps, inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
-from klseg.runs.fit import curves_section, finish, fit, in_run_folder, say
+from klseg.runs.fit import (
+    curves_section,
+    examples_drawn,
+    finish,
+    fit,
+    in_run_folder,
+    say,
+)
 from klseg.runs.folder import check_inputs_not_outputs
 from klseg.runs.results import pct
 
@@ -182,7 +189,6 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
     from klseg import finetune as ft
 
     state = checkpoint[1] if checkpoint else None
-    initial_epoch = int(state["epoch"]) if state else 0
     keras.utils.set_random_seed(cfg.seed)
     kl_inputs = _resolve_kl_inputs(cfg)
     kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
@@ -268,10 +274,10 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
         mixes = "unlabeled_data" in splits and uses_target
         if mixes:
             n_total += inputs.num_images(splits["unlabeled_data"]) or batch
-        steps = max(1, math.ceil(n_total / batch))
+        steps = cfg.steps_per_epoch or max(1, math.ceil(n_total / batch))
         # A resumed run starts every stream where the checkpointed epoch left
         # it: the same batches, in the same order, with the same augmentation.
-        drawn = initial_epoch * steps * batch
+        drawn = examples_drawn(state, steps, batch)
 
         def maps_for(key):
             if not stored:

@@ -13,8 +13,6 @@ the row of a checkpointed epoch (it drops rows past the checkpoint).
 import shutil
 import tempfile
 
-import keras
-
 from klseg import errors
 from klseg.files import write_json
 from klseg.runs import callbacks as cb
@@ -24,7 +22,14 @@ from klseg.runs.config import RESUMABLE_CHANGES
 from klseg.runs.folder import RunFolder, open_run
 from klseg.runs.results import RunResult
 
-__all__ = ["curves_section", "finish", "fit", "in_run_folder", "say"]
+__all__ = [
+    "curves_section",
+    "examples_drawn",
+    "finish",
+    "fit",
+    "in_run_folder",
+    "say",
+]
 
 
 def say(verbose, message):
@@ -49,6 +54,19 @@ def in_run_folder(cfg, job, *, is_chief=True):
         cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
     )
     return job(run, checkpoint)
+
+
+def examples_drawn(state, steps, batch_size):
+    """Training examples the checkpointed epochs took from their stream.
+
+    A resumed run skips them, so that its batches are those the
+    uninterrupted run would have drawn. The count uses the steps per epoch
+    the checkpoint records (the steps those epochs ran), else ``steps``.
+    """
+    if not state:
+        return 0
+    done = int(state.get("steps_per_epoch") or steps)
+    return int(state["epoch"]) * done * int(batch_size)
 
 
 def _divergence_hint(cfg, learning_rate):
@@ -98,7 +116,11 @@ def fit(
     ``validation`` is the validation callback (:func:`klseg.runs.callbacks.
     validation`); it runs before the checks and the writers, so the metrics
     it adds to the epoch logs are checked, then reach the history, the
-    checkpoint and TensorBoard. ``callbacks`` run after klseg's own.
+    checkpoint and TensorBoard. It runs after every ``cfg.val_every``-th
+    epoch and after the last (:class:`klseg.runs.callbacks.ValidateEvery`);
+    the other epochs write a checkpoint and a history row with empty
+    validation cells, and never replace ``model.keras``. ``callbacks`` run
+    after klseg's own.
 
     Returns:
         The state of the last checkpoint (``None`` when no epoch ran).
@@ -128,6 +150,7 @@ def fit(
             )
     elif run.history.exists():
         run.history.unlink()
+    validation = cb.ValidateEvery(validation, every=cfg.val_every, epochs=cfg.epochs)
     if initial_epoch >= cfg.epochs:
         say(
             cfg.verbose,
@@ -137,13 +160,25 @@ def fit(
         return state
     if initial_epoch:
         say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
+    if cfg.val_every > 1:
+        say(
+            cfg.verbose,
+            f"Validating every {cfg.val_every} epochs and after the last one "
+            f"(epoch {cfg.epochs}).",
+        )
     all_callbacks = [
         cb.StopOnInterrupt(),
         validation,
         cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
-        keras.callbacks.CSVLogger(str(run.history), append=True),
+        cb.HistoryFile(run.history, keys=validation.keys),
         cb.RunCheckpoint(
-            run, monitor, save_model=save_model, state=state, seed=cfg.seed, steps=steps
+            run,
+            monitor,
+            save_model=save_model,
+            state=state,
+            seed=cfg.seed,
+            steps=steps,
+            optional=validation.keys,
         ),
         cb.EpochScalars(run.logs),
         *list(callbacks or []),

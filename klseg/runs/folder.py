@@ -429,6 +429,22 @@ def config_differences(saved, current, ignore):
     return diffs
 
 
+def _with_defaults(saved, cfg, current):
+    """A saved config with the fields added to klseg after it was saved: a
+    run that predates a field ran with that field's default."""
+    import dataclasses
+
+    if not isinstance(saved, dict) or not dataclasses.is_dataclass(cfg):
+        return saved
+    saved = dict(saved)
+    for field in dataclasses.fields(cfg):
+        name = field.name
+        if name in current and name not in saved:
+            if field.default is not dataclasses.MISSING:
+                saved[name] = field.default
+    return saved
+
+
 def open_run(cfg, *, kind="run", ignore=frozenset(), say=print, abandoned=None):
     """Prepare ``cfg.output`` for a new run or a resumed one.
 
@@ -450,7 +466,9 @@ def open_run(cfg, *, kind="run", ignore=frozenset(), say=print, abandoned=None):
                 f"nothing to resume in {run.path}: it holds no klseg "
                 f"{_WHAT[kind]}. Start it without --resume."
             )
-        diffs = config_differences(run.saved_config(), current, ignore)
+        diffs = config_differences(
+            _with_defaults(run.saved_config(), cfg, current), current, ignore
+        )
         if diffs:
             raise errors.RunError(
                 f"cannot resume {run.path} with different settings: "

@@ -8,7 +8,14 @@ from klseg.runs import inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import evaluate_model, first_batch, predict_classes
-from klseg.runs.fit import curves_section, finish, fit, in_run_folder, say
+from klseg.runs.fit import (
+    curves_section,
+    examples_drawn,
+    finish,
+    fit,
+    in_run_folder,
+    say,
+)
 from klseg.runs.folder import check_inputs_not_outputs
 from klseg.runs.results import pct
 
@@ -109,7 +116,6 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
 
     train_split, val_split, num_classes, class_names = prepared
     state = checkpoint[1] if checkpoint else None
-    initial_epoch = int(state["epoch"]) if state else 0
     keras.utils.set_random_seed(cfg.seed)
     learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["train"]
     with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
@@ -133,7 +139,7 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
 
                 restore_checkpoint(checkpoint[0], model, optimizer)
         n_train = inputs.num_images(train_split) or cfg.batch_size
-        steps = max(1, math.ceil(n_train / cfg.batch_size))
+        steps = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))
         train_ds = data.make_dataset(
             train_split,
             batch_size=cfg.batch_size,
@@ -146,7 +152,7 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
             ignore_value=cfg.ignore_value,
             cache=inputs.cache_in_memory(train_split, cfg.image_size),
             # A resumed run continues the stream where its checkpoint left it.
-            skip=initial_epoch * steps * cfg.batch_size,
+            skip=examples_drawn(state, steps, cfg.batch_size),
         )
         val_ds = data.make_dataset(
             val_split,
