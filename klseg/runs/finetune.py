@@ -437,6 +437,15 @@ def _write_report(run, cfg, model, domains, names, metrics):
             title=f"{domain}-domain validation images",
         )
         sections.append((f"Predictions on {domain}-domain images", path))
+    for domain in ("target", "source"):
+        if domain in metrics:
+            sections.append(
+                report.confusion_section(
+                    metrics[domain],
+                    run.plots / f"confusion_{domain}.png",
+                    heading=f"Confusion matrix on {domain}-domain images",
+                )
+            )
     sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
     report.write_report(
         run.report, title=f"Fine-tuning run {run.path.name}", sections=sections

@@ -237,6 +237,13 @@ def _write_report(run, cfg, model, val_ds, names, val_metrics):
     )
     sections.insert(0, ("Result", summary))
     sections.append(("Predictions on validation images", overlays))
+    sections.append(
+        report.confusion_section(
+            val_metrics,
+            run.plots / "confusion_val.png",
+            heading="Confusion matrix on the validation images",
+        )
+    )
     sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
     report.write_report(
         run.report, title=f"Training run {run.path.name}", sections=sections
