@@ -4,12 +4,19 @@ Every test runs offline on ``tfds.testing.mock_data`` with examples of our
 own, so each mask value is checked at a known pixel.
 """
 
+import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from klseg.data.tfds_source import TfdsSpec, parse_spec
+from klseg.data.tfds_source import (
+    CITYSCAPES_CLASS_MAP,
+    CITYSCAPES_CLASS_NAMES,
+    TfdsSpec,
+    parse_spec,
+)
 from klseg.errors import DataError
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -353,3 +360,14 @@ def test_not_prepared_says_how_to_build(tmp_path, no_network, monkeypatch, spec,
     message = str(info.value)
     assert f"{build} --data_dir {tmp_path}" in message
     assert "--manual_dir" in message  # cityscapes is fetched by hand
+
+
+def test_the_documented_cityscapes_table_is_the_one_in_use():
+    text = (Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    rows = re.findall(r"\| (\d+) \| ([a-z ]+?) \| (\d+) \|", text)
+    documented = {int(label): (int(c), name) for c, name, label in rows}
+    in_use = {
+        label: (c, CITYSCAPES_CLASS_NAMES[c])
+        for label, c in CITYSCAPES_CLASS_MAP.items()
+    }
+    assert len(documented) == 19 and documented == in_use
