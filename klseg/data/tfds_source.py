@@ -402,8 +402,9 @@ def load_tfds(
 
     Raises:
         DataError: a malformed spec, an unknown data set or split, data not
-            prepared, or missing or non-image features (the error lists the
-            features the data set has).
+            prepared, missing or non-image features (the error lists the
+            features the data set has), or a first mask whose channels differ
+            when the spec names no channel.
     """
     parsed = parse_spec(spec)
     name, split_name = parsed.name, parsed.split
@@ -457,6 +458,12 @@ def load_tfds(
         mask_channel=channel,
         num_images=count,
     )
+    mask_shape = features[mask_key].shape
+    if channel is None and len(mask_shape) == 3 and mask_shape[-1] != 1:
+        # Several mask channels and none chosen: a mask whose channels differ
+        # fails here, at once, rather than mid-training.
+        for image, raw_mask in source.as_tf_dataset().take(1).as_numpy_iterator():
+            fit_mask(raw_mask, image.shape[:2], name=spec)
     return Split(
         source,
         num_classes_seen=num_classes or 0,
