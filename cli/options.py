@@ -61,6 +61,10 @@ def prepare_runtime():
     """Quieter TensorFlow start-up; only when a command actually runs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # No CUDA-probe lines when the command first imports TensorFlow.
+    from .entry import quiet_imports
+
+    quiet_imports()
     # klseg's warnings are meant for the user: one line, no source location.
     if warnings.formatwarning is not _format_warning:
         global _python_formatwarning

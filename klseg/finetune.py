@@ -39,6 +39,7 @@ from keras import ops
 
 from klseg import losses as klseg_losses
 from klseg import models as klseg_models
+from klseg import progress
 from klseg.errors import InvalidArgumentError, ResourceError
 from klseg.ops import LOG_TINY, TEMPERATURE_RANGE, safe_log
 
@@ -983,11 +984,17 @@ def store_source_predictions(
             "images, or run the source model live (no stored predictions)."
         )
     out = np.empty((n, h, w, num_classes), dtype="float16")
-    for start in range(0, n, batch_size):
-        batch = np.asarray(images[start : start + batch_size])
-        logits = source.predict_on_batch(batch)
-        probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
-        out[start : start + len(batch)] = ops.convert_to_numpy(probs).astype("float16")
+    with progress.Progress(
+        n, "Storing source predictions", unit="image", verbose=verbose
+    ) as shown:
+        for start in range(0, n, batch_size):
+            batch = np.asarray(images[start : start + batch_size])
+            logits = source.predict_on_batch(batch)
+            probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            out[start : start + len(batch)] = ops.convert_to_numpy(probs).astype(
+                "float16"
+            )
+            shown.update(len(batch))
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from klseg import evaluation, report, runs
+from klseg import errors, evaluation, report, runs
 from klseg.cli.main import cli
 from klseg.data import synthetic
 
@@ -343,3 +343,20 @@ def test_finetune_report_shows_a_confusion_matrix_per_domain(
         assert report.is_confusion_plot(out / "plots" / f"confusion_{domain}.png")
         counts, _ = _folder_counts(bench / domain / "val", out / "model.keras")
         assert metrics[domain]["confusion_matrix"]["counts"] == counts.tolist()
+
+
+def test_plot_option_and_config_key_reach_the_job(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_evaluate(cfg):
+        seen.append(cfg)
+        return {"model": "m", "data": "v", "per_class_iou": {}}
+
+    monkeypatch.setattr(runs, "evaluate", fake_evaluate)
+    ok("evaluate", "--model", "m.keras", "--data", "v", "--plot", "a.png")
+    config = tmp_path / "c.yaml"
+    config.write_text("evaluate:\n  plot: b.png\n")
+    ok("evaluate", "--config", config, "--model", "m.keras", "--data", "v")
+    assert [cfg.plot for cfg in seen] == ["a.png", "b.png"]
+    with pytest.raises(errors.InvalidArgumentError, match=r"plot must name a \.png"):
+        runs.EvaluateConfig(model="m.keras", data="v", plot="c.svg")

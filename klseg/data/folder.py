@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from klseg import progress
 from klseg.data.classes import (
     class_map_lut,
     find_classes_json,
@@ -234,7 +235,14 @@ def load_folder(
 
     workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        values = list(pool.map(check_one, range(len(image_paths))))
+        values = list(
+            progress.iterate(
+                pool.map(check_one, range(len(image_paths))),
+                total=len(image_paths),
+                label=f"Checking {root}",
+                unit="image",
+            )
+        )
 
     if mapping is not None and mask_paths is not None:
         _check_map_covers(mask_paths, values, mapping, class_map, ignore_value)

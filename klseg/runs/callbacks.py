@@ -18,7 +18,7 @@ from pathlib import Path
 
 import keras
 
-from klseg import errors
+from klseg import errors, progress
 from klseg.files import save_model
 from klseg.runs import runtime
 from klseg.runs.checkpoint import save_checkpoint, to_numpy
@@ -106,13 +106,29 @@ class ValidateEvery(keras.callbacks.Callback):
         every: validate every ``every`` epochs (epochs ``every``, ``2 *
             every``, ... counted from 1, as in the history). Defaults to 1.
         epochs: the run's last epoch, always validated. Defaults to None.
+        verbose: 0 shows no progress of the validation (see
+            :mod:`klseg.progress`: a bar that clears itself on a terminal,
+            a few lines elsewhere if it is slow). Defaults to 1.
     """
 
-    def __init__(self, validation, every=1, epochs=None):
+    def __init__(self, validation, every=1, epochs=None, verbose=1):
         super().__init__()
         self.validation = validation
         self.every = int(every)
         self.epochs = epochs
+        datasets = getattr(validation, "datasets", None)
+        if verbose and isinstance(datasets, dict):
+            validation.datasets = {
+                domain: data
+                if isinstance(data, (tuple, list))
+                else progress.iterate(
+                    data,
+                    label=f"Validating{' on ' + domain if domain else ''}",
+                    verbose=verbose,
+                    transient=True,
+                )
+                for domain, data in datasets.items()
+            }
 
     @property
     def keys(self):

@@ -8,7 +8,7 @@ Tiled and flip-TTA inference (:mod:`klseg.inference`) enters the same path
 as a ``forward`` function (:func:`inference_function`).
 """
 
-from klseg import evaluation
+from klseg import evaluation, progress
 
 __all__ = [
     "domain_metrics",
@@ -100,6 +100,9 @@ def evaluate_model(
         iou, or None for a class absent from masks and predictions},
         "num_images"}``.
     """
+    if not isinstance(dataset, (tuple, list)):
+        # A bar on a terminal, a few lines in a log, when scoring is slow.
+        dataset = progress.iterate(dataset, label="Scoring")
     return evaluation.evaluate(
         model,
         dataset,

@@ -13,7 +13,7 @@ the row of a checkpointed epoch (it drops rows past the checkpoint).
 import shutil
 import tempfile
 
-from klseg import errors
+from klseg import errors, progress
 from klseg.files import write_json
 from klseg.runs import callbacks as cb
 from klseg.runs import runtime
@@ -53,7 +53,10 @@ def in_run_folder(cfg, job, *, is_chief=True):
     run, checkpoint = open_run(
         cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
     )
-    return job(run, checkpoint)
+    # Progress of the long steps inside (scores, stored predictions) follows
+    # the run's verbosity.
+    with progress.verbosity(cfg.verbose):
+        return job(run, checkpoint)
 
 
 def examples_drawn(state, steps, batch_size):
@@ -150,7 +153,9 @@ def fit(
             )
     elif run.history.exists():
         run.history.unlink()
-    validation = cb.ValidateEvery(validation, every=cfg.val_every, epochs=cfg.epochs)
+    validation = cb.ValidateEvery(
+        validation, every=cfg.val_every, epochs=cfg.epochs, verbose=cfg.verbose
+    )
     if initial_epoch >= cfg.epochs:
         say(
             cfg.verbose,

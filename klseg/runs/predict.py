@@ -47,10 +47,9 @@ def predict(cfg):
     Returns:
         A :class:`klseg.runs.PredictResult`.
     """
-    import keras
     import numpy as np
 
-    from klseg import inference, models, report
+    from klseg import inference, models, progress, report
     from klseg.data.images import list_images, read_image
 
     check_inputs_not_outputs(
@@ -73,10 +72,10 @@ def predict(cfg):
         if cfg.overlay:
             overlay_dir.mkdir()
         colors = report.palette(num_classes)
-        bar = (
-            keras.utils.Progbar(len(files), unit_name="image") if cfg.verbose else None
+        bar = progress.Progress(
+            len(files), "Predicting", unit="image", verbose=cfg.verbose
         )
-        for i, path in enumerate(files):
+        for path in files:
             image = read_image(path)
             if cfg.image_size:
                 from PIL import Image
@@ -91,8 +90,8 @@ def predict(cfg):
             if cfg.overlay:
                 blended = report.overlay(image, classes, colors, alpha=cfg.alpha)
                 write_png(overlay_dir / f"{path.stem}.png", blended)
-            if bar is not None:
-                bar.update(i + 1)
+            bar.update(1)
+        bar.close()
         names = models.get_class_names(model)
         write_json(
             staging / "classes.json",
