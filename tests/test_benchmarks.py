@@ -140,3 +140,36 @@ def test_bench_finetune_overhead_script_runs(tmp_path):
         tmp_path,
     )
     assert "stored" in out and "live" in out
+
+
+def test_bench_tiled_script_prints_every_mode(tmp_path):
+    # --steps 0 scores the untrained model: the table, not the training, is
+    # under test. A tile as large as the image is one window, so the tiled
+    # rows must repeat the whole-image scores exactly, and flip must double
+    # the windows.
+    out = _run(
+        "bench_tiled.py",
+        "--size 32 --crop 16 --tile 32 --train-images 2 --val-images 2 --steps 0 "
+        "--base-filters 4 --depth 2 --augment none --json tiled.json",
+        tmp_path,
+    )
+    assert len(_table_rows(out, "whole (baseline)")) == 1, out
+    assert len(_table_rows(out, "tiled")) == 3, out
+    results = json.loads((tmp_path / "tiled.json").read_text())["results"]
+    modes = [(r["mode"], r["overlap"], r["tta"]) for r in results]
+    assert modes == [
+        ("whole", 0.0, "none"),
+        ("whole", 0.0, "flip"),
+        ("tiled", 0.0, "none"),
+        ("tiled", 0.5, "none"),
+        ("tiled", 0.5, "flip"),
+    ]
+    whole, whole_flip, *tiled, tiled_flip = results
+    for row in tiled:
+        assert row["windows_per_image"] == 1
+        assert row["mean_iou"] == whole["mean_iou"]
+        assert row["pixel_accuracy"] == whole["pixel_accuracy"]
+    assert tiled_flip["windows_per_image"] == 2
+    assert tiled_flip["mean_iou"] == whole_flip["mean_iou"]
+    assert whole["time_vs_whole"] == 1.0
+    assert all(r["s_per_image"] > 0 for r in results)
