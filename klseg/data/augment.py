@@ -8,6 +8,11 @@ Presets (built for a square or rectangular training size ``(H, W)``):
 - ``"strong"``: the light transforms with a wider crop range plus an affine
   warp (scale, rotation, shift), stronger colour jitter, gamma, blur and noise.
 
+With a crop size (``Augmenter(..., crop_size=(h, w))``), each example is
+first cut to a random ``h x w`` window of the image at the training size
+(``A.RandomCrop``; image, mask and extra maps together), and the preset is
+built for the crop size and applied to the crop.
+
 A user can pass an ``A.Compose`` instead. Geometric transforms move the image,
 the mask and any extra per-pixel maps (for example stored source-model
 probabilities, ``(H, W, C)`` floats) together; colour transforms touch the
@@ -129,19 +134,32 @@ class Augmenter:
     Args:
         augment: ``"none"``, ``"light"``, ``"strong"``, ``None`` or an
             ``A.Compose``.
-        image_size: Training size, an int or ``(height, width)``; the output
-            must have this size.
+        image_size: Training size, an int or ``(height, width)``: the size
+            of the examples given; the output has this size unless
+            ``crop_size`` is given.
         ignore_value: Mask value for pixels without a label (also given to
             pixels a transform fills). Defaults to ``255``.
         extra_names: Names of extra per-pixel maps that move with the mask.
+        crop_size: Cut a random window of this size (an int or ``(height,
+            width)``, at most ``image_size`` per side) before the
+            augmentation; the output then has this size. Defaults to
+            ``None`` (no crop).
 
     Raises:
         InvalidArgumentError: for an unknown preset, a non-Compose object, or
             a transform with ``fill_mask`` other than 0.
     """
 
-    def __init__(self, augment, image_size, *, ignore_value=255, extra_names=()):
-        self.size = size_pair(image_size)
+    def __init__(
+        self, augment, image_size, *, ignore_value=255, extra_names=(), crop_size=None
+    ):
+        self.input_size = size_pair(image_size)
+        self.size = self.input_size if crop_size is None else size_pair(crop_size)
+        if self.size[0] > self.input_size[0] or self.size[1] > self.input_size[1]:
+            raise InvalidArgumentError(
+                f"`crop_size` {self.size} does not fit in `image_size` "
+                f"{self.input_size} (height, width). Received: crop_size={crop_size!r}"
+            )
         self.ignore_value = int(ignore_value)
         self.extra_names = tuple(extra_names)
         if augment is None or isinstance(augment, str):
@@ -164,9 +182,15 @@ class Augmenter:
                         "at 0: klseg marks filled pixels with the ignore value "
                         "itself (and fills extra maps with 0)."
                     )
-        if compose is not None and self.extra_names:
-            compose.add_targets({self._key(n): "mask" for n in self.extra_names})
+        crop = None
+        if self.size != self.input_size:
+            A = import_albumentations()
+            crop = A.Compose([A.RandomCrop(height=self.size[0], width=self.size[1])])
+        for part in (compose, crop):
+            if part is not None and self.extra_names:
+                part.add_targets({self._key(n): "mask" for n in self.extra_names})
         self._template = compose
+        self._crop_template = crop
         self._local = threading.local()
 
     @staticmethod
@@ -175,34 +199,33 @@ class Augmenter:
 
     @property
     def is_identity(self):
-        return self._template is None
+        return self._template is None and self._crop_template is None
 
     def _compose(self):
-        compose = getattr(self._local, "compose", None)
-        if compose is None:
-            compose = copy.deepcopy(self._template)
-            self._local.compose = compose
-        return compose
+        if not hasattr(self._local, "compose"):
+            self._local.compose = copy.deepcopy(self._template)
+            self._local.crop = copy.deepcopy(self._crop_template)
+        return self._local.compose
 
     def __call__(self, image, mask=None, extras=None, *, seed=0):
         """Augments one example.
 
         Args:
-            image: ``uint8 (H, W, 3)``, already at the training size.
+            image: ``uint8 (H, W, 3)``, already at ``image_size``.
             mask: Integer ``(H, W)`` class indices (ignore allowed) or ``None``.
             extras: ``{name: (H, W, C) array}`` moved with the mask.
             seed: Integer seed (or a sequence of integers) for this example.
 
         Returns:
-            ``(image, mask, extras)`` at the training size; ``mask`` int32
-            (``None`` stays ``None``), extras in their input dtype.
+            ``(image, mask, extras)`` at the output size (``crop_size``, else
+            ``image_size``); ``mask`` int32 (``None`` stays ``None``), extras
+            in their input dtype.
         """
         extras = dict(extras or {})
-        if self._template is None:
+        if self.is_identity:
             return image, mask, extras
         compose = self._compose()
         words = [int(s) & 0xFFFFFFFF for s in np.atleast_1d(seed)]
-        reseed(compose, [0x5EED, *words])
         data = {"image": image}
         if mask is not None:
             # Shift by one so that 0 marks pixels a transform filled.
@@ -212,7 +235,13 @@ class Augmenter:
             value = np.asarray(extras[name])
             dtypes[name] = value.dtype
             data[self._key(name)] = value.astype(np.float32, copy=False)
-        out = compose(**data)
+        out = data
+        if self._local.crop is not None:
+            reseed(self._local.crop, [0xC809, *words])
+            out = self._local.crop(**out)
+        if compose is not None:
+            reseed(compose, [0x5EED, *words])
+            out = compose(**out)
         new_image = out["image"]
         if new_image.shape[:2] != self.size:
             raise InvalidArgumentError(

@@ -71,15 +71,21 @@ class FolderSource(Source):
         mask_values: The distinct raw values of each mask, when already
             known (``load_folder`` finds them while checking), so that
             ``mask_values()`` reads no file. Defaults to ``None``.
+        image_sizes: ``(height, width)`` of each image when already known
+            (``load_folder`` reads them while checking). Defaults to
+            ``None`` (read from the file headers when asked).
     """
 
     kind = "folder"
 
-    def __init__(self, root, image_paths, mask_paths=None, mask_values=None):
+    def __init__(
+        self, root, image_paths, mask_paths=None, mask_values=None, image_sizes=None
+    ):
         super().__init__(root)
         self._image_paths = list(image_paths)
         self._mask_paths = None if mask_paths is None else list(mask_paths)
         self._values = None if mask_values is None else list(mask_values)
+        self._sizes = None if image_sizes is None else list(image_sizes)
 
     @property
     def num_images(self):
@@ -106,6 +112,13 @@ class FolderSource(Source):
     def describe(self, index):
         paths = self._image_paths if self._mask_paths is None else self._mask_paths
         return str(paths[index])
+
+    def image_sizes(self):
+        if self._sizes is None:
+            self._sizes = [
+                image_size(path, full=False)[::-1] for path in self._image_paths
+            ]
+        return list(self._sizes)
 
     def mask_values(self):
         if self._mask_paths is None:
@@ -222,6 +235,7 @@ def load_folder(
     def check_one(index):
         image_path = image_paths[index]
         width, height = image_size(image_path, full=check == "full")
+        sizes[index] = (height, width)
         if mask_paths is None:
             return None
         mask = read_mask(mask_paths[index])
@@ -233,6 +247,7 @@ def load_folder(
             )
         return mask_values(mask)
 
+    sizes = [None] * len(image_paths)
     workers = num_workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         values = list(
@@ -248,7 +263,11 @@ def load_folder(
         _check_map_covers(mask_paths, values, mapping, class_map, ignore_value)
     split = Split(
         FolderSource(
-            root, image_paths, mask_paths, None if mask_paths is None else values
+            root,
+            image_paths,
+            mask_paths,
+            None if mask_paths is None else values,
+            image_sizes=sizes,
         ),
         num_classes=num_classes,
         class_names=names,

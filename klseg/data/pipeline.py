@@ -213,6 +213,7 @@ def make_dataset(
     cache=False,
     num_parallel_calls=None,
     skip=0,
+    crop_size=None,
 ):
     """Builds a batched, prefetched ``tf.data.Dataset``.
 
@@ -249,11 +250,17 @@ def make_dataset(
             image is decoded, except for a TFDS split streamed from disk,
             whose records are read). A resumed run uses it to continue
             exactly where the checkpointed one stopped. Defaults to ``0``.
+        crop_size: Train on random crops: each example, once at
+            ``image_size``, is cut to a random window of this size (an int
+            or ``(height, width)``, at most ``image_size`` per side) before
+            the augmentation, which is then built for the crop size. Extra
+            maps move with the crop. Defaults to ``None`` (whole images).
 
     Returns:
         A ``tf.data.Dataset`` of ``(images uint8 (B, H, W, 3), masks int32
-        (B, H, W))``; with ``extra_maps``, of ``({"images": ..., name: ...},
-        masks)``. Masks of an unlabelled split are all ``ignore_value``.
+        (B, H, W))`` at ``crop_size`` when given, else at ``image_size``;
+        with ``extra_maps``, of ``({"images": ..., name: ...}, masks)``.
+        Masks of an unlabelled split are all ``ignore_value``.
 
     Raises:
         DataError: for problems with the data.
@@ -295,7 +302,10 @@ def make_dataset(
         )
     extras = _check_extra_maps(extra_maps, split.num_images, size)
     names = list(extras)
-    augmenter = Augmenter(augment, size, ignore_value=ignore, extra_names=names)
+    augmenter = Augmenter(
+        augment, size, ignore_value=ignore, extra_names=names, crop_size=crop_size
+    )
+    out_size = augmenter.size
     parallel = num_parallel_calls or tf.data.AUTOTUNE
     seed = int(seed)
 
@@ -314,10 +324,10 @@ def make_dataset(
 
     def set_shapes(outputs):
         image, mask, *maps = outputs
-        image.set_shape((*size, 3))
-        mask.set_shape(size)
+        image.set_shape((*out_size, 3))
+        mask.set_shape(out_size)
         for name, value in zip(names, maps):
-            value.set_shape((*size, extras[name].shape[-1]))
+            value.set_shape((*out_size, extras[name].shape[-1]))
         if names:
             return {"images": image, **dict(zip(names, maps))}, mask
         return image, mask

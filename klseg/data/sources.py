@@ -72,6 +72,11 @@ class Source:
         """Where example ``index`` lives, for messages (a file, an index)."""
         return f"example {index}"
 
+    def image_sizes(self):
+        """``[(height, width), ...]`` per example, or ``None`` when not known
+        without decoding every image (TFDS)."""
+        return None
+
     def iterate_numpy(self):
         """Yields ``read(i)`` for every example, in order."""
         for index in range(self.num_images):
@@ -146,6 +151,12 @@ class ArraySource(Source):
         image = np.asarray(self._images[index])
         mask = None if self._masks is None else np.asarray(self._masks[index])
         return image, mask
+
+    def image_sizes(self):
+        shape = getattr(self._images, "shape", None)
+        if shape is not None and len(shape) == 4:
+            return [tuple(int(v) for v in shape[1:3])] * int(shape[0])
+        return [tuple(np.shape(image)[:2]) for image in self._images]
 
     def mask_values(self):
         if self._masks is None:

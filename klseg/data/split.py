@@ -184,6 +184,25 @@ class Split:
             f"num_classes_seen={self.num_classes_seen})"
         )
 
+    def image_size(self):
+        """The ``(height, width)`` all the split's images share.
+
+        Returns:
+            ``(height, width)``, or ``None`` when the sizes are not known
+            without decoding every image (TFDS) or the split is empty.
+
+        Raises:
+            DataError: the images differ in size (naming two of them).
+        """
+        sizes = self.source.image_sizes()
+        if not sizes:
+            return None
+        first = tuple(sizes[0])
+        for index, size in enumerate(sizes):
+            if tuple(size) != first:
+                return _different_sizes(self, (0, first), (index, tuple(size)))
+        return first
+
     # ------------------------------------------------------------------
     def read(self, index):
         """Reads one example: ``(image uint8 (H, W, 3), mask int32 (H, W) | None)``.
@@ -308,3 +327,15 @@ number of classes, or map the values to classes with a class map.
                 f"{self.ignore_value}. Raise the number of classes, or map the "
                 "values to classes with a class map."
             )
+
+
+def _different_sizes(split, first, other):
+    def show(index, size):
+        return f"{split.source.describe(index)} is {size[0]}x{size[1]}"
+
+    raise DataError(
+        f"{split.name}: the images differ in size ({show(*first)}, "
+        f"{show(*other)}; height x width), so there is no one size to use. "
+        "Give one with --image-size HxW (image_size=(H, W)); the images are "
+        "resized to it."
+    )
