@@ -21,7 +21,7 @@ import keras
 from klseg.errors import InvalidArgumentError, ModelError
 from klseg.models.backbones import BACKBONES
 from klseg.models.deeplab import deeplabv3_plus
-from klseg.models.layers import ClassLogits, ImagePreprocessing
+from klseg.models.layers import ClassLogits, ImagePreprocessing, check_training_size
 from klseg.models.unet import unet
 
 __all__ = [
@@ -33,7 +33,9 @@ __all__ = [
     "check_segmentation_model",
     "deeplabv3_plus",
     "get_class_names",
+    "get_training_size",
     "num_classes",
+    "set_training_size",
     "size_multiple",
     "unet",
     "with_classes",
@@ -267,6 +269,33 @@ def get_class_names(model):
     if head.class_names is None:
         return [f"class_{i}" for i in range(head.num_classes)]
     return list(head.class_names)
+
+
+def get_training_size(model):
+    """``(height, width)`` the model was trained at, or ``None`` if unknown.
+
+    ``klseg train`` and ``klseg finetune`` record it
+    (:func:`set_training_size`); later runs use it as their default size.
+    """
+    size = _find(model, ImagePreprocessing).training_size
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
+def set_training_size(model, size):
+    """Records the training size ``(height, width)`` (or an int for a square)
+    in the model; it is saved with it.
+
+    Example:
+
+    >>> model = unet(2, base_filters=4, depth=2)
+    >>> set_training_size(model, (32, 64))
+    >>> get_training_size(model)
+    (32, 64)
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    layer = _find(model, ImagePreprocessing)
+    layer.training_size = check_training_size(size)
 
 
 def with_classes(model, class_names, *, name=None):

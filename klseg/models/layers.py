@@ -25,6 +25,7 @@ __all__ = [
     "SpatialBroadcast",
     "upsample_bilinear",
     "check_image_size",
+    "check_training_size",
 ]
 
 # ImageNet channel statistics in RGB order, in 0..255 units.
@@ -179,6 +180,10 @@ class ImagePreprocessing(keras.layers.Layer):
             after normalising). Defaults to ``"rgb"``.
         size_multiple: the model's total stride; heights and widths must be
             multiples of it. Defaults to 1.
+        training_size: ``[height, width]`` of the images the model was
+            trained at, recorded by ``klseg.models.set_training_size`` (the
+            size later runs default to); not used in the computation.
+            Defaults to ``None`` (unknown).
         **kwargs: standard layer arguments (``name``, ``dtype``, ...).
 
     Example:
@@ -196,6 +201,7 @@ class ImagePreprocessing(keras.layers.Layer):
         std=IMAGENET_STD,
         channel_order="rgb",
         size_multiple=1,
+        training_size=None,
         **kwargs,
     ):
         # No autocast: float images stay float32 until normalised, instead of
@@ -220,6 +226,7 @@ class ImagePreprocessing(keras.layers.Layer):
         self.std = std
         self.channel_order = channel_order
         self.size_multiple = size_multiple
+        self.training_size = check_training_size(training_size)
 
     def call(self, images):
         check_image_size(images.shape, self.size_multiple)
@@ -253,8 +260,24 @@ class ImagePreprocessing(keras.layers.Layer):
             std=list(self.std),
             channel_order=self.channel_order,
             size_multiple=self.size_multiple,
+            training_size=self.training_size,
         )
         return config
+
+
+def check_training_size(size):
+    if size is None:
+        return None
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        height = width = 0
+    if height < 1 or width < 1:
+        raise InvalidArgumentError(
+            "`training_size` must be [height, width] of positive integers or "
+            f"None. Received: training_size={size!r}"
+        )
+    return [height, width]
 
 
 def _per_channel(name, value):
