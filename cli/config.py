@@ -32,8 +32,9 @@ key and the value:
   ``true`` or ``false``; a path, a name or a choice takes a string (a number
   or a date where a path belongs is refused: quote it), and a choice must be
   one of the listed strings; list options (``kl_weight``, ``class_names``)
-  take a list of numbers or strings, or one number or string; ``tile_size``
-  takes ``"HxW"``, an integer or a list ``[H, W]`` of integers. The same
+  take a list of numbers or strings, or one number or string; the sizes
+  (``image_size``, ``crop_size``, ``tile_size``) take ``"HxW"``, an integer
+  or a list ``[H, W]`` of integers. The same
   range checks as on the command line apply.
 - ``null`` (YAML ``null`` or ``~``, JSON ``null``) means "not set here": the
   next layer applies (the file's top level under a section, then the saved
@@ -59,7 +60,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .types import FloatList, MixedPrecision, NameList, TileSize
+from .types import FloatList, ImageSize, MixedPrecision, NameList
 
 __all__ = ["read_config_file", "resolve_options", "EXPLICIT_SOURCES"]
 
@@ -411,7 +412,7 @@ def _type_problem(param, value):
         if items and all(isinstance(v, str) for v in items):
             return None
         return f"{shown} is not a list of names ({kind}); quote each name."
-    if isinstance(ptype, TileSize):
+    if isinstance(ptype, ImageSize):
         if isinstance(value, str) or (
             isinstance(value, int) and not isinstance(value, bool)
         ):
@@ -420,7 +421,7 @@ def _type_problem(param, value):
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             return None
-        return f"{shown} is not a tile size: HxW, an integer or [H, W] ({kind})."
+        return f"{shown} is not {ptype.a_noun}: HxW, an integer or [H, W] ({kind})."
     if isinstance(ptype, MixedPrecision):
         if isinstance(value, (str, bool)):
             return None

@@ -40,7 +40,7 @@ from .options import (
     run_options,
     saved_run_config,
 )
-from .types import FiniteFloat, FloatList, NameList
+from .types import FiniteFloat, FloatList, ImageSize, NameList
 
 __all__ = ["cli", "main"]
 
@@ -223,8 +223,9 @@ def finetune(ctx, **_):
 @click.option("--data", type=PATH, help="Labelled folder (images/ + masks/).")
 @click.option(
     "--image-size",
-    type=click.IntRange(min=8),
-    help="Resize to this size  [default: the run's training size].",
+    type=ImageSize(minimum=8),
+    help="Resize to HxW (or N for NxN)  [default: the model's training size, "
+    "else the images' own size].",
 )
 @click.option(
     "--batch-size",
@@ -297,8 +298,9 @@ def evaluate(ctx, **_):
 )
 @click.option(
     "--image-size",
-    type=click.IntRange(min=8),
-    help="Resize before predicting  [default: each image's own size].",
+    type=ImageSize(minimum=8),
+    help="Resize to HxW (or N for NxN) before predicting  [default: each "
+    "image's own size].",
 )
 @inference_options
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
@@ -417,7 +419,11 @@ def synth(ctx, **_):
     help="A tiny version that finishes in seconds (checks the set-up; the "
     "numbers mean nothing).",
 )
-@click.option("--image-size", type=click.IntRange(min=16), help="Image size.")
+@click.option(
+    "--image-size",
+    type=ImageSize(minimum=16),
+    help="Training size HxW (or N); the data is written as squares of the longer side.",
+)
 @click.option("--num-train", type=click.IntRange(min=1), help="Training images.")
 @click.option("--source-epochs", type=click.IntRange(min=1), help="Source epochs.")
 @click.option(

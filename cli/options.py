@@ -22,7 +22,7 @@ from klseg.runs.config import (
     STRATEGIES,
 )
 
-from .types import FiniteFloat, MixedPrecision, TileSize
+from .types import FiniteFloat, ImageSize, MixedPrecision, TileSize
 
 __all__ = [
     "PATH",
@@ -156,10 +156,16 @@ def run_options(fn):
         click.option("--output", "-o", type=PATH, help="Run folder to write."),
         click.option(
             "--image-size",
-            type=click.IntRange(min=8),
-            default=default(TRAIN, "image_size"),
-            show_default=True,
-            help="Training crop/resize size in pixels (square).",
+            type=ImageSize(minimum=8),
+            help="Training and validation size HxW (or N for NxN); images are "
+            "resized to it  [default: train: the training images' size (one for "
+            "all); finetune: the source model's training size].",
+        ),
+        click.option(
+            "--crop-size",
+            type=ImageSize(minimum=8),
+            help="Train on random HxW crops of the images at --image-size; "
+            "validation sees whole images  [default: no crop].",
         ),
         click.option(
             "--epochs",

@@ -7,6 +7,7 @@ import click
 __all__ = [
     "FiniteFloat",
     "FloatList",
+    "ImageSize",
     "NameList",
     "MixedPrecision",
     "TileSize",
@@ -137,20 +138,28 @@ class MixedPrecision(click.Choice):
         return super().convert(value, param, ctx)
 
 
-class TileSize(click.ParamType):
-    """``HxW`` (``512x256``) or ``N`` for a square; a pair of positive ints.
+class ImageSize(click.ParamType):
+    """``HxW`` (``512x1024``) or ``N`` for a square; a pair of positive ints.
 
     Config files may also give an integer, a ``"HxW"`` string or a list
     ``[H, W]`` of integers. Whether the sides fit the model (multiples of its
     size multiple) is checked once the model is loaded.
 
+    Args:
+        minimum: the smallest side accepted. Defaults to 1.
+
     Example:
 
-    >>> TileSize().convert("512x256", None, None), TileSize().convert(64, None, None)
-    ((512, 256), (64, 64))
+    >>> ImageSize().convert("512x1024", None, None), ImageSize().convert(64, None, None)
+    ((512, 1024), (64, 64))
     """
 
     name = "HxW"
+    #: What the value is, in messages.
+    noun = "image size"
+
+    def __init__(self, minimum=1):
+        self.minimum = minimum
 
     def get_metavar(self, param, ctx=None):
         return "HxW"
@@ -169,22 +178,44 @@ class TileSize(click.ParamType):
                 items = [int(v.strip()) for v in items]
             except ValueError:
                 self.fail(
-                    f"{value!r} is not a tile size; write HxW (e.g. 512x512) "
+                    f"{value!r} is not {self.a_noun}; write HxW (e.g. 512x1024) "
                     "or one integer for a square.",
                     param,
                     ctx,
                 )
         else:
-            self.fail(f"{value!r} is not a tile size (HxW or N).", param, ctx)
+            self.fail(f"{value!r} is not {self.a_noun} (HxW or N).", param, ctx)
         if len(items) != 2 or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in items
         ):
             self.fail(
-                f"{value!r} is not a tile size; give two integers [H, W] or "
+                f"{value!r} is not {self.a_noun}; give two integers [H, W] or "
                 "one integer.",
                 param,
                 ctx,
             )
         if min(items) < 1:
-            self.fail(f"{value!r}: the tile sides must be positive.", param, ctx)
+            self.fail(f"{value!r}: the sides must be positive.", param, ctx)
+        if min(items) < self.minimum:
+            self.fail(
+                f"{value!r}: each side must be at least {self.minimum}.", param, ctx
+            )
         return (items[0], items[1])
+
+    @property
+    def a_noun(self):
+        return f"an {self.noun}" if self.noun[0] in "aeiou" else f"a {self.noun}"
+
+
+class TileSize(ImageSize):
+    """``HxW`` (``512x256``) or ``N`` for a square: a window size.
+
+    As :class:`ImageSize`.
+
+    Example:
+
+    >>> TileSize().convert("512x256", None, None), TileSize().convert(64, None, None)
+    ((512, 256), (64, 64))
+    """
+
+    noun = "tile size"

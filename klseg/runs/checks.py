@@ -10,6 +10,7 @@ from klseg import errors
 
 __all__ = [
     "check_choice",
+    "check_crop_fits",
     "check_flag",
     "check_int",
     "check_model_source",
@@ -17,7 +18,10 @@ __all__ = [
     "check_number",
     "check_path",
     "check_positive",
+    "check_size",
     "fail",
+    "size_pair",
+    "size_text",
 ]
 
 
@@ -91,6 +95,66 @@ def check_path(name, value, *, allow_none=True):
         return
     if not isinstance(value, (str, os.PathLike)) or not str(value):
         fail(f"{name} must be a path (a string). Received: {name}={value!r}")
+
+
+def size_text(size):
+    """``"HxW"`` for a size ``(h, w)``, ``"N"`` for a square given as ``N``."""
+    if isinstance(size, (tuple, list)):
+        return "x".join(str(v) for v in size)
+    return str(size)
+
+
+def _size_sides(value):
+    if isinstance(value, str):
+        text = value.strip().lower()
+        parts = text.split("x") if "x" in text else [text]
+        if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+            return None
+        return [int(p) for p in parts]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+    return None
+
+
+def check_size(name, value, *, minimum=1, allow_none=True):
+    """An image size: ``N`` (a square), ``(H, W)``, ``[H, W]`` or ``"HxW"``.
+
+    Returns:
+        ``None``, an int for a square, or a ``(height, width)`` tuple: one
+        form per size, so a size saved in ``config.yaml`` as ``[64, 128]``
+        equals ``(64, 128)`` and ``"64x64"`` equals ``64``.
+    """
+    if value is None and allow_none:
+        return None
+    sides = _size_sides(value)
+    if sides is None or min(sides) < minimum:
+        fail(
+            f"{name} must be HxW (e.g. 512x1024), a pair (height, width) or one "
+            f"integer for a square, each side an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    if len(sides) == 1 or sides[0] == sides[1]:
+        return sides[0]
+    return (sides[0], sides[1])
+
+
+def size_pair(size):
+    """``(height, width)`` of a size checked by :func:`check_size`."""
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def check_crop_fits(crop_size, image_size, *, where="image_size"):
+    """Refuse a crop larger than the image in height or width."""
+    crop, image = size_pair(crop_size), size_pair(image_size)
+    if crop[0] > image[0] or crop[1] > image[1]:
+        fail(
+            f"crop_size must fit in the {where} {size_text(image)} (height "
+            "and width each at most the image's). "
+            f"Received: crop_size={size_text(crop_size)}"
+        )
 
 
 def check_flag(name, value):

@@ -14,6 +14,7 @@ from klseg import inference
 from klseg.registry import BACKBONES, MODELS
 from klseg.runs.checks import (
     check_choice,
+    check_crop_fits,
     check_flag,
     check_int,
     check_model_source,
@@ -21,6 +22,7 @@ from klseg.runs.checks import (
     check_number,
     check_path,
     check_positive,
+    check_size,
     fail,
 )
 
@@ -78,7 +80,8 @@ class _RunOptions:
     """
 
     output: str | None = None
-    image_size: int = 128
+    image_size: int | tuple | None = None
+    crop_size: int | tuple | None = None
     epochs: int = 20
     steps_per_epoch: int | None = None
     val_every: int = 1
@@ -100,7 +103,10 @@ class _RunOptions:
         if not self.output:
             fail("output must name the run folder to write. Received: output=None")
         check_path("output", self.output)
-        check_int("image_size", self.image_size, minimum=8)
+        self.image_size = check_size("image_size", self.image_size, minimum=8)
+        self.crop_size = check_size("crop_size", self.crop_size, minimum=8)
+        if self.image_size is not None and self.crop_size is not None:
+            check_crop_fits(self.crop_size, self.image_size)
         check_positive("epochs", self.epochs)
         check_positive("steps_per_epoch", self.steps_per_epoch, allow_none=True)
         check_positive("val_every", self.val_every)
@@ -163,6 +169,14 @@ class TrainConfig(_RunOptions):
             largest mask value + 1).
         class_names: names stored in the model; ``None`` reads them from a
             ``classes.json`` like ``num_classes``, else ``class_0``, ...
+        image_size: training and validation size, ``N``, ``(H, W)`` or
+            ``"HxW"`` (stored as an int for a square, else ``(H, W)``);
+            images are resized to it. ``None`` takes the size of the
+            training images (they must all have one size) and, for
+            :class:`FinetuneConfig`, the source model's training size.
+        crop_size: train on random crops of this size taken from the images
+            at ``image_size`` (validation still sees whole images at
+            ``image_size``); ``None`` trains on whole images.
         learning_rate: Adam learning rate. ``None`` means 1e-3.
         monitor: history column whose highest value picks ``model.keras``;
             ``"auto"`` is ``val_mean_iou``.
@@ -317,15 +331,17 @@ class EvaluateConfig(inference.InferenceOptions):
     """Options of :func:`evaluate` (``klseg evaluate``).
 
     ``model`` is a ``.keras`` path or a ``keras.Model``; ``image_size``
-    ``None`` uses the training size saved next to the model (its run's
-    ``config.yaml``), else 256. ``output`` optionally names a JSON file,
-    ``plot`` a PNG file for the row-normalised confusion matrix.
+    (``N``, ``(H, W)`` or ``"HxW"``) ``None`` uses the model's training size
+    (stored in the model by ``klseg train`` / ``finetune``, else its run's
+    ``config.yaml``), else the data's own size (all images must have one
+    size). ``output`` optionally names a JSON file, ``plot`` a PNG file for
+    the row-normalised confusion matrix.
     Tiles and TTA (``tile_size``, ...): ``klseg.inference.InferenceOptions``.
     """
 
     model: object = None
     data: str | None = None
-    image_size: int | None = None
+    image_size: int | tuple | None = None
     batch_size: int = 8
     ignore_value: int = 255
     class_map: str | None = None
@@ -346,7 +362,7 @@ class EvaluateConfig(inference.InferenceOptions):
         check_path("plot", self.plot)
         if self.plot is not None and not str(self.plot).lower().endswith(".png"):
             fail(f"plot must name a .png file. Received: plot={str(self.plot)!r}")
-        check_int("image_size", self.image_size, minimum=8, allow_none=True)
+        self.image_size = check_size("image_size", self.image_size, minimum=8)
         check_positive("batch_size", self.batch_size)
         check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
 
@@ -355,8 +371,9 @@ class EvaluateConfig(inference.InferenceOptions):
 class PredictConfig(inference.InferenceOptions):
     """Options of :func:`predict` (``klseg predict``).
 
-    ``image_size`` ``None`` predicts each image at its own size (padded to
-    the model's size multiple inside and cropped back). Tiles and TTA
+    ``image_size`` (``N``, ``(H, W)`` or ``"HxW"``) resizes every image
+    first; ``None`` predicts each image at its own size (padded to the
+    model's size multiple inside and cropped back). Tiles and TTA
     (``tile_size``, ...): ``klseg.inference.InferenceOptions``.
     """
 
@@ -365,7 +382,7 @@ class PredictConfig(inference.InferenceOptions):
     output: str | None = None
     overlay: bool = True
     alpha: float = 0.5
-    image_size: int | None = None
+    image_size: int | tuple | None = None
     overwrite: bool = False
     verbose: int = 1
 
@@ -380,7 +397,7 @@ class PredictConfig(inference.InferenceOptions):
         check_model_source("model", self.model)
         check_path("images", self.images)
         check_path("output", self.output)
-        check_int("image_size", self.image_size, minimum=8, allow_none=True)
+        self.image_size = check_size("image_size", self.image_size, minimum=8)
         check_number("alpha", self.alpha, minimum=0, maximum=1)
         check_flag("overlay", self.overlay)
         check_flag("overwrite", self.overwrite)
@@ -480,7 +497,9 @@ class DemoConfig:
         output: folder for the data, the runs, the report and the export.
         quick: the tiny preset (seconds; checks the set-up only).
         image_size, num_train, source_epochs, finetune_epochs, kl_weight:
-            override the preset (see ``DEMO_PRESETS``).
+            override the preset (see ``DEMO_PRESETS``). ``image_size`` may
+            be ``(H, W)`` or ``"HxW"``: the benchmark is written as squares
+            of the longer side and the runs resize it to ``H x W``.
         seed: seed of the data and the training runs.
         overwrite: replace an earlier demo in ``output``.
         verbose: 0 for no progress bars.
@@ -488,7 +507,7 @@ class DemoConfig:
 
     output: str = "klseg-demo"
     quick: bool = False
-    image_size: int | None = None
+    image_size: int | tuple | None = None
     num_train: int | None = None
     source_epochs: int | None = None
     finetune_epochs: int | None = None
@@ -501,7 +520,7 @@ class DemoConfig:
         if not self.output:
             fail("demo needs output. Received: output=None")
         check_path("output", self.output)
-        check_int("image_size", self.image_size, minimum=16, allow_none=True)
+        self.image_size = check_size("image_size", self.image_size, minimum=16)
         for name in ("num_train", "source_epochs", "finetune_epochs"):
             check_positive(name, getattr(self, name), allow_none=True)
         check_number("kl_weight", self.kl_weight, minimum=0, allow_none=True)

@@ -5,6 +5,7 @@ import time
 
 from klseg.files import write_json
 from klseg.runs import runtime
+from klseg.runs.checks import size_pair, size_text
 from klseg.runs.config import ExportConfig, FinetuneConfig, SynthConfig, TrainConfig
 from klseg.runs.evaluation import predict_classes
 from klseg.runs.export import export
@@ -46,7 +47,8 @@ def demo(cfg):
     synth_data(
         SynthConfig(
             output=str(data_dir),
-            image_size=settings["image_size"],
+            # The benchmark is square: its side is the longer one asked for.
+            image_size=max(size_pair(settings["image_size"])),
             num_train=settings["num_train"],
             num_val=settings["num_val"],
             num_unlabeled=settings["num_unlabeled"],
@@ -177,8 +179,9 @@ def _write_demo_report(out, table, settings, seconds, runs_, data_dir, weight):
         (name, pct(row["source"]), pct(row["target"])) for name, row in table.items()
     ]
     text = report.markdown_table(["model", "source val mIoU", "target val mIoU"], rows)
+    size = size_text(size_pair(settings["image_size"]))
     text += (
-        f"\n\nWall time {seconds / 60:.1f} min. Images {settings['image_size']}px; "
+        f"\n\nWall time {seconds / 60:.1f} min. Images {size}; "
         f"{settings['num_train']} labelled source images, "
         f"{settings['num_target_train']} labelled target images, "
         f"{settings['num_unlabeled']} unlabelled source images for the KL term, "

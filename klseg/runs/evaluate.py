@@ -102,10 +102,15 @@ def evaluate(cfg):
         _check_plot_file(cfg.plot, cfg.output)
     model = inputs.load_model(cfg.model)
     num_classes, multiple = inputs.model_info(model, cfg.model)
-    image_size = cfg.image_size or inputs.run_image_size(cfg.model) or 256
-    inputs.check_image_size(image_size, multiple)
+    # The given size, else the model's training size, else the data's own.
+    image_size = cfg.image_size or inputs.run_image_size(cfg.model, model)
+    if image_size is not None:
+        inputs.check_image_size(image_size, multiple)
     inference.check_tile_size(cfg.tile_size, multiple, name="--tile-size")
     split = inputs.load_split(cfg.data, cfg)
+    if image_size is None:
+        image_size = inputs.data_image_size(split)
+        inputs.check_image_size(image_size, multiple)
     inputs.check_labels(
         split,
         num_classes,

@@ -2,10 +2,12 @@
 
 import math
 import time
+from pathlib import Path
 
 from klseg.files import yaml_text
 from klseg.runs import classmaps, inputs, runtime
 from klseg.runs.callbacks import validation
+from klseg.runs.checks import check_crop_fits
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
 from klseg.runs.fit import (
@@ -76,13 +78,37 @@ def finetune_run(cfg, strategy, is_chief, callbacks, baseline=None):
         inputs.check_model_file(cfg.source)
     # Every data set is read and checked before the run folder is touched.
     splits = _load_inputs(cfg)
+    image_size = training_size(cfg, splits["data"])
 
     def job(run, checkpoint):
         return _finetune(
-            cfg, strategy, run, checkpoint, callbacks, baseline, started, splits
+            cfg,
+            strategy,
+            run,
+            checkpoint,
+            callbacks,
+            baseline,
+            started,
+            splits,
+            image_size=image_size,
         )
 
     return in_run_folder(cfg, job, is_chief=is_chief)
+
+
+def training_size(cfg, split):
+    """``cfg.image_size``, else the source model's training size (recorded in
+    the model, else in its run's config.yaml), else the size of the target
+    training images (one for all)."""
+    size = cfg.image_size
+    if size is None:
+        model = None if isinstance(cfg.source, (str, Path)) else cfg.source
+        size = inputs.run_image_size(cfg.source, model)
+    if size is None:
+        size = inputs.data_image_size(split)
+    if cfg.crop_size is not None:
+        check_crop_fits(cfg.crop_size, size)
+    return size
 
 
 def _load_inputs(cfg):
@@ -182,7 +208,9 @@ def _stored_maps(source, split, image_size, verbose):
     }
 
 
-def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, splits):
+def _finetune(
+    cfg, strategy, run, checkpoint, callbacks, baseline, started, splits, *, image_size
+):
     import keras
 
     from klseg import data, losses, metrics, models
@@ -208,7 +236,8 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
         with strategy.scope():
             source = inputs.load_model(cfg.source)
             num_source_classes, multiple = inputs.model_info(source, cfg.source)
-            inputs.check_image_size(cfg.image_size, multiple)
+            inputs.check_image_size(image_size, multiple)
+            inputs.check_crop_size(cfg.crop_size, image_size, multiple)
             names, class_map = classmaps.target_classes(
                 cfg, splits, models.get_class_names(source)
             )
@@ -222,6 +251,7 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
                 name=source.name,
                 dtype_policy=policy,
             )
+            models.set_training_size(student, image_size)
             model = ft.KLRegularizedModel(
                 student,
                 source,
@@ -255,7 +285,8 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
             return data.make_dataset(
                 split,
                 batch_size=batch,
-                image_size=cfg.image_size,
+                image_size=image_size,
+                crop_size=cfg.crop_size,
                 augment=cfg.augment,
                 shuffle=True,
                 seed=seed,
@@ -263,7 +294,7 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
                 drop_remainder=True,
                 ignore_value=cfg.ignore_value,
                 extra_maps=maps,
-                cache=inputs.cache_in_memory(split, cfg.image_size),
+                cache=inputs.cache_in_memory(split, image_size),
                 skip=skip,
             )
 
@@ -282,7 +313,7 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
         def maps_for(key):
             if not stored:
                 return None
-            return _stored_maps(source, splits[key], cfg.image_size, cfg.verbose)
+            return _stored_maps(source, splits[key], image_size, cfg.verbose)
 
         streams = {"data": seed, "unlabeled_data": seed + 1}
 
@@ -315,9 +346,9 @@ def _finetune(cfg, strategy, run, checkpoint, callbacks, baseline, started, spli
                 data.make_dataset(
                     split,
                     batch_size=batch,
-                    image_size=cfg.image_size,
+                    image_size=image_size,
                     ignore_value=cfg.ignore_value,
-                    cache=inputs.cache_in_memory(split, cfg.image_size),
+                    cache=inputs.cache_in_memory(split, image_size),
                 )
             )
 

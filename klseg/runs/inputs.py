@@ -9,18 +9,21 @@ files that hold them), an image size the model cannot take.
 """
 
 import contextlib
+import json
 import zipfile
 from pathlib import Path
 
 import klseg
 from klseg import errors
 from klseg.files import read_yaml
-from klseg.runs.checks import fail
+from klseg.runs.checks import check_crop_fits, fail, size_pair, size_text
 
 __all__ = [
     "cache_in_memory",
+    "check_crop_size",
     "check_image_size",
     "check_labels",
+    "data_image_size",
     "check_model_file",
     "load_model",
     "load_split",
@@ -133,28 +136,102 @@ _CACHE_BYTES = 256 * 2**20
 
 def cache_in_memory(split, image_size):
     count = num_images(split)
-    return count is not None and count * image_size * image_size * 4 <= _CACHE_BYTES
+    height, width = size_pair(image_size)
+    return count is not None and count * height * width * 4 <= _CACHE_BYTES
 
 
-def check_image_size(image_size, multiple, what="image_size"):
-    if image_size % multiple:
-        lower = max(multiple, image_size // multiple * multiple)
-        upper = lower + multiple if lower < image_size else lower
+def check_image_size(image_size, multiple, what="--image-size"):
+    """Refuse a size (``N`` or ``(H, W)``) with a side that is no multiple
+    of the model's size multiple, naming the option, the value and the
+    nearest valid sides."""
+    bad = [side for side in size_pair(image_size) if side % multiple]
+    if bad:
+        side = bad[0]
+        lower = max(multiple, side // multiple * multiple)
+        upper = lower + multiple if lower < side else lower
         fail(
-            f"{what} must be a multiple of the model's size multiple {multiple}; "
-            f"the nearest valid sizes are {lower} and {upper}. "
-            f"Received: {what}={image_size}"
+            f"{what} must be a multiple of the model's size multiple {multiple} "
+            f"in height and width; the nearest valid sizes for {side} are "
+            f"{lower} and {upper}. Received: {what}={size_text(image_size)}"
         )
 
 
-def run_image_size(model_path):
-    """The training image size saved next to a run's model, if any."""
+def check_crop_size(crop_size, image_size, multiple):
+    """The crop fits in the image size and fits the model (per side)."""
+    if crop_size is None:
+        return
+    check_crop_fits(crop_size, image_size)
+    check_image_size(crop_size, multiple, what="--crop-size")
+
+
+def data_image_size(split, option="--image-size"):
+    """The one size of a split's images: ``N`` for a square, else ``(H, W)``.
+
+    Raises:
+        klseg.errors.DataError: the images differ in size, or their sizes
+            are not known without reading them all (TFDS); the message asks
+            for ``option``.
+    """
+    size = split.image_size()
+    if size is None:
+        raise errors.DataError(
+            f"cannot tell the image size of {split.name} without reading every "
+            f"image; give one with {option} HxW."
+        )
+    return size[0] if size[0] == size[1] else tuple(size)
+
+
+def run_image_size(model_path, model=None):
+    """The size a model was trained at: recorded in the model, else the
+    ``image_size`` saved in its run's ``config.yaml``; ``None`` if unknown.
+    ``N`` for a square, else ``(H, W)``."""
+    if model is not None:
+        from klseg import models
+
+        with contextlib.suppress(errors.KlsegError):
+            size = models.get_training_size(model)
+            if size is not None:
+                return size[0] if size[0] == size[1] else size
     if not isinstance(model_path, (str, Path)):
         return None
+    if model is None:
+        size = _archive_training_size(model_path)
+        if size is not None:
+            return size[0] if size[0] == size[1] else size
     config = Path(model_path).parent / "config.yaml"
     if config.is_file():
         with contextlib.suppress(Exception):
             size = read_yaml(config).get("image_size")
-            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-                return size
+            if size is not None:
+                pair = size_pair(size)
+                if all(isinstance(v, int) and v > 0 for v in pair):
+                    return pair[0] if pair[0] == pair[1] else tuple(pair)
+    return None
+
+
+def _archive_training_size(path):
+    """The training size recorded in a ``.keras`` file's ImagePreprocessing
+    layer (read from the archive's ``config.json``, without Keras)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "ImagePreprocessing":
+                found.append((node.get("config") or {}).get("training_size"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    with contextlib.suppress(Exception):
+        with zipfile.ZipFile(path) as archive:
+            walk(json.loads(archive.read("config.json")))
+    for size in found:
+        if (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(isinstance(v, int) and v > 0 for v in size)
+        ):
+            return (size[0], size[1])
     return None

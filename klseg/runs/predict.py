@@ -4,6 +4,7 @@ from pathlib import Path
 
 from klseg.files import make_temp_dir, write_json, write_png
 from klseg.runs import inputs
+from klseg.runs.checks import size_pair
 from klseg.runs.folder import OutputFolder, check_inputs_not_outputs
 from klseg.runs.results import PredictResult
 
@@ -80,10 +81,9 @@ def predict(cfg):
             if cfg.image_size:
                 from PIL import Image
 
+                height, width = size_pair(cfg.image_size)
                 image = np.asarray(
-                    Image.fromarray(image).resize(
-                        (cfg.image_size, cfg.image_size), Image.BILINEAR
-                    )
+                    Image.fromarray(image).resize((width, height), Image.BILINEAR)
                 )
             classes = predict_image(model, image, multiple=multiple, options=cfg)
             write_png(masks_dir / f"{path.stem}.png", classes, palette=colors)

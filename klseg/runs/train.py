@@ -6,6 +6,7 @@ import time
 from klseg.files import yaml_text
 from klseg.runs import inputs, runtime
 from klseg.runs.callbacks import validation
+from klseg.runs.checks import check_crop_fits, size_text
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import evaluate_model, first_batch, predict_classes
 from klseg.runs.fit import (
@@ -49,6 +50,10 @@ def train(cfg, *, callbacks=None):
     train_split = inputs.load_split(cfg.data, cfg)
     val_split = inputs.load_split(cfg.val_data, cfg)
     num_classes, class_names = _resolve_classes(cfg, train_split)
+    # Without --image-size, the training images' own size (one for all).
+    image_size = cfg.image_size or inputs.data_image_size(train_split)
+    if cfg.crop_size is not None:
+        check_crop_fits(cfg.crop_size, image_size)
     inputs.check_labels(
         val_split,
         num_classes,
@@ -66,7 +71,7 @@ def train(cfg, *, callbacks=None):
             checkpoint,
             callbacks,
             started,
-            (train_split, val_split, num_classes, class_names),
+            (train_split, val_split, num_classes, class_names, image_size),
         )
 
     return in_run_folder(cfg, job, is_chief=is_chief)
@@ -114,7 +119,7 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
 
     from klseg import data, losses, metrics, models
 
-    train_split, val_split, num_classes, class_names = prepared
+    train_split, val_split, num_classes, class_names, image_size = prepared
     state = checkpoint[1] if checkpoint else None
     keras.utils.set_random_seed(cfg.seed)
     learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["train"]
@@ -123,7 +128,10 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
             model = models.build(
                 cfg.model, **_model_kwargs(cfg, num_classes, class_names)
             )
-            inputs.check_image_size(cfg.image_size, models.size_multiple(model))
+            multiple = models.size_multiple(model)
+            inputs.check_image_size(image_size, multiple)
+            inputs.check_crop_size(cfg.crop_size, image_size, multiple)
+            models.set_training_size(model, image_size)
             optimizer = runtime.make_optimizer(learning_rate, policy)
             model.compile(
                 optimizer=optimizer,
@@ -143,23 +151,24 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
         train_ds = data.make_dataset(
             train_split,
             batch_size=cfg.batch_size,
-            image_size=cfg.image_size,
+            image_size=image_size,
+            crop_size=cfg.crop_size,
             augment=cfg.augment,
             shuffle=True,
             seed=cfg.seed,
             repeat=True,
             drop_remainder=True,
             ignore_value=cfg.ignore_value,
-            cache=inputs.cache_in_memory(train_split, cfg.image_size),
+            cache=inputs.cache_in_memory(train_split, image_size),
             # A resumed run continues the stream where its checkpoint left it.
             skip=examples_drawn(state, steps, cfg.batch_size),
         )
         val_ds = data.make_dataset(
             val_split,
             batch_size=cfg.batch_size,
-            image_size=cfg.image_size,
+            image_size=image_size,
             ignore_value=cfg.ignore_value,
-            cache=inputs.cache_in_memory(val_split, cfg.image_size),
+            cache=inputs.cache_in_memory(val_split, image_size),
         )
         train_ds = runtime.distribute_options(train_ds)
         val_ds = runtime.distribute_options(val_ds)
@@ -206,7 +215,9 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
 
 
 def _write_report(run, cfg, model, val_ds, names, val_metrics):
-    from klseg import report
+    from klseg import models, report
+
+    size = size_text(models.get_training_size(model))
 
     sections = []
     curves = curves_section(run)
@@ -233,7 +244,7 @@ def _write_report(run, cfg, model, val_ds, names, val_metrics):
         f"Validation data `{cfg.val_data}`: mean IoU "
         f"**{pct(val_metrics['mean_iou'])}**, pixel accuracy "
         f"{pct(val_metrics['pixel_accuracy'])} "
-        f"({val_metrics['num_images']} images at {cfg.image_size}px).\n\n{table}"
+        f"({val_metrics['num_images']} images at {size}).\n\n{table}"
     )
     sections.insert(0, ("Result", summary))
     sections.append(("Predictions on validation images", overlays))
