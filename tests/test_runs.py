@@ -517,7 +517,7 @@ def test_image_size_must_fit_the_model(bench, source_run, tmp_path):
         30,
     )
     assert result.exit_code == 2
-    assert "nearest valid sizes are 28 and 32" in result.output
+    assert "nearest valid sizes for 30 are 28 and 32" in result.output
 
 
 def test_unlabelled_folder_cannot_be_evaluated(bench, source_run):
