@@ -25,7 +25,7 @@ with a forward that only counts.
 
 Usage::
 
-    python benchmarks/bench_tiled.py                 # about 10 min on 2 cores
+    python benchmarks/bench_tiled.py                 # about 12 min on 2 cores
     python benchmarks/bench_tiled.py --size 256 --crop 128 --steps 200
     python benchmarks/bench_tiled.py --size 32 --crop 16 --tile 32 \
         --train-images 2 --val-images 2 --steps 0 --base-filters 4 --depth 2
