@@ -1,0 +1,75 @@
+"""The README's command-line block: the lines that evaluate with windows and
+flip, and that export to TFLite, run as written on a small built-in data
+set (a tiny model stands in for the fine-tuned one they name)."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from klseg import runs
+from klseg.cli.main import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_command(flag):
+    """The README command-line block's one command containing ``flag``."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.S).group(1)
+    commands = re.sub(r"\\\n\s*", " ", block).splitlines()
+    found = [c.split("#")[0] for c in commands if flag in c]
+    assert len(found) == 1, commands
+    command = shlex.split(found[0])
+    assert command[0] == "klseg"
+    return command[1:]
+
+
+def ok(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """``data/`` from ``klseg data synth`` and a tiny model where the README's
+    fine-tuned model would be."""
+    root = tmp_path_factory.mktemp("readme")
+    ok(
+        "data", "synth", "--output", root / "data", "--image-size", 32,
+        "--num-train", 8, "--num-val", 4, "--num-unlabeled", 0,
+    )  # fmt: skip
+    runs.train(
+        runs.TrainConfig(
+            data=str(root / "data" / "target" / "train"),
+            val_data=str(root / "data" / "target" / "val"),
+            output=str(root / "runs" / "finetune" / "kl_0.3"),
+            image_size=32,
+            base_filters=4,
+            depth=2,
+            epochs=1,
+            batch_size=4,
+            verbose=0,
+        )
+    )
+    return root
+
+
+def test_readme_tiled_flip_evaluate_runs(project, monkeypatch):
+    monkeypatch.chdir(project)
+    command = readme_command("--tile-size")
+    assert command[0] == "evaluate" and "--json" in command
+    result = ok(*command)
+    scores = json.loads(result.output[result.output.index("{") :])
+    settings = scores["inference"]
+    assert settings["tta"] == "flip" and settings["tile_overlap"] == 0.5
+    counts = np.array(scores["confusion_matrix"]["counts"])
+    # Every labelled pixel of the 4 validation images is counted once.
+    assert counts.sum() == 4 * 32 * 32
+    assert np.trace(counts) / counts.sum() == pytest.approx(scores["pixel_accuracy"])
+    assert (project / command[command.index("--plot") + 1]).is_file()
