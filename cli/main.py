@@ -326,15 +326,45 @@ def predict(ctx, **_):
 @cli.command()
 @config_option
 @click.option("--model", type=PATH, help="Model file (.keras).")
-@click.option("--output", "-o", type=PATH, help="SavedModel folder to write.")
+@click.option("--output", "-o", type=PATH, help="Export folder to write.")
+@click.option(
+    "--format",
+    type=click.Choice(run_config.EXPORT_FORMATS),
+    default=default(run_config.ExportConfig, "format"),
+    show_default=True,
+    help="SavedModel folder, LiteRT model.tflite or model.onnx.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(run_config.QUANTIZATIONS),
+    default=default(run_config.ExportConfig, "quantize"),
+    show_default=True,
+    help="TFLite weights: float32, float16, or full-integer int8 (needs "
+    "--representative-data).",
+)
+@click.option(
+    "--image-size",
+    type=ImageSize(),
+    help="Fixed input size HxW (or N) of tflite/onnx  [default: the model's "
+    "training size].",
+)
+@click.option(
+    "--representative-data",
+    type=PATH,
+    help="Folder of typical images (or with images/) to calibrate int8 on.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
 @click.pass_context
 @run_errors
 def export(ctx, **_):
-    """Export a model as a TensorFlow SavedModel for serving.
+    """Export a model for serving: SavedModel, LiteRT (TFLite) or ONNX.
 
-    The 'serving_default' signature takes uint8 images (B, H, W, 3) of any
-    size and returns 'classes' (B, H, W) and 'probabilities' (B, H, W, C).
+    saved_model: the 'serving_default' signature takes uint8 images
+    (B, H, W, 3) of any size and returns 'classes' (B, H, W) and
+    'probabilities' (B, H, W, C). tflite / onnx: OUTPUT/model.tflite or
+    OUTPUT/model.onnx takes uint8 images (1, H, W, 3) of the --image-size
+    (onnx: any batch) and returns the int32 class map (1, H, W).
+    OUTPUT/export.json describes the export.
     """
     values, _ = resolve_options(ctx)
     require(values, "model", "output")

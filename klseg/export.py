@@ -20,17 +20,43 @@ gives
 
 The folder is written atomically: into a temporary folder beside ``path``,
 then renamed into place, so a crash never leaves half an export behind.
+
+``export_litert`` and ``export_onnx`` write one file for a fixed image size
+(phones, ONNX Runtime): uint8 images ``(batch, height, width, 3)`` in, the
+int32 class map ``(batch, height, width)`` out, with the padding to the size
+multiple and the argmax inside the graph (:func:`serving_model`). They build
+on Keras' own ``model.export(format="litert" | "onnx")``; quantisation goes
+through the TFLite converter options Keras forwards. Both need the
+TensorFlow backend.
 """
 
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from klseg.errors import InvalidArgumentError, KlsegError, ModelError
 from klseg.files import make_temp_dir
 
-__all__ = ["export_saved_model", "pad_to_multiple"]
+__all__ = [
+    "FORMATS",
+    "QUANTIZATIONS",
+    "export_litert",
+    "export_onnx",
+    "export_saved_model",
+    "pad_to_multiple",
+    "run_litert",
+    "serving_model",
+]
+
+#: What ``klseg export --format`` writes: a SavedModel folder, a ``.tflite``
+#: file (LiteRT) or an ``.onnx`` file.
+FORMATS = ("saved_model", "tflite", "onnx")
+
+#: TFLite quantisations: float32 weights and maths, float16 weights, or
+#: full-integer int8 (weights and activations) calibrated on sample images.
+QUANTIZATIONS = ("none", "float16", "int8")
 
 
 def pad_to_multiple(images, multiple):
@@ -231,3 +257,321 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# --------------------------------------------------------------------------
+# Fixed-size exports: LiteRT (TFLite) and ONNX
+# --------------------------------------------------------------------------
+
+
+def _image_size(image_size):
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    try:
+        height, width = image_size
+    except (TypeError, ValueError):
+        height = width = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (height, width)):
+        raise InvalidArgumentError(
+            "`image_size` must be an int or a (height, width) pair of ints. "
+            f"Received: image_size={image_size!r}"
+        )
+    if min(height, width) < 1:
+        raise InvalidArgumentError(
+            f"`image_size` must be positive. Received: image_size={image_size!r}"
+        )
+    return height, width
+
+
+def _require_tensorflow_backend(what):
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ModelError(
+            f"{what} export needs the TensorFlow backend of Keras; this process "
+            f"runs {keras.backend.backend()!r}. Run it with KERAS_BACKEND=tensorflow."
+        )
+
+
+def serving_model(model, image_size, *, size_multiple=None, batch_size=1):
+    """A Keras model for one image size: uint8 images in, class map out.
+
+    The model casts the uint8 images ``(batch, height, width, 3)`` to float32
+    (klseg models normalise 0..255 images themselves), pads them at the
+    bottom and right with zeros up to the next multiple of the size multiple
+    (as the SavedModel's signature does), runs ``model``, crops the logits
+    back and returns their argmax, int32 ``(batch, height, width)``. This is
+    what :func:`export_litert` and :func:`export_onnx` convert. TensorFlow
+    backend only.
+
+    Args:
+        model: a klseg segmentation model (or a ``KLRegularizedModel``: its
+            student).
+        image_size: ``(height, width)``, or an int for a square.
+        size_multiple: the model's size multiple. Defaults to
+            ``klseg.models.size_multiple(model)``, or 1.
+        batch_size: fixed batch size of the input, or ``None`` for any.
+            Defaults to 1.
+
+    Returns:
+        A ``keras.Model`` with one uint8 input named ``images``.
+    """
+    import keras
+    import tensorflow as tf
+
+    _require_tensorflow_backend("This")
+    model = _student(model)
+    _check_model(model)
+    height, width = _image_size(image_size)
+    if size_multiple is None:
+        size_multiple = _size_multiple(model)
+    pad_h, pad_w = -height % size_multiple, -width % size_multiple
+
+    class _Images(keras.layers.Layer):
+        # uint8 -> float32 0..255, zero-padded to the size multiple.
+        def call(self, images):
+            images = tf.cast(images, tf.float32)
+            return tf.pad(images, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+
+    class _Classes(keras.layers.Layer):
+        # tf.argmax rather than keras.ops.argmax: the latter adds a bitwise
+        # negative-zero fix that TFLite runs only with the Flex delegate.
+        def call(self, logits):
+            logits = logits[:, :height, :width, :]
+            return tf.argmax(logits, axis=-1, output_type=tf.int32)
+
+    inputs = keras.Input(
+        (height, width, 3), batch_size=batch_size, dtype="uint8", name="images"
+    )
+    logits = model(_Images(name="images_float")(inputs))
+    outputs = _Classes(name="classes")(logits)
+    return keras.Model(inputs, outputs, name=f"{model.name}_classes")
+
+
+def _converter_options(quantize, representative_images, height, width):
+    import numpy as np
+    import tensorflow as tf
+
+    if quantize not in QUANTIZATIONS:
+        raise InvalidArgumentError(
+            f"`quantize` must be one of {list(QUANTIZATIONS)}. "
+            f"Received: quantize={quantize!r}"
+        )
+    if quantize != "int8" and representative_images is not None:
+        raise InvalidArgumentError(
+            "`representative_images` calibrate int8 quantisation only. "
+            f"Received: quantize={quantize!r} with representative images"
+        )
+    if quantize == "none":
+        return {}
+    if quantize == "float16":
+        return {
+            "optimizations": [tf.lite.Optimize.DEFAULT],
+            "target_spec": {"supported_types": [tf.float16]},
+        }
+    if representative_images is None:
+        raise InvalidArgumentError(
+            "int8 quantisation needs `representative_images` (uint8 images "
+            f"of the export size {height}x{width}) to calibrate on. "
+            "Received: representative_images=None"
+        )
+    images = [np.asarray(image) for image in representative_images]
+    if not images:
+        raise InvalidArgumentError(
+            "`representative_images` is empty; give at least one image."
+        )
+    for i, image in enumerate(images):
+        if image.dtype != np.uint8 or image.shape != (height, width, 3):
+            raise InvalidArgumentError(
+                f"representative image {i} must be uint8 ({height}, {width}, 3), "
+                "the export size (resize it first). "
+                f"Received: {image.dtype} {image.shape}"
+            )
+
+    def dataset():
+        for image in images:
+            yield [image[None]]
+
+    return {
+        "optimizations": [tf.lite.Optimize.DEFAULT],
+        "representative_dataset": dataset,
+        "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+    }
+
+
+def _write_file(path, suffix, write):
+    """Calls ``write(temporary path)`` beside ``path``, then renames it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(path.parent, f".{path.name}.")
+    try:
+        target = tmp / f"model{suffix}"
+        write(target)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _conversion_error(what, error):
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    detail = "\n".join(lines[:8]) if lines else type(error).__name__
+    return ModelError(f"{what} conversion failed: {type(error).__name__}: {detail}")
+
+
+def export_litert(
+    model,
+    path,
+    *,
+    image_size,
+    quantize="none",
+    representative_images=None,
+    size_multiple=None,
+):
+    """Export a segmentation model as a LiteRT (TFLite) file for one size.
+
+    The file takes uint8 images ``(1, height, width, 3)`` and returns the
+    int32 class map ``(1, height, width)`` (see :func:`serving_model`). It
+    is converted by Keras' ``model.export(format="litert")``, with the
+    converter options of ``quantize``:
+
+    - ``"none"``: float32 weights and maths.
+    - ``"float16"``: float16 weights (about half the size), float32 maths.
+    - ``"int8"``: full-integer quantisation (int8 weights and activations;
+      the uint8 input is cast and quantised inside the graph), calibrated on
+      ``representative_images``.
+
+    Args:
+        model: a klseg segmentation model, or a ``KLRegularizedModel``.
+        path: the ``.tflite`` file to write (atomically: written beside it,
+            then renamed into place).
+        image_size: ``(height, width)`` or an int; any size (the graph pads
+            to the size multiple).
+        quantize: one of ``QUANTIZATIONS``. Defaults to ``"none"``.
+        representative_images: for ``"int8"`` only: uint8 images
+            ``(height, width, 3)`` at ``image_size``, typical of the inputs
+            (a hundred or so is plenty).
+        size_multiple: as in :func:`serving_model`.
+
+    Returns:
+        The ``pathlib.Path`` of the written file.
+
+    Raises:
+        InvalidArgumentError: a bad ``image_size``, ``quantize`` or set of
+            representative images, or a path not ending in ``.tflite``.
+        ModelError: not a segmentation model, not the TensorFlow backend, or
+            the conversion failed (the converter's message).
+
+    Example:
+
+    ```python
+    export_litert(model, "model.tflite", image_size=(256, 512), quantize="float16")
+    classes = run_litert("model.tflite", uint8_images)  # (n, 256, 512) int32
+    ```
+    """
+    if not str(path).endswith(".tflite"):
+        raise InvalidArgumentError(
+            f"`path` must end with .tflite. Received: path={str(path)!r}"
+        )
+    _require_tensorflow_backend("LiteRT")
+    height, width = _image_size(image_size)
+    options = _converter_options(quantize, representative_images, height, width)
+    wrapper = serving_model(model, (height, width), size_multiple=size_multiple)
+
+    def write(target):
+        try:
+            wrapper.export(str(target), format="litert", verbose=False, **options)
+        except Exception as e:  # the converter raises many types
+            raise _conversion_error("LiteRT", e) from e
+
+    return _write_file(path, ".tflite", write)
+
+
+def export_onnx(model, path, *, image_size, size_multiple=None):
+    """Export a segmentation model as an ONNX file for one image size.
+
+    As :func:`export_litert` without quantisation, through Keras'
+    ``model.export(format="onnx")`` (``tf2onnx`` on the TensorFlow backend):
+    uint8 images ``(batch, height, width, 3)``, any batch size, in; the
+    int32 class map ``(batch, height, width)`` out.
+
+    Raises:
+        InvalidArgumentError: a bad ``image_size`` or a path not ending in
+            ``.onnx``.
+        ModelError: not a segmentation model, not the TensorFlow backend,
+            ``tf2onnx`` missing, or the conversion failed.
+    """
+    import numpy as np
+
+    if not str(path).endswith(".onnx"):
+        raise InvalidArgumentError(
+            f"`path` must end with .onnx. Received: path={str(path)!r}"
+        )
+    _require_tensorflow_backend("ONNX")
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "ONNX export needs the tf2onnx and onnx packages: "
+            'pip install "klseg[export]" (or pip install tf2onnx onnx).'
+        ) from None
+    height, width = _image_size(image_size)
+    wrapper = serving_model(
+        model, (height, width), size_multiple=size_multiple, batch_size=None
+    )
+    wrapper(np.zeros((1, height, width, 3), np.uint8))  # Keras wants it called
+
+    def write(target):
+        try:
+            with warnings.catch_warnings():
+                # Keras' tf2onnx patch probes np.object (NumPy 2).
+                warnings.filterwarnings("ignore", "In the future `np.object`")
+                wrapper.export(str(target), format="onnx", verbose=False)
+        except Exception as e:  # tf2onnx raises many types
+            raise _conversion_error("ONNX", e) from e
+
+    return _write_file(path, ".onnx", write)
+
+
+def run_litert(path, images):
+    """Class maps of uint8 ``images`` from a ``.tflite`` file of this module.
+
+    Runs the file with the LiteRT runtime (``ai_edge_litert``; TensorFlow's
+    ``tf.lite.Interpreter`` when that is not installed), one image at a time.
+
+    Args:
+        path: a file written by :func:`export_litert`.
+        images: uint8 ``(n, height, width, 3)`` at the file's size.
+
+    Returns:
+        int32 numpy array ``(n, height, width)``.
+
+    Raises:
+        InvalidArgumentError: images of another size or type than the file's
+            input.
+    """
+    import numpy as np
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    images = np.asarray(images)
+    expected = tuple(int(v) for v in source["shape"][1:])
+    if images.dtype != np.uint8 or images.shape[1:] != expected:
+        raise InvalidArgumentError(
+            f"{path} takes uint8 images {expected}. "
+            f"Received: {images.dtype} {images.shape[1:]}"
+        )
+    out = np.zeros(images.shape[:3], np.int32)
+    for i, image in enumerate(images):
+        interpreter.set_tensor(source["index"], image[None])
+        interpreter.invoke()
+        out[i] = interpreter.get_tensor(target["index"])[0]
+    return out

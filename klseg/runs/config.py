@@ -11,6 +11,8 @@ import dataclasses
 import math
 
 from klseg import inference
+from klseg.export import FORMATS as EXPORT_FORMATS
+from klseg.export import QUANTIZATIONS
 from klseg.registry import BACKBONES, MODELS
 from klseg.runs.checks import (
     check_choice,
@@ -30,9 +32,11 @@ __all__ = [
     "AUGMENT",
     "BACKBONES",
     "DEMO_PRESETS",
+    "EXPORT_FORMATS",
     "KL_INPUTS",
     "MIXED_PRECISION",
     "MODELS",
+    "QUANTIZATIONS",
     "SOURCE_PREDICTIONS",
     "STRATEGIES",
     "STUDENT_BN",
@@ -406,10 +410,22 @@ class PredictConfig(inference.InferenceOptions):
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Options of :func:`export` (``klseg export``)."""
+    """Options of :func:`export` (``klseg export``).
+
+    ``format``: one of ``EXPORT_FORMATS``. ``quantize`` (one of
+    ``QUANTIZATIONS``) applies to ``"tflite"``; ``"int8"`` calibrates on
+    the images of ``representative_data`` (a folder). ``image_size`` (``N``,
+    ``(H, W)`` or ``"HxW"``) is the fixed input size of ``"tflite"`` and
+    ``"onnx"`` (default: the model's recorded training size); a SavedModel
+    takes any size.
+    """
 
     model: object = None
     output: str | None = None
+    format: str = "saved_model"
+    quantize: str = "none"
+    image_size: int | tuple | None = None
+    representative_data: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
@@ -420,7 +436,31 @@ class ExportConfig:
             )
         check_model_source("model", self.model)
         check_path("output", self.output)
+        check_choice("format", self.format, EXPORT_FORMATS)
+        check_choice("quantize", self.quantize, QUANTIZATIONS)
+        self.image_size = check_size("image_size", self.image_size)
+        check_path("representative_data", self.representative_data)
         check_flag("overwrite", self.overwrite)
+        if self.quantize != "none" and self.format != "tflite":
+            fail(
+                "quantize applies to format='tflite' only. "
+                f"Received: quantize={self.quantize!r}, format={self.format!r}"
+            )
+        if self.quantize == "int8" and self.representative_data is None:
+            fail(
+                "quantize='int8' needs representative_data, a folder of typical "
+                "images to calibrate on. Received: representative_data=None"
+            )
+        if self.representative_data is not None and self.quantize != "int8":
+            fail(
+                "representative_data is used only with quantize='int8'. "
+                f"Received: quantize={self.quantize!r}"
+            )
+        if self.image_size is not None and self.format == "saved_model":
+            fail(
+                "image_size applies to format='tflite' or 'onnx'; a SavedModel "
+                f"takes any size. Received: image_size={self.image_size!r}"
+            )
 
 
 @dataclasses.dataclass

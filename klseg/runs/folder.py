@@ -79,6 +79,9 @@ OWNED = {
         "assets",
         "assets.extra",
         "fingerprint.pb",
+        "model.tflite",
+        "model.onnx",
+        "export.json",
     ),
 }
 
@@ -96,7 +99,7 @@ _WHAT = {
     "demo": "demo",
     "data": "data set",
     "predictions": "prediction folder",
-    "export": "SavedModel export",
+    "export": "model export",
 }
 
 
