@@ -73,3 +73,26 @@ def test_readme_tiled_flip_evaluate_runs(project, monkeypatch):
     assert counts.sum() == 4 * 32 * 32
     assert np.trace(counts) / counts.sum() == pytest.approx(scores["pixel_accuracy"])
     assert (project / command[command.index("--plot") + 1]).is_file()
+
+
+def test_readme_int8_tflite_export_runs(project, monkeypatch):
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("LiteRT export runs on the TensorFlow backend")
+    from klseg.data.images import list_images, read_image
+    from klseg.export import run_litert
+
+    monkeypatch.chdir(project)
+    command = readme_command("--quantize")
+    assert command[0] == "export" and command[command.index("--quantize") + 1] == "int8"
+    ok(*command)
+    out = project / command[command.index("--output") + 1]
+    info = json.loads((out / "export.json").read_text())
+    assert (info["format"], info["quantize"]) == ("tflite", "int8")
+    assert info["image_size"] == [32, 32]  # the model's training size
+    assert info["representative_images"] == len(list_images("data/target/train"))
+    images = np.stack([read_image(p) for p in list_images("data/target/val")])
+    classes = run_litert(out / "model.tflite", images)
+    assert classes.shape == (4, 32, 32) and classes.dtype == np.int32
+    assert 0 <= classes.min() and classes.max() < len(info["class_names"])
