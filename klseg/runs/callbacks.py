@@ -63,6 +63,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.best = state.get("best") if state else None
         self.best_epoch = state.get("best_epoch") if state else None
         self.seed = seed
+        self.state = state  # of the last checkpoint written (or restored)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -93,6 +94,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             save_checkpoint(self.run, self.model, self.model.optimizer, state)
+            self.state = state
 
 
 class ValidateEvery(keras.callbacks.Callback):

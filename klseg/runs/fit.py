@@ -171,20 +171,21 @@ def fit(
             f"Validating every {cfg.val_every} epochs and after the last one "
             f"(epoch {cfg.epochs}).",
         )
+    checkpoints = cb.RunCheckpoint(
+        run,
+        monitor,
+        save_model=save_model,
+        state=state,
+        seed=cfg.seed,
+        steps=steps,
+        optional=validation.keys,
+    )
     all_callbacks = [
         cb.StopOnInterrupt(),
         validation,
         cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
         cb.HistoryFile(run.history, keys=validation.keys),
-        cb.RunCheckpoint(
-            run,
-            monitor,
-            save_model=save_model,
-            state=state,
-            seed=cfg.seed,
-            steps=steps,
-            optional=validation.keys,
-        ),
+        checkpoints,
         cb.EpochScalars(run.logs),
         *list(callbacks or []),
     ]
@@ -206,8 +207,9 @@ def fit(
         raise errors.TrainingDiverged(
             f"{e} {_after_divergence(run)}", epoch=e.epoch, step=e.step
         ) from None
-    latest = run.latest_checkpoint()
-    return latest[1] if latest else state
+    # The state the run just wrote: no need to read back (and checksum) the
+    # checkpoint files.
+    return checkpoints.state
 
 
 def _fit_verbosity(verbose):
