@@ -18,6 +18,7 @@ PACKAGE = ROOT / "klseg"
 #: Modules of klseg.runs that make up the engine; the jobs build on them.
 ENGINE = {
     "config",
+    "tool_config",
     "checks",
     "results",
     "folder",
