@@ -15,6 +15,7 @@ import importlib
 from klseg._version import __version__
 
 _SUBMODULES = (
+    "consistency",
     "data",
     "errors",
     "export",
@@ -34,11 +35,12 @@ __all__ = ["__version__", "load_model", "register_keras_objects", *_SUBMODULES]
 def register_keras_objects():
     """Register every klseg loss, metric, layer and model class with Keras.
 
-    Importing ``klseg.losses``, ``klseg.metrics``, ``klseg.models`` and
-    ``klseg.finetune`` does this; this function imports them all, so that
-    ``keras.saving.load_model`` can rebuild any model klseg wrote.
+    Importing ``klseg.losses``, ``klseg.metrics``, ``klseg.models``,
+    ``klseg.finetune`` and ``klseg.consistency`` does this; this function
+    imports them all, so that ``keras.saving.load_model`` can rebuild any
+    model klseg wrote.
     """
-    for name in ("losses", "metrics", "models", "finetune"):
+    for name in ("losses", "metrics", "models", "finetune", "consistency"):
         __getattr__(name)
 
 

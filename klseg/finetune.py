@@ -68,7 +68,13 @@ DEFAULT_TEMPERATURE = 2.0
 
 _KL_INPUTS = ("target", "source", "both")
 _BN_POLICIES = ("trainable", "frozen", "synchronized")
-_INPUT_KEYS = ("images", "source_images", "source_probs", "source_images_probs")
+_INPUT_KEYS = (
+    "images",
+    "source_images",
+    "source_probs",
+    "source_images_probs",
+    "unlabeled_images",
+)
 
 
 # Model checks -------------------------------------------------------------
@@ -335,7 +341,11 @@ def _apply_class_map(log_probs, class_map, num_target):
 
 
 def _unpack(x):
-    """Returns a dict with the four known keys (None where absent)."""
+    """Returns a dict with the known keys (None where absent).
+
+    ``"unlabeled_images"`` is read by ``klseg.consistency.MeanTeacherModel``
+    only; ``KLRegularizedModel.call`` rejects it.
+    """
     if isinstance(x, dict):
         unknown = sorted(set(x) - set(_INPUT_KEYS))
         if unknown:
@@ -355,12 +365,7 @@ def _unpack(x):
             f"{{'images': ..., 'source_images': ..., ...}}; received a "
             f"{type(x).__name__} of {len(x)} items."
         )
-    return {
-        "images": x,
-        "source_images": None,
-        "source_probs": None,
-        "source_images_probs": None,
-    }
+    return {**dict.fromkeys(_INPUT_KEYS), "images": x}
 
 
 def _static_hw(t):
@@ -679,8 +684,18 @@ class KLRegularizedModel(keras.Model):
     def _uses_source(self):
         return self.kl_inputs in ("source", "both") and self.kl_weight > 0
 
+    #: Whether ``x["unlabeled_images"]`` is used (by subclasses that add a
+    #: term on unlabelled target images); here it is rejected, not ignored.
+    _uses_unlabeled_images = False
+
     def call(self, x, training=None):
         parts = _unpack(x)
+        if parts["unlabeled_images"] is not None and not self._uses_unlabeled_images:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} has no term for 'unlabeled_images'; use "
+                "klseg.consistency.MeanTeacherModel, or put unlabelled target "
+                "images in 'images' with masks of ignore_class."
+            )
         images = parts["images"]
         source_images = parts["source_images"]
         if source_images is not None and self._uses_source():
