@@ -19,6 +19,8 @@ from klseg._version import __version__
 from klseg.registry import BACKBONES, MODELS
 from klseg.runs import config as run_config
 from klseg.runs.config import (
+    DISTILL_KL_TYPES,
+    DISTILL_TEMPERATURE,
     KL_INPUTS,
     SOURCE_PREDICTIONS,
     STUDENT_BN,
@@ -214,6 +216,93 @@ def finetune(ctx, **_):
     from klseg import runs
 
     result = runs.finetune(build(runs.FinetuneConfig, values))
+    echo_result(result)
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--teacher",
+    type=PATH,
+    help="Trained teacher model: a .keras file or keras-hub:PRESET_OR_DIR.",
+)
+@click.option(
+    "--model",
+    default=default(run_config.DistillConfig, "model"),
+    show_default=True,
+    help=f"Student architecture: {', '.join(MODELS)}, or keras-hub:PRESET_OR_DIR.",
+)
+@click.option(
+    "--backbone",
+    type=click.Choice(BACKBONES),
+    help="Student encoder  [default: plain for unet, resnet50 for deeplabv3_plus].",
+)
+@click.option(
+    "--base-filters",
+    type=click.IntRange(min=1),
+    help="Student U-Net filters at the first level  [default: 32].",
+)
+@click.option(
+    "--depth", type=click.IntRange(1, 6), help="Student U-Net levels  [default: 4]."
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    help="Number of classes; must equal the teacher's  [default: the teacher's].",
+)
+@click.option("--data", type=PATH, help="Labelled training folder.")
+@click.option(
+    "--unlabeled-data",
+    type=PATH,
+    help="Unlabelled training images (folder with images/); used by the KL term only.",
+)
+@click.option("--val-data", type=PATH, help="Labelled validation folder.")
+@click.option(
+    "--kl-weight",
+    type=FiniteFloat(min=0),
+    default=default(run_config.DistillConfig, "kl_weight"),
+    show_default=True,
+    help="Weight of the KL term; 0 trains the student on the labels alone.",
+)
+@click.option(
+    "--temperature",
+    type=FiniteFloat(min=TEMPERATURE_RANGE[0], max=TEMPERATURE_RANGE[1]),
+    help="Softmax temperature of the KL term  [default: "
+    + ", ".join(f"{t:g} for {k}" for k, t in DISTILL_TEMPERATURE.items())
+    + "].",
+)
+@click.option(
+    "--kl-type",
+    type=click.Choice(DISTILL_KL_TYPES),
+    default=default(run_config.DistillConfig, "kl_type"),
+    show_default=True,
+    help="pixel: KL between the class distributions of each pixel; channel: KL "
+    "between the spatial distributions of each class channel (Shu et al. 2021).",
+)
+@run_options
+@click.pass_context
+@run_errors
+def distill(ctx, **_):
+    """Distil a teacher model into a smaller student model.
+
+    The student (built from scratch for the teacher's classes) learns from
+    the labels of --data and from the frozen teacher's predictions on every
+    training image, labelled or not (--unlabeled-data). Writes the run folder
+    as train does; model.keras is the best student, and metrics.json and
+    report.md compare teacher and student (mIoU, parameters, images/s).
+
+    \b
+    Example:
+      klseg distill --teacher runs/teacher/model.keras --model unet \\
+          --base-filters 8 --data data/train --unlabeled-data data/unlabeled \\
+          --val-data data/val --kl-type channel --output runs/student
+    """
+    values, _ = resolve_options(ctx, saved_config_for=saved_run_config)
+    require(values, "teacher", "data", "val_data", "output")
+    prepare_runtime()
+    from klseg import runs
+
+    result = runs.distill(build(runs.DistillConfig, values))
     echo_result(result)
 
 

@@ -30,7 +30,17 @@ ENGINE = {
     "fit",
     "classmaps",
 }
-JOBS = {"train", "finetune", "sweep", "evaluate", "predict", "export", "synth", "demo"}
+JOBS = {
+    "train",
+    "finetune",
+    "sweep",
+    "evaluate",
+    "predict",
+    "export",
+    "synth",
+    "demo",
+    "distill",
+}
 
 
 def _imports(path):

@@ -25,7 +25,7 @@ it, and the klseg library):
 - ``callbacks``: the Keras callbacks of a run (NaN stop, interrupts,
   checkpoints, TensorBoard scalars);
 - ``fit``: the fit sequence shared by ``train`` and ``finetune``;
-- the jobs: ``train``, ``finetune`` (with ``classmaps``), ``sweep``,
+- the jobs: ``train``, ``finetune`` (with ``classmaps``), ``sweep``, ``distill``,
   ``evaluate``, ``predict``, ``export``, ``synth``, ``demo``.
 
 Importing ``klseg.runs`` loads only ``config`` and ``results``; the jobs
@@ -38,6 +38,7 @@ import types
 
 from klseg.runs.config import (
     DemoConfig,
+    DistillConfig,
     EvaluateConfig,
     ExportConfig,
     FinetuneConfig,
@@ -58,6 +59,7 @@ from klseg.runs.results import (
 __all__ = [
     "DemoConfig",
     "DemoResult",
+    "DistillConfig",
     "EvaluateConfig",
     "ExportConfig",
     "FinetuneConfig",
@@ -70,6 +72,7 @@ __all__ = [
     "SynthConfig",
     "TrainConfig",
     "demo",
+    "distill",
     "evaluate",
     "evaluate_model",
     "export",
@@ -87,6 +90,7 @@ __all__ = [
 _LAZY = {
     "RunFolder": ("klseg.runs.folder", "RunFolder"),
     "demo": ("klseg.runs.demo", "demo"),
+    "distill": ("klseg.runs.distill", "distill"),
     "evaluate": ("klseg.runs.evaluate", "evaluate"),
     "evaluate_model": ("klseg.runs.evaluation", "evaluate_model"),
     "export": ("klseg.runs.export", "export"),

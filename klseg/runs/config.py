@@ -39,6 +39,9 @@ __all__ = [
     "AUGMENT",
     "BACKBONES",
     "DEMO_PRESETS",
+    "DISTILL_KL_TYPES",
+    "DISTILL_KL_WEIGHT",
+    "DISTILL_TEMPERATURE",
     "EXPORT_FORMATS",
     "KL_INPUTS",
     "MIXED_PRECISION",
@@ -48,6 +51,7 @@ __all__ = [
     "STRATEGIES",
     "STUDENT_BN",
     "DemoConfig",
+    "DistillConfig",
     "EvaluateConfig",
     "ExportConfig",
     "FinetuneConfig",
@@ -62,6 +66,11 @@ AUGMENT = ("none", "light", "strong")
 KL_INPUTS = ("auto", "target", "source", "both")
 STUDENT_BN = ("trainable", "frozen", "synchronized")
 SOURCE_PREDICTIONS = ("live", "stored")
+#: Distillation KL terms and defaults: klseg.distill's KL_TYPES,
+#: DEFAULT_KL_WEIGHT and DEFAULT_TEMPERATURE (a test checks they agree).
+DISTILL_KL_TYPES = ("pixel", "channel")
+DISTILL_KL_WEIGHT = 1.0
+DISTILL_TEMPERATURE = {"pixel": 2.0, "channel": 4.0}
 
 #: Temperatures of the KL term a run accepts (both ends included): the
 #: losses' range, klseg.ops.TEMPERATURE_RANGE (a test checks they agree).
@@ -335,3 +344,87 @@ class FinetuneConfig(_RunOptions):
     @property
     def is_sweep(self):
         return self.kl_weight is not None and len(self.kl_weight) > 1
+
+
+@dataclasses.dataclass
+class DistillConfig(_RunOptions):
+    """Options of :func:`distill` (``klseg distill``).
+
+    Attributes:
+        teacher: the trained teacher: a ``.keras`` file, or a
+            ``keras-hub:PRESET_OR_DIR`` spec.
+        model: the student's architecture, a registry name (``"unet"``,
+            ``"deeplabv3_plus"``) or a ``keras-hub:PRESET_OR_DIR`` spec.
+        backbone, base_filters, depth: passed to the student's builder when
+            set.
+        num_classes: optional; must equal the teacher's number of classes
+            (the student always predicts the teacher's classes, named as the
+            teacher names them).
+        data: labelled training folder.
+        unlabeled_data: unlabelled training images; the KL term sees them,
+            the task loss does not.
+        val_data: labelled validation folder; the teacher and the student
+            are scored on it.
+        kl_weight: weight of the KL term (>= 0; 0 trains the student on the
+            labels alone). Defaults to 1.
+        temperature: softmax temperature of the KL term. ``None`` is 2 for
+            ``kl_type="pixel"``, 4 for ``"channel"``.
+        kl_type: ``"pixel"`` (KL between the class distributions of each
+            pixel) or ``"channel"`` (KL between the spatial distributions of
+            each class channel, Shu et al. 2021).
+        image_size: ``None`` takes the teacher's training size, else the
+            training images' size.
+        learning_rate: Adam learning rate. ``None`` means 1e-3 (the student
+            starts from scratch, as in ``train``).
+        monitor: history column that picks ``model.keras``; ``"auto"`` is
+            the student's ``val_mean_iou``.
+    """
+
+    teacher: str | None = None
+    model: str = "unet"
+    backbone: str | None = None
+    base_filters: int | None = None
+    depth: int | None = None
+    num_classes: int | None = None
+    data: str | None = None
+    unlabeled_data: str | None = None
+    val_data: str | None = None
+    kl_weight: float = DISTILL_KL_WEIGHT
+    temperature: float | None = None
+    kl_type: str = "pixel"
+
+    def __post_init__(self):
+        self._check_run_options()
+        if not self.teacher or not self.data or not self.val_data:
+            fail(
+                "distill needs teacher, data and val_data. Received: "
+                f"teacher={self.teacher!r}, data={self.data!r}, "
+                f"val_data={self.val_data!r}"
+            )
+        check_model_source("teacher", self.teacher)
+        for name in ("data", "unlabeled_data", "val_data"):
+            check_path(name, getattr(self, name))
+        if not (isinstance(self.model, str) and self.model.startswith("keras-hub:")):
+            check_choice("model", self.model, MODELS)
+        if self.backbone is not None:
+            check_choice("backbone", self.backbone, BACKBONES)
+        check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
+        check_positive("base_filters", self.base_filters, allow_none=True)
+        check_int("depth", self.depth, minimum=1, maximum=6, allow_none=True)
+        check_number("kl_weight", self.kl_weight, minimum=0)
+        self.kl_weight = float(self.kl_weight)
+        check_number(
+            "temperature",
+            self.temperature,
+            minimum=TEMPERATURE_RANGE[0],
+            maximum=TEMPERATURE_RANGE[1],
+            allow_none=True,
+        )
+        check_choice("kl_type", self.kl_type, DISTILL_KL_TYPES)
+
+    @property
+    def resolved_temperature(self):
+        """``temperature``, or the default of ``kl_type``."""
+        if self.temperature is not None:
+            return float(self.temperature)
+        return DISTILL_TEMPERATURE[self.kl_type]
