@@ -8,7 +8,9 @@ model and batch, in the same process, at 256x256:
 - plain fine-tuning (the student alone, compiled with the task loss);
 - KL fine-tuning with the live source model (``KLRegularizedModel``,
   ``kl_inputs="target"``: the source model runs on the same images);
-- KL fine-tuning with stored source predictions (``x["source_probs"]``).
+- KL fine-tuning with stored source predictions (``x["source_probs"]``);
+- ``auto``: the one of the two that ``klseg finetune --source-predictions
+  auto`` (the default) picks for ``--images`` training images of this size.
 
 and prints the median step time of each and the ratios to plain. The three
 variants are interleaved in rounds so that load changes on a shared machine
@@ -50,6 +52,7 @@ def overhead(args):
 
     from klseg import losses, models
     from klseg.finetune import KLRegularizedModel, store_source_predictions
+    from klseg.runs.finetune import resolve_source_predictions
 
     size, batch = args.size, args.batch
     rng = np.random.default_rng(0)
@@ -77,6 +80,15 @@ def overhead(args):
         "live": (live, {"images": images}),
         "stored": (kept, {"images": images, "source_probs": stored}),
     }
+    # What `klseg finetune --source-predictions auto` (the default) picks for
+    # a training set of --images images of this size with the default
+    # (light) augmentation, decided by the function the run uses.
+    chosen, why = resolve_source_predictions(
+        "auto", {"data": args.images}, size, 6, "light"
+    )
+    print(f"auto ({args.images} training images): {chosen}, because {why}")
+    auto = compiled(KLRegularizedModel(unet(), source, kl_inputs="target"))
+    variants["auto"] = (auto, variants[chosen][1])
     times = {name: [] for name in variants}
     for model, x in variants.values():  # compile and warm up
         for _ in range(2):
@@ -233,6 +245,9 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--images", type=int, default=200, help="training images auto decides for"
+    )
 
     p = sub.add_parser("tradeoff", help="source/target mIoU of each variant")
     p.add_argument("--size", type=int, default=64)

@@ -177,7 +177,9 @@ def train(ctx, **_):
     type=click.Choice(SOURCE_PREDICTIONS),
     default=default(run_config.FinetuneConfig, "source_predictions"),
     show_default=True,
-    help="Run the source model every step, or store its predictions once.",
+    help="Run the source model every step (live), or store its predictions "
+    "once in float16 (stored); auto stores them when they fit in half the "
+    "available memory and says which it chose.",
 )
 @click.option(
     "--class-names",

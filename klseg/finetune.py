@@ -49,9 +49,11 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "DomainEvaluation",
     "KLRegularizedModel",
+    "available_memory_bytes",
     "clone_student",
     "estimate_predictions_bytes",
     "evaluate_domains",
+    "format_bytes",
     "make_class_map",
     "map_labels",
     "map_log_probs",
@@ -906,7 +908,7 @@ def estimate_predictions_bytes(num_images, height, width, num_classes):
     return int(num_images) * int(height) * int(width) * int(num_classes) * 2
 
 
-def _available_memory_bytes():
+def available_memory_bytes():
     """MemAvailable from /proc/meminfo, or None where unknown."""
     try:
         with open("/proc/meminfo") as f:
@@ -921,7 +923,8 @@ def _available_memory_bytes():
         return None
 
 
-def _format_bytes(n):
+def format_bytes(n):
+    """``n`` bytes as text in binary units (``"1.5 MiB"``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -979,7 +982,7 @@ def store_source_predictions(
     n, h, w = shape[:3]
     needed = estimate_predictions_bytes(n, h, w, num_classes)
     if max_bytes is None:
-        available = _available_memory_bytes()
+        available = available_memory_bytes()
         budget = None if available is None else int(available * memory_fraction)
         where = f"{memory_fraction:.0%} of the available memory"
     else:
@@ -988,14 +991,14 @@ def store_source_predictions(
     if verbose:
         print(
             f"Stored source predictions: {n} images x {h}x{w} x {num_classes} "
-            f"classes in float16 = {_format_bytes(needed)}"
-            + ("" if budget is None else f" (budget {_format_bytes(budget)})")
+            f"classes in float16 = {format_bytes(needed)}"
+            + ("" if budget is None else f" (budget {format_bytes(budget)})")
         )
     if budget is not None and needed > budget:
         raise ResourceError(
-            f"Storing source predictions needs {_format_bytes(needed)} "
+            f"Storing source predictions needs {format_bytes(needed)} "
             f"({n} images x {h}x{w} x {num_classes} classes x 2 bytes), more "
-            f"than {where} ({_format_bytes(budget)}). Use fewer or smaller "
+            f"than {where} ({format_bytes(budget)}). Use fewer or smaller "
             "images, or run the source model live (no stored predictions)."
         )
     out = np.empty((n, h, w, num_classes), dtype="float16")

@@ -140,6 +140,14 @@ def test_bench_finetune_overhead_script_runs(tmp_path):
         tmp_path,
     )
     assert "stored" in out and "live" in out
+    # auto decides with the run's own function and is timed like the others.
+    assert "auto (200 training images): stored, because 200 images x 32x32" in out
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.startswith("auto ") and not line.startswith("auto (")
+    ]
+    assert len(rows) == 1 and float(rows[0][2]) > 0  # median ms, ratio
 
 
 def test_bench_tiled_script_prints_every_mode(tmp_path):

@@ -65,7 +65,7 @@ MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
 AUGMENT = ("none", "light", "strong")
 KL_INPUTS = ("auto", "target", "source", "both")
 STUDENT_BN = ("trainable", "frozen", "synchronized")
-SOURCE_PREDICTIONS = ("live", "stored")
+SOURCE_PREDICTIONS = ("auto", "live", "stored")
 #: Distillation KL terms and defaults: klseg.distill's KL_TYPES,
 #: DEFAULT_KL_WEIGHT and DEFAULT_TEMPERATURE (a test checks they agree).
 DISTILL_KL_TYPES = ("pixel", "channel")
@@ -253,8 +253,11 @@ class FinetuneConfig(_RunOptions):
             ``"target"``).
         student_bn: ``"trainable"``, ``"frozen"`` or ``"synchronized"``
             (trainable, batch statistics over all replicas) BatchNorm.
-        source_predictions: ``"live"`` (source model run each step) or
-            ``"stored"`` (computed once).
+        source_predictions: ``"live"`` (source model run each step),
+            ``"stored"`` (computed once, float16) or ``"auto"``: stored when
+            the images that need them have a known count and their
+            predictions plus images fit in half the memory available at the
+            start, live otherwise; the run says which and why.
         class_names: the fine-tuned model's classes when they differ from
             the source model's; the student gets a new head for them and
             the KL term maps the source classes onto them. ``None`` keeps
@@ -282,7 +285,7 @@ class FinetuneConfig(_RunOptions):
     temperature: float | None = None
     kl_inputs: str = "auto"
     student_bn: str = "trainable"
-    source_predictions: str = "live"
+    source_predictions: str = "auto"
     class_names: tuple | None = None
     source_class_map: str | None = None
 

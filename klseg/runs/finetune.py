@@ -164,6 +164,18 @@ def _resolve_kl_inputs(cfg):
     return "source" if cfg.source_images else "target"
 
 
+def _prediction_counts(cfg, splits, kl_inputs, kl_weight):
+    """``{option: images}`` of the sets the KL term needs predictions for."""
+    if kl_weight <= 0:
+        return {}
+    keys = []
+    if kl_inputs in ("target", "both"):
+        keys += ["data", "unlabeled_data"]
+    if kl_inputs in ("source", "both"):
+        keys.append("source_images")
+    return {key: inputs.num_images(splits[key]) for key in keys if key in splits}
+
+
 def _mix_unlabeled(stream, n_labeled, n_unlabeled, batch_size, seed, skip):
     """One stream of batches drawing images from both sets in proportion.
 
@@ -196,6 +208,55 @@ def _mix_unlabeled(stream, n_labeled, n_unlabeled, batch_size, seed, skip):
         choices().skip(skip),
     )
     return mixed.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def resolve_source_predictions(mode, counts, image_size, num_classes, augment):
+    """``("live" | "stored", reason)`` for ``--source-predictions``.
+
+    ``counts`` is ``{option: number of images or None}`` of the sets whose
+    source predictions the KL term needs. ``"auto"`` stores them when every
+    count is known and the float16 predictions plus the uint8 images they
+    are computed from fit in half the memory available now (the budget
+    :func:`klseg.finetune.store_source_predictions` checks); otherwise the
+    source model runs live. Every augmentation a run takes can be followed
+    by stored maps: its geometric transforms and crops move them with the
+    images (colour transforms leave them as the predictions of the
+    un-augmented colours).
+    """
+    from klseg import finetune as ft
+    from klseg.data.resize import size_pair
+
+    if mode != "auto":
+        return mode, f"--source-predictions {mode}"
+    if not counts:
+        return "live", "the KL term is off"
+    unknown = [name for name, n in counts.items() if n is None]
+    if unknown:
+        return "live", (
+            f"the number of images of --{unknown[0].replace('_', '-')} is not "
+            "known before reading it (a streamed split)"
+        )
+    height, width = size_pair(image_size)
+    images = sum(counts.values())
+    needed = ft.estimate_predictions_bytes(images, height, width, num_classes)
+    needed += images * height * width * 3
+    available = ft.available_memory_bytes()
+    if available is None:
+        return "live", "the available memory is not known"
+    budget = available // 2
+    size = f"{images} images x {height}x{width} x {num_classes} classes"
+    if needed > budget:
+        return "live", (
+            f"storing them ({size}) needs {ft.format_bytes(needed)}, more than "
+            f"half the available memory ({ft.format_bytes(budget)})"
+        )
+    reason = (
+        f"{size} need {ft.format_bytes(needed)}, within half the available "
+        f"memory ({ft.format_bytes(budget)})"
+    )
+    if augment != "none":
+        reason += f"; the {augment} augmentation moves them with the images"
+    return "stored", reason
 
 
 def _stored_maps(source, split, image_size, verbose):
@@ -279,7 +340,16 @@ def _finetune(
                 from klseg.runs.checkpoint import restore_checkpoint
 
                 restore_checkpoint(checkpoint[0], model, optimizer)
-        stored = cfg.source_predictions == "stored" and kl_weight > 0
+        predictions, why = resolve_source_predictions(
+            cfg.source_predictions,
+            _prediction_counts(cfg, splits, kl_inputs, kl_weight),
+            image_size,
+            num_source_classes,
+            cfg.augment,
+        )
+        stored = predictions == "stored" and kl_weight > 0
+        if kl_weight > 0:
+            say(cfg.verbose, f"Source predictions: {predictions} ({why}).")
 
         def train_stream(split, seed, maps=None, skip=0):
             return data.make_dataset(
