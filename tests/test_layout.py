@@ -29,6 +29,7 @@ ENGINE = {
     "callbacks",
     "fit",
     "classmaps",
+    "hub",
 }
 JOBS = {
     "train",
