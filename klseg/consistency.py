@@ -23,6 +23,7 @@ Everything here uses ``keras.ops`` only and runs on the TensorFlow and JAX
 backends, including under ``tf.distribute``.
 """
 
+import copy
 import math
 import random
 
@@ -530,7 +531,8 @@ class MeanTeacherModel(KLRegularizedModel):
                 value = _global_sum(value) / float(replicas)
             new = decay * ops.cast(ema.value, "float32") + (1.0 - decay) * value
             ema.assign(ops.cast(new, ema.dtype))
-        step = ops.convert_to_tensor(self.consistency_step.value)
+        # A copy of the value: a TensorFlow variable would read the new one.
+        step = ops.add(self.consistency_step, 0)
         self.consistency_step.assign(step + 1)
         return step
 
@@ -618,3 +620,8 @@ class MeanTeacherModel(KLRegularizedModel):
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Keras' deserialisation consumes the nested model configs in place.
+        return super().from_config(copy.deepcopy(config))
