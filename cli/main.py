@@ -26,6 +26,7 @@ from klseg.runs.config import (
     STUDENT_BN,
     TEMPERATURE_RANGE,
 )
+from klseg.runs.hub import HUB_PREFIX, is_hub_spec
 
 from .config import resolve_options
 from .options import (
@@ -45,6 +46,23 @@ from .options import (
 from .types import FiniteFloat, FloatList, ImageSize, NameList
 
 __all__ = ["cli", "main"]
+
+
+class _ModelName(click.Choice):
+    """A registry name, or ``keras-hub:PRESET_OR_DIR``."""
+
+    def get_metavar(self, param, ctx=None):
+        return f"[{'|'.join(self.choices)}|{HUB_PREFIX}PRESET_OR_DIR]"
+
+    def convert(self, value, param, ctx):
+        if is_hub_spec(value) or value in self.choices:
+            return value
+        self.fail(
+            f"{value!r} is not a model: choose one of {', '.join(self.choices)}, "
+            f"or {HUB_PREFIX}PRESET_OR_DIR (a KerasHub image segmenter).",
+            param,
+            ctx,
+        )
 
 
 # --------------------------------------------------------------------------
@@ -71,10 +89,12 @@ def cli():
 @click.option("--val-data", type=PATH, help="Validation folder or tfds:NAME:SPLIT.")
 @click.option(
     "--model",
-    type=click.Choice(MODELS),
+    type=_ModelName(MODELS),
     default=default(TRAIN, "model"),
     show_default=True,
-    help="Architecture.",
+    help="Architecture, or keras-hub:PRESET_OR_DIR for a KerasHub image "
+    "segmenter (a preset name, or a folder saved with save_to_preset; needs "
+    'pip install "klseg[hub]").',
 )
 @click.option(
     "--backbone",
@@ -125,7 +145,11 @@ def train(ctx, **_):
 
 @cli.command()
 @config_option
-@click.option("--source", type=PATH, help="Source model (.keras) to start from.")
+@click.option(
+    "--source",
+    type=PATH,
+    help="Source model to start from: a .keras file, or keras-hub:PRESET_OR_DIR.",
+)
 @click.option("--data", type=PATH, help="Labelled target-domain training folder.")
 @click.option(
     "--unlabeled-data",

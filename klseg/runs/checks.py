@@ -7,12 +7,14 @@ import math
 import os
 
 from klseg import errors
+from klseg.runs.hub import HUB_PREFIX, is_hub_spec
 
 __all__ = [
     "check_choice",
     "check_crop_fits",
     "check_flag",
     "check_int",
+    "check_model_name",
     "check_model_source",
     "check_names",
     "check_number",
@@ -176,11 +178,35 @@ def check_names(name, value):
 
 
 def check_model_source(name, value):
-    """A path to a .keras file, or a keras.Model (checked when loaded)."""
+    """A path to a .keras file, a ``keras-hub:PRESET_OR_DIR`` spec, or a
+    keras.Model (checked when loaded)."""
     if value is None or (isinstance(value, (str, os.PathLike)) and not str(value)):
         return False
     if isinstance(value, (bool, int, float, list, tuple, dict)):
         fail(
-            f"{name} must be a .keras path or a keras.Model. Received: {name}={value!r}"
+            f"{name} must be a .keras path, keras-hub:PRESET_OR_DIR or a "
+            f"keras.Model. Received: {name}={value!r}"
+        )
+    if is_hub_spec(value) and not value[len(HUB_PREFIX) :].strip():
+        fail(
+            f"{name} names no KerasHub preset: write keras-hub:PRESET_NAME or "
+            f"keras-hub:DIR. Received: {name}={value!r}"
         )
     return True
+
+
+def check_model_name(name, value, choices):
+    """A registry name (one of ``choices``) or ``keras-hub:PRESET_OR_DIR``."""
+    if is_hub_spec(value):
+        if not value[len(HUB_PREFIX) :].strip():
+            fail(
+                f"{name} names no KerasHub preset: write keras-hub:PRESET_NAME "
+                f"or keras-hub:DIR. Received: {name}={value!r}"
+            )
+        return
+    if not isinstance(value, str) or value not in choices:
+        fail(
+            f"{name} must be one of {', '.join(map(str, choices))}, or "
+            f"keras-hub:PRESET_OR_DIR (a KerasHub image segmenter). "
+            f"Received: {name}={value!r}"
+        )

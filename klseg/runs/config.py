@@ -18,6 +18,7 @@ from klseg.runs.checks import (
     check_crop_fits,
     check_flag,
     check_int,
+    check_model_name,
     check_model_source,
     check_names,
     check_number,
@@ -26,6 +27,7 @@ from klseg.runs.checks import (
     check_size,
     fail,
 )
+from klseg.runs.hub import is_hub_spec
 from klseg.runs.tool_config import (
     DEMO_PRESETS,
     DemoConfig,
@@ -182,8 +184,12 @@ class TrainConfig(_RunOptions):
         data: labelled training folder (``images/`` + ``masks/``) or
             ``tfds:NAME[:SPLIT]``.
         val_data: labelled validation folder or spec.
-        model: ``"unet"`` or ``"deeplabv3_plus"``.
-        backbone, base_filters, depth: passed to the model builder when set.
+        model: ``"unet"`` or ``"deeplabv3_plus"``, or
+            ``"keras-hub:PRESET_OR_DIR"`` (a KerasHub image segmenter; its
+            head is re-created when ``num_classes`` differs from the
+            preset's).
+        backbone, base_filters, depth: passed to the model builder when set
+            (not with a KerasHub model).
         num_classes: number of classes; ``None`` reads it from the data
             (a ``classes.json`` in the data folder or above it, else the
             largest mask value + 1).
@@ -221,7 +227,15 @@ class TrainConfig(_RunOptions):
             )
         check_path("data", self.data)
         check_path("val_data", self.val_data)
-        check_choice("model", self.model, MODELS)
+        check_model_name("model", self.model, MODELS)
+        if is_hub_spec(self.model):
+            for name in ("backbone", "base_filters", "depth"):
+                if getattr(self, name) is not None:
+                    fail(
+                        f"{name} does not apply to a KerasHub model (the preset "
+                        f"defines the architecture). Received: model="
+                        f"{self.model!r}, {name}={getattr(self, name)!r}"
+                    )
         if self.backbone is not None:
             check_choice("backbone", self.backbone, BACKBONES)
         check_int("num_classes", self.num_classes, minimum=2, allow_none=True)

@@ -37,6 +37,7 @@ HUB_PREFIX = "keras-hub:"
 _INSTALL = 'pip install "klseg[hub]"'
 # Used when a backbone does not say its strides (pyramid_outputs).
 _DEFAULT_MULTIPLE = 32
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def is_hub_spec(value):
@@ -66,8 +67,8 @@ def _local_folder(target):
 
 def check_spec(spec):
     """The checks of :func:`load_segmenter` that need neither Keras nor
-    KerasHub: a local preset folder exists and holds a ``config.json``.
-    Returns the spec.
+    KerasHub: a local preset folder exists, holds a ``config.json`` and its
+    task does not end in a softmax or sigmoid. Returns the spec.
 
     Raises:
         klseg.errors.ModelError: naming the spec and the folder.
@@ -86,7 +87,31 @@ def check_spec(spec):
             f"{folder} is not a KerasHub preset folder (no config.json; from "
             f"{spec}); save one with segmenter.save_to_preset(DIR)."
         )
+    activation = _saved_activation(folder / "task.json")
+    if activation in _PROBABILITY_ACTIVATIONS:
+        raise _probabilities_error(spec, activation)
     return spec
+
+
+def _saved_activation(path):
+    """The ``activation`` a saved task's config names (``task.json``), or
+    None."""
+    import json
+
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    activation = config.get("activation") if isinstance(config, dict) else None
+    return activation if isinstance(activation, str) else None
+
+
+def _probabilities_error(spec, activation):
+    return errors.ModelError(
+        f"the KerasHub segmenter {spec} applies activation={activation!r} to its "
+        "output, so it outputs probabilities; klseg expects logits. Rebuild it "
+        "with activation=None and save the preset again."
+    )
 
 
 def import_keras_hub(what="a keras-hub: model"):
@@ -212,11 +237,7 @@ def load_segmenter(spec, *, num_classes=None, class_names=None):
         activation = keras.activations.get(task.activation)
         name = getattr(activation, "__name__", str(task.activation))
         if name != "linear":
-            raise errors.ModelError(
-                f"the KerasHub segmenter {spec} applies activation={name!r} to "
-                "its output, so it outputs probabilities; klseg expects logits. "
-                "Rebuild it with activation=None and save the preset again."
-            )
+            raise _probabilities_error(spec, name)
     try:
         count = models.check_segmentation_model(task, role=f"KerasHub segmenter {spec}")
     except errors.KlsegError as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 import klseg
 from klseg import errors
 from klseg.files import read_yaml
+from klseg.runs import hub
 from klseg.runs.checks import check_crop_fits, fail, size_pair, size_text
 
 __all__ = [
@@ -34,17 +35,24 @@ __all__ = [
 
 
 def load_model(path_or_model):
-    """Load a ``.keras`` model (uncompiled); a ``keras.Model`` passes through.
+    """Load a ``.keras`` model (uncompiled) or a ``keras-hub:PRESET_OR_DIR``
+    segmenter (:func:`klseg.runs.hub.load_segmenter`); a ``keras.Model``
+    passes through.
 
     Raises:
         klseg.errors.ModelError: the file is missing, not a ``.keras`` file,
-            or not a loadable Keras model.
+            or not a loadable Keras model; the preset cannot be loaded; the
+            model needs KerasHub and it is not installed.
     """
     import keras
 
     if isinstance(path_or_model, keras.Model):
         return path_or_model
+    if hub.is_hub_spec(path_or_model):
+        return hub.load_segmenter(path_or_model)
     path = check_model_file(path_or_model)
+    if hub.needs_keras_hub(path):
+        hub.import_keras_hub(f"model {path}")
     try:
         return klseg.load_model(path, compile=False)
     except Exception as e:
@@ -57,7 +65,10 @@ def load_model(path_or_model):
 
 def check_model_file(path):
     """The checks of :func:`load_model` that need no Keras: the file exists,
-    is a ``.keras`` file and a zip archive. Returns the ``Path``."""
+    is a ``.keras`` file and a zip archive. Returns the ``Path`` (a
+    ``keras-hub:`` spec is returned as given, once its folder is checked)."""
+    if hub.is_hub_spec(path):
+        return hub.check_spec(path)
     path = Path(path)
     if not path.exists():
         raise errors.ModelError(f"model file {path} does not exist.")
@@ -75,7 +86,8 @@ def check_model_file(path):
 
 
 def model_info(model, path):
-    """``(num_classes, size_multiple)`` of a klseg segmentation model.
+    """``(num_classes, size_multiple)`` of a klseg segmentation model (also
+    one loaded from a ``keras-hub:`` spec; ``path`` names it in errors).
 
     Raises:
         klseg.errors.ModelError: not a klseg model, or it outputs
@@ -192,7 +204,7 @@ def run_image_size(model_path, model=None):
             size = models.get_training_size(model)
             if size is not None:
                 return size[0] if size[0] == size[1] else size
-    if not isinstance(model_path, (str, Path)):
+    if not isinstance(model_path, (str, Path)) or hub.is_hub_spec(model_path):
         return None
     if model is None:
         size = _archive_training_size(model_path)

@@ -4,7 +4,7 @@ import math
 import time
 
 from klseg.files import yaml_text
-from klseg.runs import inputs, runtime
+from klseg.runs import hub, inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.checks import check_crop_fits, size_text
 from klseg.runs.config import DEFAULT_LEARNING_RATE
@@ -40,12 +40,17 @@ def train(cfg, *, callbacks=None):
         klseg.errors.InvalidArgumentError: an option does not fit the data
             or model (for example an image size that is not a multiple of
             the model's size multiple).
+        klseg.errors.ModelError: a ``keras-hub:`` model cannot be loaded or
+            outputs probabilities.
     """
     started = time.time()
     check_inputs_not_outputs(
         {"output": cfg.output},
         {"data": cfg.data, "val_data": cfg.val_data, "class_map": cfg.class_map},
     )
+    if hub.is_hub_spec(cfg.model):
+        hub.check_spec(cfg.model)
+        hub.import_keras_hub(cfg.model)
     # Every input is read and checked before the run folder is touched.
     train_split = inputs.load_split(cfg.data, cfg)
     val_split = inputs.load_split(cfg.val_data, cfg)
@@ -125,9 +130,14 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
     learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["train"]
     with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
         with strategy.scope():
-            model = models.build(
-                cfg.model, **_model_kwargs(cfg, num_classes, class_names)
-            )
+            if hub.is_hub_spec(cfg.model):
+                model = hub.load_segmenter(
+                    cfg.model, num_classes=num_classes, class_names=class_names
+                )
+            else:
+                model = models.build(
+                    cfg.model, **_model_kwargs(cfg, num_classes, class_names)
+                )
             multiple = models.size_multiple(model)
             inputs.check_image_size(image_size, multiple)
             inputs.check_crop_size(cfg.crop_size, image_size, multiple)
