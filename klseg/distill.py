@@ -176,6 +176,10 @@ class DistillationModel(KLRegularizedModel):
             is scaled by ``T^2``. Defaults to None:
             ``DEFAULT_TEMPERATURE[kl_type]``.
         kl_type: ``"pixel"`` or ``"channel"``. Defaults to ``"pixel"``.
+        student_bn: the student's BatchNorm: ``"trainable"``, ``"frozen"``
+            or ``"synchronized"`` (batch statistics of the global batch
+            under ``tf.distribute``), as for ``KLRegularizedModel``.
+            Defaults to ``"trainable"``.
         ignore_class: the mask value of unlabelled pixels. Defaults to 255.
         **kwargs: standard ``keras.Model`` arguments (``name``).
 
@@ -209,6 +213,7 @@ class DistillationModel(KLRegularizedModel):
         kl_weight=DEFAULT_KL_WEIGHT,
         temperature=None,
         kl_type=DEFAULT_KL_TYPE,
+        student_bn="trainable",
         ignore_class=255,
         **kwargs,
     ):
@@ -235,6 +240,7 @@ class DistillationModel(KLRegularizedModel):
             kl_weight=kl_weight,
             temperature=temperature,
             kl_inputs="target",
+            student_bn=student_bn,
             ignore_class=ignore_class,
             **kwargs,
         )
@@ -320,6 +326,7 @@ class DistillationModel(KLRegularizedModel):
             "kl_weight": self.kl_weight,
             "temperature": self.temperature,
             "kl_type": self.kl_type,
+            "student_bn": self.student_bn,
             "ignore_class": self.ignore_class,
         }
 

@@ -181,3 +181,22 @@ def test_bench_tiled_script_prints_every_mode(tmp_path):
     assert tiled_flip["mean_iou"] == whole_flip["mean_iou"]
     assert whole["time_vs_whole"] == 1.0
     assert all(r["s_per_image"] > 0 for r in results)
+
+
+def test_bench_distill_script_prints_every_model(tmp_path):
+    # An untrained tiny teacher (--teacher-epochs 0): the table, not the
+    # training, is under test.
+    out = _run(
+        "bench_distill.py",
+        "--size 16 --teacher unet-4 --teacher-images 4 --teacher-epochs 0 "
+        "--student-filters 2 --student-depth 2 --labelled 2 --unlabelled 2 "
+        "--val 2 --epochs 1 --batch 2 --repeats 1 --json distill.json",
+        tmp_path,
+    )
+    results = json.loads((tmp_path / "distill.json").read_text())["results"]
+    assert list(results) == ["teacher", "plain", "pixel", "channel"], out
+    assert results["teacher"]["parameters"] > results["plain"]["parameters"]
+    assert all(r["images_per_second"] > 0 for r in results.values())
+    assert all(0 <= r["mean_iou"] <= 1 for r in results.values())
+    for name in ("teacher (unet-4)", "plain", "pixel", "channel"):
+        assert len(_table_rows(out, name)) == 1, out

@@ -239,6 +239,8 @@ def _distill(cfg, strategy, run, checkpoint, callbacks, started, splits, image_s
                 kl_weight=cfg.kl_weight,
                 temperature=temperature,
                 kl_type=cfg.kl_type,
+                # Several replicas train as one device would.
+                student_bn="trainable" if cfg.strategy == "default" else "synchronized",
                 ignore_class=cfg.ignore_value,
             )
             optimizer = runtime.make_optimizer(learning_rate, policy)
