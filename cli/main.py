@@ -19,6 +19,7 @@ from klseg._version import __version__
 from klseg.registry import BACKBONES, MODELS
 from klseg.runs import config as run_config
 from klseg.runs.config import (
+    CONSISTENCY_MIX,
     DISTILL_KL_TYPES,
     DISTILL_TEMPERATURE,
     KL_INPUTS,
@@ -155,7 +156,8 @@ def train(ctx, **_):
     "--unlabeled-data",
     type=PATH,
     help="Unlabelled target-domain images (folder with images/); used by the "
-    "KL term only.",
+    "KL term on target images, or by the consistency term when "
+    "--consistency-weight is given.",
 )
 @click.option("--val-data", type=PATH, help="Target-domain validation folder.")
 @click.option(
@@ -219,6 +221,42 @@ def train(ctx, **_):
     "source classes that are not target classes (with --class-names, or with "
     "class names in the target data's class map or classes.json).",
 )
+@click.option(
+    "--consistency-weight",
+    type=FloatList(),
+    help="Weight of the KL consistency to an EMA teacher on --unlabeled-data "
+    "(mean teacher; needs --unlabeled-data). model.keras is then the EMA "
+    "teacher, picked by its target mIoU. A list runs one fine-tune per "
+    "weight (a grid with a --kl-weight list).  [default: off]",
+)
+@click.option(
+    "--ema-decay",
+    type=FiniteFloat(min=0, max=1, max_open=True),
+    default=default(run_config.FinetuneConfig, "ema_decay"),
+    show_default=True,
+    help="Decay of the teacher's exponential moving average of the weights.",
+)
+@click.option(
+    "--consistency-threshold",
+    type=FiniteFloat(min=0, max=1),
+    default=default(run_config.FinetuneConfig, "consistency_threshold"),
+    show_default=True,
+    help="Teacher confidence a pixel needs to count in the consistency term.",
+)
+@click.option(
+    "--consistency-rampup",
+    type=click.IntRange(min=0),
+    default=default(run_config.FinetuneConfig, "consistency_rampup"),
+    show_default=True,
+    help="Optimizer steps of the sigmoid ramp-up of the consistency weight.",
+)
+@click.option(
+    "--consistency-mix",
+    type=click.Choice(CONSISTENCY_MIX),
+    default=default(run_config.FinetuneConfig, "consistency_mix"),
+    show_default=True,
+    help="Mixing of the student's strong view of the unlabelled images.",
+)
 @run_options
 @click.pass_context
 @run_errors
@@ -235,6 +273,14 @@ def finetune(ctx, **_):
           --source-val-data data/source/val \\
           --source-images data/source/unlabeled \\
           --kl-weight 0,0.1,0.3,1 --output runs/finetune
+
+    \b
+    Few labels, many unlabelled target images (mean teacher; model.keras is
+    the EMA teacher):
+      klseg finetune --source runs/source/model.keras \\
+          --data data/target/train --unlabeled-data data/target/unlabeled \\
+          --val-data data/target/val --source-images data/source/unlabeled \\
+          --kl-weight 0.1 --consistency-weight 1 --output runs/fewlabel
     """
     values, _ = resolve_options(ctx, saved_config_for=saved_run_config)
     require(values, "source", "data", "val_data", "output")

@@ -265,7 +265,9 @@ def plot_tradeoff(points, path, *, reference=None, title="Source vs target mean 
 
     Args:
         points: list of dicts with ``kl_weight``, ``source`` and ``target``
-            (mIoU in [0, 1]).
+            (mIoU in [0, 1]), and optionally ``consistency_weight`` (points
+            are drawn in the order of the two weights) and ``label`` (the
+            point's annotation; defaults to ``w=<kl_weight>``).
         path: PNG file to write.
         reference: optional ``{"source": ..., "target": ...}`` of the source
             model before fine-tuning, drawn as a star.
@@ -273,7 +275,9 @@ def plot_tradeoff(points, path, *, reference=None, title="Source vs target mean 
     Returns:
         The path written.
     """
-    points = sorted(points, key=lambda p: p["kl_weight"])
+    points = sorted(
+        points, key=lambda p: (p["kl_weight"], p.get("consistency_weight", 0.0))
+    )
     fig = _figure(5.5, 4.5)
     ax = fig.subplots()
     xs = [100 * p["target"] for p in points]
@@ -282,7 +286,7 @@ def plot_tradeoff(points, path, *, reference=None, title="Source vs target mean 
     ax.scatter(xs, ys, c=range(len(points)), cmap="viridis", zorder=2, s=40)
     for p, x, y in zip(points, xs, ys):
         ax.annotate(
-            f"w={p['kl_weight']:g}",
+            p.get("label") or f"w={p['kl_weight']:g}",
             (x, y),
             textcoords="offset points",
             xytext=(5, 5),

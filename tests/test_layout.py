@@ -30,6 +30,7 @@ ENGINE = {
     "fit",
     "classmaps",
     "hub",
+    "teacher",
 }
 JOBS = {
     "train",

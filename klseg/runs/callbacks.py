@@ -168,8 +168,11 @@ def validation_keys(callback):
         for domain in datasets
         for score in callback.scores
     }
-    if "source" in datasets:
-        keys.add("val_forgetting")
+    for domain in datasets:
+        # "source" gives val_forgetting; a model's prefixed copy of it
+        # ("ema_source", see klseg.runs.teacher) gives val_ema_forgetting.
+        if domain == "source" or domain.endswith("_source"):
+            keys.add(f"val_{domain[: -len('source')]}forgetting")
     return tuple(sorted(keys))
 
 

@@ -40,6 +40,7 @@ from klseg.runs.tool_config import (
 __all__ = [
     "AUGMENT",
     "BACKBONES",
+    "CONSISTENCY_MIX",
     "DEMO_PRESETS",
     "DISTILL_KL_TYPES",
     "DISTILL_KL_WEIGHT",
@@ -68,6 +69,9 @@ AUGMENT = ("none", "light", "strong")
 KL_INPUTS = ("auto", "target", "source", "both")
 STUDENT_BN = ("trainable", "frozen", "synchronized")
 SOURCE_PREDICTIONS = ("auto", "live", "stored")
+#: Mixing of the consistency term's strong view (klseg.consistency.MIX_MODES;
+#: a test checks they agree).
+CONSISTENCY_MIX = ("classmix", "cutmix", "none")
 #: Distillation KL terms and defaults: klseg.distill's KL_TYPES,
 #: DEFAULT_KL_WEIGHT and DEFAULT_TEMPERATURE (a test checks they agree).
 DISTILL_KL_TYPES = ("pixel", "channel")
@@ -284,9 +288,25 @@ class FinetuneConfig(_RunOptions):
             ``class_map`` (mask values) applies to the target folders only;
             ``source_val_data`` is read in the source model's classes and
             mapped with this map (dropped classes are ignored).
+        consistency_weight: weight of the KL consistency term to an EMA
+            teacher on ``unlabeled_data`` (``klseg.consistency.
+            MeanTeacherModel``), one number or a list (a sweep, like
+            ``kl_weight``; both lists give a grid). ``None`` or ``0`` is
+            off; on, ``unlabeled_data`` is required, its images come in a
+            stream of their own (one unlabelled batch beside each labelled
+            batch) and ``model.keras`` holds the EMA teacher.
+        ema_decay: decay of the teacher's exponential moving average, in
+            [0, 1).
+        consistency_threshold: teacher confidence (max probability) a pixel
+            needs to count in the consistency term, in [0, 1].
+        consistency_rampup: optimizer steps of the sigmoid ramp-up of the
+            consistency weight (0: none).
+        consistency_mix: mixing of the student's strong view:
+            ``"classmix"``, ``"cutmix"`` or ``"none"``.
         learning_rate: Adam learning rate. ``None`` means 1e-4.
         monitor: history column that picks ``model.keras``; ``"auto"`` is
-            the target-domain validation mIoU.
+            the target-domain validation mIoU (of the EMA teacher,
+            ``val_ema_target_mean_iou``, with the consistency term on).
     """
 
     source: str | None = None
@@ -302,6 +322,11 @@ class FinetuneConfig(_RunOptions):
     source_predictions: str = "auto"
     class_names: tuple | None = None
     source_class_map: str | None = None
+    consistency_weight: tuple | float | None = None
+    ema_decay: float = 0.99
+    consistency_threshold: float = 0.9
+    consistency_rampup: int = 0
+    consistency_mix: str = "classmix"
 
     def __post_init__(self):
         self._check_run_options()
@@ -322,26 +347,8 @@ class FinetuneConfig(_RunOptions):
             "source_class_map",
         ):
             check_path(name, getattr(self, name))
-        if self.kl_weight is not None:
-            weights = (
-                tuple(self.kl_weight)
-                if isinstance(self.kl_weight, (list, tuple))
-                else (self.kl_weight,)
-            )
-            for w in weights:
-                if (
-                    isinstance(w, bool)
-                    or not isinstance(w, (int, float))
-                    or not math.isfinite(w)
-                    or w < 0
-                ):
-                    fail(
-                        "kl_weight must be a number >= 0 or a list of them. "
-                        f"Received: kl_weight={self.kl_weight!r}"
-                    )
-            if not weights:
-                fail("kl_weight must not be an empty list. Received: kl_weight=()")
-            self.kl_weight = tuple(float(w) for w in weights)
+        self.kl_weight = _weights("kl_weight", self.kl_weight)
+        self._check_consistency()
         check_number(
             "temperature",
             self.temperature,
@@ -358,9 +365,66 @@ class FinetuneConfig(_RunOptions):
         check_choice("student_bn", self.student_bn, STUDENT_BN)
         check_choice("source_predictions", self.source_predictions, SOURCE_PREDICTIONS)
 
+    def _check_consistency(self):
+        self.consistency_weight = _weights(
+            "consistency_weight", self.consistency_weight
+        )
+        check_number("ema_decay", self.ema_decay, minimum=0, maximum=1)
+        if self.ema_decay == 1:
+            fail(
+                "ema_decay must be below 1 (at 1 the teacher never moves from "
+                "the source model). Received: ema_decay=1"
+            )
+        check_number(
+            "consistency_threshold", self.consistency_threshold, minimum=0, maximum=1
+        )
+        check_int("consistency_rampup", self.consistency_rampup, minimum=0)
+        check_choice("consistency_mix", self.consistency_mix, CONSISTENCY_MIX)
+        if self.uses_consistency and not self.unlabeled_data:
+            fail(
+                "consistency_weight > 0 needs unlabeled_data (a folder of "
+                "unlabelled target-domain images for the EMA teacher). "
+                f"Received: consistency_weight={_text(self.consistency_weight)}, "
+                "unlabeled_data=None"
+            )
+
+    @property
+    def uses_consistency(self):
+        """Whether any run of this config has the consistency term on."""
+        return any(w > 0 for w in self.consistency_weight or ())
+
     @property
     def is_sweep(self):
-        return self.kl_weight is not None and len(self.kl_weight) > 1
+        return any(
+            w is not None and len(w) > 1
+            for w in (self.kl_weight, self.consistency_weight)
+        )
+
+
+def _text(weights):
+    return ",".join(f"{w:g}" for w in weights)
+
+
+def _weights(name, value):
+    """One weight or a list of them (each a finite number >= 0) as a tuple of
+    floats; None stays None."""
+    if value is None:
+        return None
+    weights = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    for w in weights:
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not math.isfinite(w)
+            or w < 0
+        ):
+            fail(
+                f"{name} must be a number >= 0 or a list of them. "
+                f"Received: {name}={value!r}"
+            )
+    if not weights:
+        fail(f"{name} must not be an empty list. Received: {name}=()")
+    return tuple(float(w) for w in weights)
 
 
 @dataclasses.dataclass

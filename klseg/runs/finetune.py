@@ -5,8 +5,7 @@ import time
 from pathlib import Path
 
 from klseg.files import yaml_text
-from klseg.runs import classmaps, inputs, runtime
-from klseg.runs.callbacks import validation
+from klseg.runs import classmaps, inputs, runtime, teacher
 from klseg.runs.checks import check_crop_fits
 from klseg.runs.config import DEFAULT_LEARNING_RATE
 from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
@@ -170,7 +169,8 @@ def _prediction_counts(cfg, splits, kl_inputs, kl_weight):
         return {}
     keys = []
     if kl_inputs in ("target", "both"):
-        keys += ["data", "unlabeled_data"]
+        # With the consistency term, unlabelled images are not the KL's.
+        keys += ["data"] if teacher.settings(cfg) else ["data", "unlabeled_data"]
     if kl_inputs in ("source", "both"):
         keys.append("source_images")
     return {key: inputs.num_images(splits[key]) for key in keys if key in splits}
@@ -281,7 +281,10 @@ def _finetune(
     keras.utils.set_random_seed(cfg.seed)
     kl_inputs = _resolve_kl_inputs(cfg)
     kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
-    if cfg.unlabeled_data and (kl_inputs == "source" or kl_weight == 0):
+    consistency = teacher.settings(cfg)
+    if consistency:
+        say(cfg.verbose, teacher.kl_note(cfg, kl_inputs, kl_weight))
+    elif cfg.unlabeled_data and (kl_inputs == "source" or kl_weight == 0):
         say(
             cfg.verbose,
             f"Note: unlabeled_data ({cfg.unlabeled_data}) is not used: unlabelled "
@@ -313,7 +316,8 @@ def _finetune(
                 dtype_policy=policy,
             )
             models.set_training_size(student, image_size)
-            model = ft.KLRegularizedModel(
+            model = teacher.make_model(
+                cfg,
                 student,
                 source,
                 kl_weight=kl_weight,
@@ -372,9 +376,14 @@ def _finetune(
         n_labeled = inputs.num_images(splits["data"]) or batch
         n_total = n_labeled
         uses_target = kl_inputs in ("target", "both") and kl_weight > 0
-        mixes = "unlabeled_data" in splits and uses_target
+        # With the consistency term the unlabelled images come in a stream of
+        # their own (klseg.runs.teacher), else they mix into the KL's batches.
+        mixes = "unlabeled_data" in splits and uses_target and not consistency
         if mixes:
             n_total += inputs.num_images(splits["unlabeled_data"]) or batch
+        elif consistency:
+            n_unlabeled = inputs.num_images(splits["unlabeled_data"]) or batch
+            n_total = max(n_labeled, n_unlabeled)
         steps = cfg.steps_per_epoch or max(1, math.ceil(n_total / batch))
         # A resumed run starts every stream where the checkpointed epoch left
         # it: the same batches, in the same order, with the same augmentation.
@@ -398,6 +407,11 @@ def _finetune(
             )
         else:
             train_ds = target_stream("data", drawn)
+        if consistency:
+            unlabeled = train_stream(
+                splits["unlabeled_data"], streams["unlabeled_data"], skip=drawn
+            )
+            train_ds = teacher.with_unlabeled(train_ds, unlabeled)
         if kl_weight > 0 and kl_inputs in ("source", "both"):
             import tensorflow as tf
 
@@ -448,32 +462,38 @@ def _finetune(
                 names,
                 forward=source_forward,
             )
-        monitor = "val_target_mean_iou" if cfg.monitor == "auto" else cfg.monitor
+        monitor = cfg.monitor
+        if monitor == "auto":
+            monitor = teacher.EMA_MONITOR if consistency else "val_target_mean_iou"
+        # With the consistency term model.keras holds the EMA teacher and
+        # both models are validated.
+        check, saved = teacher.validation_of(
+            model,
+            domains,
+            ignore_value=cfg.ignore_value,
+            baseline=(baseline.get("source") or {}).get("mean_iou"),
+        )
         say(
             cfg.verbose,
             f"Fine-tuning {cfg.source} on {cfg.data}: kl_weight={kl_weight:g}, "
             f"temperature={temperature:g}, kl_inputs={kl_inputs}, "
-            f"{steps} steps/epoch, {cfg.epochs} epochs -> {run.path}",
+            f"{teacher.describe(consistency)}{steps} steps/epoch, "
+            f"{cfg.epochs} epochs -> {run.path}",
         )
         final_state = fit(
             run=run,
             checkpoint=checkpoint,
             model=model,
-            save_model=student,
+            save_model=saved,
             train_ds=runtime.distribute_options(train_ds),
             steps=steps,
-            validation=validation(
-                domains,
-                eval_model=student,
-                ignore_value=cfg.ignore_value,
-                baseline=(baseline.get("source") or {}).get("mean_iou"),
-            ),
+            validation=check,
             cfg=cfg,
             monitor=monitor,
             callbacks=callbacks,
             learning_rate=learning_rate,
         )
-    best = inputs.load_model(run.model) if run.model.exists() else student
+    best = inputs.load_model(run.model) if run.model.exists() else saved
     after = domain_metrics(best, domains, num_classes, cfg.ignore_value, names)
     result_metrics = {
         **after,
@@ -481,6 +501,7 @@ def _finetune(
         "kl_weight": kl_weight,
         "temperature": temperature,
         "kl_inputs": kl_inputs,
+        "saved_model": "ema_teacher" if consistency else "student",
         "class_map": classmaps.class_map_names(
             models.get_class_names(source), names, class_map
         ),
@@ -493,6 +514,9 @@ def _finetune(
         result_metrics["forgetting"] = (
             baseline["source"]["mean_iou"] - after["source"]["mean_iou"]
         )
+    if consistency:
+        result_metrics["consistency"] = consistency
+        result_metrics["last_epoch"] = teacher.last_epoch_scores(run.history)
     _write_report(run, cfg, best, domains, names, result_metrics)
     return finish(run, cfg, result_metrics)
 
@@ -502,6 +526,8 @@ def _write_report(run, cfg, model, domains, names, metrics):
 
     sections = []
     label = f"fine-tuned (kl_weight={metrics['kl_weight']:g})"
+    if metrics.get("consistency"):
+        label = f"EMA teacher (kl_weight={metrics['kl_weight']:g})"
     table = {
         "source model": {d: m["mean_iou"] for d, m in metrics["source_model"].items()},
         label: {
@@ -519,6 +545,9 @@ def _write_report(run, cfg, model, domains, names, metrics):
             f"{100 * metrics['forgetting']:.1f} points."
         )
     sections.append(("Result", text))
+    both = teacher.report_section(metrics, pct)
+    if both:
+        sections.append(both)
     bars = report.plot_domain_miou(table, run.plots / "domains.png")
     sections.append(("Mean IoU before and after", bars))
     curves = curves_section(run)

@@ -50,9 +50,13 @@ class SweepResult:
     """A fine-tuning sweep over several KL weights.
 
     Attributes:
-        output: the sweep folder (one ``kl_W`` run folder per weight).
-        runs: ``{kl_weight: RunResult}``.
-        table: rows ``{"kl_weight", "source", "target"}`` (mIoU in [0, 1]).
+        output: the sweep folder (one ``kl_W`` run folder per weight;
+            ``cons_C`` per consistency weight; ``kl_W_cons_C`` for a grid).
+        runs: ``{kl_weight: RunResult}`` (``{consistency_weight: ...}``
+            for a consistency sweep, ``{(kl_weight, consistency_weight):
+            ...}`` for a grid).
+        table: rows ``{"kl_weight", "source", "target", "label", "folder",
+            ...}`` (mIoU in [0, 1]).
         tradeoff_plot: the PNG of source vs target mIoU.
     """
 
@@ -86,6 +90,15 @@ class DemoResult:
 
 
 def _sweep_table_text(rows):
+    if any("consistency_weight" in row for row in rows):
+        width = max(len("setting"), *(len(row["label"]) for row in rows))
+        lines = [f"{'setting':<{width}}  source mIoU  target mIoU"]
+        lines += [
+            f"{row['label']:<{width}}  {pct(row.get('source')):>11}  "
+            f"{pct(row.get('target')):>11}"
+            for row in rows
+        ]
+        return "\n".join(lines)
     lines = ["kl_weight  source mIoU  target mIoU"]
     for row in rows:
         lines.append(

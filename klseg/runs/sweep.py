@@ -1,8 +1,12 @@
-"""A fine-tuning sweep over several KL weights: one run folder per weight.
+"""A fine-tuning sweep over several weights: one run folder per setting.
 
-``OUTPUT/`` is a klseg sweep folder (its own marker) holding ``kl_W/`` run
-folders, ``metrics.json``, ``report.md`` and ``tradeoff.png``. With
-``resume`` the finished weights are kept and the interrupted one continues.
+``OUTPUT/`` is a klseg sweep folder (its own marker) holding one run folder
+per setting, ``metrics.json``, ``report.md`` and ``tradeoff.png``. A list
+of KL weights gives ``kl_W/``; a list of consistency weights (with one KL
+weight) gives ``cons_C/``; both lists give the grid, ``kl_W_cons_C/`` for
+every pair (KL weight outer, consistency weight inner). The plot labels its
+points the same way (``w=0.1``, ``c=1``, ``w=0.1 c=1``). With ``resume`` the
+finished settings are kept and the interrupted one continues.
 """
 
 import dataclasses
@@ -20,12 +24,38 @@ from klseg.runs.results import RunResult, SweepResult, pct
 __all__ = ["finished_run", "sweep"]
 
 
-def _weight_folder(weight):
-    return f"kl_{weight:g}"
+def _settings(cfg):
+    """``[(kl_weight, consistency_weight or None), ...]`` of the sweep."""
+    kl = cfg.kl_weight or (None,)
+    cons = cfg.consistency_weight or (None,)
+    return [(w, c) for w in kl for c in cons]
+
+
+def _varies(cfg):
+    """Which lists have several values: ``(kl, consistency)``."""
+    return tuple(len(w or ()) > 1 for w in (cfg.kl_weight, cfg.consistency_weight))
+
+
+def _weight_folder(kl, cons, varies=(True, False)):
+    parts = []
+    if varies[0]:
+        parts.append(f"kl_{kl:g}")
+    if varies[1]:
+        parts.append(f"cons_{cons:g}")
+    return "_".join(parts)
+
+
+def _label(kl, cons, varies):
+    parts = []
+    if varies[0]:
+        parts.append(f"w={kl:g}")
+    if varies[1]:
+        parts.append(f"c={cons:g}")
+    return " ".join(parts)
 
 
 def sweep(cfg, strategy, is_chief, callbacks):
-    """Fine-tune once per KL weight into ``OUTPUT/kl_W/``; see the module."""
+    """Fine-tune once per setting into ``OUTPUT/kl_W/`` (...); see the module."""
     from klseg import report
 
     started = time.time()
@@ -40,32 +70,50 @@ def sweep(cfg, strategy, is_chief, callbacks):
             abandoned=_abandoned_sweep,
         )
     results, baseline = {}, None
-    for weight in cfg.kl_weight:
-        sub = Path(cfg.output) / _weight_folder(weight)
+    varies = _varies(cfg)
+    for kl, cons in _settings(cfg):
+        name = _weight_folder(kl, cons, varies)
+        sub = Path(cfg.output) / name
         one = dataclasses.replace(
             cfg,
-            kl_weight=(weight,),
+            kl_weight=None if kl is None else (kl,),
+            consistency_weight=None if cons is None else (cons,),
             output=str(sub),
             resume=cfg.resume and (sub / "config.yaml").is_file(),
             overwrite=False,
         )
+        what = ", ".join(
+            f"{field}={w:g}"
+            for field, w in (("kl_weight", kl), ("consistency_weight", cons))
+            if w is not None
+        )
         done = finished_run(sub, cfg.epochs) if cfg.resume else None
         if done is not None:
-            say(cfg.verbose, f"kl_weight={weight:g}: finished earlier in {sub}.")
+            say(cfg.verbose, f"{what}: finished earlier in {sub}.")
             result = done
         else:
-            say(cfg.verbose, f"\n=== kl_weight={weight:g} ({sub}) ===")
+            say(cfg.verbose, f"\n=== {what} ({sub}) ===")
             result = finetune_run(one, strategy, is_chief, callbacks, baseline=baseline)
         baseline = result.metrics.get("source_model")
-        results[weight] = result
+        results[name] = (kl, cons, result)
     table = [
         {
-            "kl_weight": w,
+            "kl_weight": r.metrics.get("kl_weight", kl),
+            **({} if cons is None else {"consistency_weight": cons}),
+            "folder": name,
+            "label": _label(kl, cons, varies),
+            "saved_model": r.metrics.get("saved_model", "student"),
             "source": (r.metrics.get("source") or {}).get("mean_iou"),
             "target": (r.metrics.get("target") or {}).get("mean_iou"),
         }
-        for w, r in results.items()
+        for name, (kl, cons, r) in results.items()
     ]
+    # SweepResult.runs: by KL weight, by consistency weight, or by the pair.
+    key = {(True, False): 0, (False, True): 1}.get(varies)
+    results = {
+        (kl, cons)[key] if key is not None else (kl, cons): r
+        for kl, cons, r in results.values()
+    }
     if not is_chief:
         return SweepResult(Path(cfg.output), results, table, None)
     reference = None
@@ -79,14 +127,15 @@ def sweep(cfg, strategy, is_chief, callbacks):
     write_json(
         top.metrics,
         {
-            "runs": {_weight_folder(row["kl_weight"]): row for row in table},
+            "runs": {row["folder"]: row for row in table},
             "source_model": baseline,
             "seconds": round(time.time() - started, 1),
         },
     )
     rows = [
         (
-            f"[{row['kl_weight']:g}]({_weight_folder(row['kl_weight'])}/report.md)",
+            f"[{row['label']}]({row['folder']}/report.md)",
+            row["saved_model"].replace("_", " "),
             pct(row["source"]),
             pct(row["target"]),
         )
@@ -94,12 +143,17 @@ def sweep(cfg, strategy, is_chief, callbacks):
     ]
     if reference:
         rows.insert(
-            0, ("source model", pct(reference["source"]), pct(reference["target"]))
+            0,
+            ("source model", "", pct(reference["source"]), pct(reference["target"])),
         )
     sections = [
         (
-            "Source and target mean IoU per KL weight",
-            report.markdown_table(["kl_weight", "source mIoU", "target mIoU"], rows),
+            "Source and target mean IoU per setting",
+            report.markdown_table(
+                ["setting", "model.keras", "source mIoU", "target mIoU"], rows
+            )
+            + "\n\nw: kl_weight, c: consistency_weight; model.keras is the "
+            "student, or the EMA teacher when the consistency term is on.",
         ),
     ]
     if plot is None:
@@ -111,7 +165,11 @@ def sweep(cfg, strategy, is_chief, callbacks):
         )
     else:
         sections.append(("Trade-off", plot))
-    report.write_report(top.report, title="KL-weight sweep", sections=sections)
+    title = {
+        (True, False): "KL-weight sweep",
+        (False, True): "Consistency-weight sweep",
+    }.get(varies, "KL- and consistency-weight grid")
+    report.write_report(top.report, title=title, sections=sections)
     return SweepResult(top.path, results, table, plot)
 
 
@@ -133,5 +191,10 @@ def _abandoned_sweep(top):
     """A sweep none of whose runs completed an epoch."""
     if top.metrics.exists():
         return False
-    subs = [p for p in top.path.glob("kl_*") if p.is_dir()]
+    subs = [
+        p
+        for pattern in ("kl_*", "cons_*")
+        for p in top.path.glob(pattern)
+        if p.is_dir()
+    ]
     return all(RunFolder(p).abandoned() for p in subs)
