@@ -18,8 +18,9 @@ at ``--size`` (128x128 by default):
 
 3. every model is scored on ``--val`` validation images (mean IoU from one
    confusion matrix) and timed (inference images per second on this
-   machine, ``klseg.runs.distill.images_per_second``: median of 3 passes
-   after a warm-up).
+   machine, ``klseg.runs.distill.images_per_second``: the median of
+   ``--repeats`` rounds in which the models take turns, each a warm-up pass
+   and a timed pass over the validation images).
 
 The table gives each model's parameters, mIoU, images/s, and for the KL
 students the fraction of the plain student's gap to the teacher they close:
@@ -63,8 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=None)
+    p.add_argument(
+        "--temperature", type=float, default=None, help="default: the kl_type's"
+    )
     p.add_argument("--variants", default="plain,pixel,channel")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes (images/s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (images/s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", help="teacher .keras file: loaded if it exists")
     p.add_argument("--json", help="also write the results to this file")
@@ -149,7 +153,13 @@ def _student(args, keras, variant, teacher, data):
     else:
         kl_weight = DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight
         model = _compile(
-            DistillationModel(student, teacher, kl_weight=kl_weight, kl_type=variant),
+            DistillationModel(
+                student,
+                teacher,
+                kl_weight=kl_weight,
+                temperature=args.temperature,
+                kl_type=variant,
+            ),
             keras,
             args.lr,
         )
@@ -171,7 +181,6 @@ def _student(args, keras, variant, teacher, data):
 def _score(model, data, args):
     from klseg import evaluation
     from klseg.data import synthetic
-    from klseg.runs.distill import images_per_second
 
     images, masks = data["val"]
     scores = evaluation.evaluate(
@@ -181,14 +190,29 @@ def _score(model, data, args):
         ignore_value=255,
         batch_size=args.batch,
     )
-    speed = images_per_second(
-        model, images, batch_size=args.batch, repeats=args.repeats
-    )
     return {
         "parameters": int(model.count_params()),
         "mean_iou": float(scores["mean_iou"]),
-        "images_per_second": float(speed),
     }
+
+
+def _speeds(trained, data, args):
+    """Images/s of every model: ``--repeats`` rounds, the models interleaved
+    in each (so load changes on a shared machine hit them alike), each round
+    ``klseg.runs.distill.images_per_second`` (a warm-up pass, then one timed
+    pass); the median over rounds."""
+    import statistics
+
+    from klseg.runs.distill import images_per_second
+
+    images = data["val"][0]
+    rounds = {name: [] for name in trained}
+    for _ in range(args.repeats):
+        for name, model in trained.items():
+            rounds[name].append(
+                images_per_second(model, images, batch_size=args.batch, repeats=1)
+            )
+    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 def main(argv=None):
@@ -199,9 +223,13 @@ def main(argv=None):
     data = _data(args)
     teacher, teacher_seconds = _teacher(args, keras, data)
     results = {"teacher": {**_score(teacher, data, args), "seconds": teacher_seconds}}
+    trained = {"teacher": teacher}
     for variant in args.variants.split(","):
         student, seconds = _student(args, keras, variant, teacher, data)
         results[variant] = {**_score(student, data, args), "seconds": seconds}
+        trained[variant] = student
+    for name, speed in _speeds(trained, data, args).items():
+        results[name]["images_per_second"] = speed
     gap = results["teacher"]["mean_iou"] - results.get("plain", {}).get(
         "mean_iou", float("nan")
     )

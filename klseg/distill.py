@@ -56,10 +56,10 @@ KL_TYPES = ("pixel", "channel")
 DEFAULT_KL_TYPE = "pixel"
 #: Default weight of the KL term (see docs/distill.md for the measurement).
 DEFAULT_KL_WEIGHT = 1.0
-#: Default temperature of each KL term: 2 for the per-pixel term (a common
-#: choice for per-pixel distillation, as in fine-tuning), 4 for the
-#: channel-wise term (Shu et al. 2021 use 4 on Cityscapes).
-DEFAULT_TEMPERATURE = {"pixel": 2.0, "channel": 4.0}
+#: Default temperature of each KL term: 1 for the per-pixel term (as Liu et
+#: al. 2019 distil per pixel; it also beat 2 in benchmarks/bench_distill.py),
+#: 4 for the channel-wise term (Shu et al. 2021 use 4 on Cityscapes).
+DEFAULT_TEMPERATURE = {"pixel": 1.0, "channel": 4.0}
 
 
 def default_temperature(kl_type=DEFAULT_KL_TYPE):

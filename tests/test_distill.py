@@ -474,7 +474,7 @@ def test_distill_help_has_an_example_and_library_defaults():
     assert done.exit_code == 0
     text = " ".join(done.output.split())
     assert "Example:" in text and "klseg distill --teacher" in text
-    assert "[default: 2 for pixel, 4 for channel]" in text
+    assert "[default: 1 for pixel, 4 for channel]" in text
     assert "[pixel|channel]" in text
 
 

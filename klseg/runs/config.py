@@ -76,7 +76,7 @@ CONSISTENCY_MIX = ("classmix", "cutmix", "none")
 #: DEFAULT_KL_WEIGHT and DEFAULT_TEMPERATURE (a test checks they agree).
 DISTILL_KL_TYPES = ("pixel", "channel")
 DISTILL_KL_WEIGHT = 1.0
-DISTILL_TEMPERATURE = {"pixel": 2.0, "channel": 4.0}
+DISTILL_TEMPERATURE = {"pixel": 1.0, "channel": 4.0}
 
 #: Temperatures of the KL term a run accepts (both ends included): the
 #: losses' range, klseg.ops.TEMPERATURE_RANGE (a test checks they agree).
@@ -448,7 +448,7 @@ class DistillConfig(_RunOptions):
             are scored on it.
         kl_weight: weight of the KL term (>= 0; 0 trains the student on the
             labels alone). Defaults to 1.
-        temperature: softmax temperature of the KL term. ``None`` is 2 for
+        temperature: softmax temperature of the KL term. ``None`` is 1 for
             ``kl_type="pixel"``, 4 for ``"channel"``.
         kl_type: ``"pixel"`` (KL between the class distributions of each
             pixel) or ``"channel"`` (KL between the spatial distributions of
