@@ -200,3 +200,21 @@ def test_bench_distill_script_prints_every_model(tmp_path):
     assert all(0 <= r["mean_iou"] <= 1 for r in results.values())
     for name in ("teacher (unet-4)", "plain", "pixel", "channel"):
         assert len(_table_rows(out, name)) == 1, out
+
+
+def test_bench_fewlabel_script_prints_every_row(tmp_path):
+    out = _run(
+        "bench_fewlabel.py",
+        "--size 32 --base-filters 4 --depth 2 --source-images 8 --source-epochs 1 "
+        "--labels 8 --unlabelled 6 --source-unlabelled 6 --val 4 --steps 2 "
+        "--batch 2 --seeds 0 --json runs.json",
+        tmp_path,
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 8 ")]
+    # plain, KL, and the consistency run's EMA teacher and student.
+    assert len(rows) == 4 and "EMA teacher" in rows[2] and "student" in rows[3]
+    assert "8 labels + consistency (EMA teacher): target" in out
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert len(saved["runs"]) == 3  # one per variant
+    mt = [r for r in saved["runs"] if r["variant"] == "mt"]
+    assert all(0 <= r["ema"]["target_mean_iou"] <= 1 for r in mt)
