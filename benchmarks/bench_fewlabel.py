@@ -27,7 +27,9 @@ seeds and the min-max range.
 
 Usage::
 
-    python benchmarks/bench_fewlabel.py [--steps 200 --seeds 0 1 2 ...]
+    python benchmarks/bench_fewlabel.py [--steps 150 --seeds 0 1 2 ...]
+    # the run in docs/finetune.md (34 min on a shared 2-core CPU):
+    python benchmarks/bench_fewlabel.py --ema-decay 0.95 --consistency-rampup 100
     python benchmarks/bench_fewlabel.py --labels 8 --seeds 0 --variants mt \\
         --consistency-threshold 0.8        # one variation
 """

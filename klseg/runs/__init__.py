@@ -25,6 +25,8 @@ it, and the klseg library):
 - ``callbacks``: the Keras callbacks of a run (NaN stop, interrupts,
   checkpoints, TensorBoard scalars);
 - ``fit``: the fit sequence shared by ``train`` and ``finetune``;
+- ``teacher``: the EMA teacher of a fine-tuning run with the consistency
+  term (its unlabelled stream, the validation of both models, their scores);
 - the jobs: ``train``, ``finetune`` (with ``classmaps``), ``sweep``, ``distill``,
   ``evaluate``, ``predict``, ``export``, ``synth``, ``demo``.
 
