@@ -28,7 +28,7 @@ students the fraction of the plain student's gap to the teacher they close:
 
 Usage::
 
-    python benchmarks/bench_distill.py [--epochs 10 --cache teacher.keras]
+    python benchmarks/bench_distill.py [--epochs 20 --cache teacher.keras]
 """
 
 import argparse
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--labelled", type=int, default=16)
     p.add_argument("--unlabelled", type=int, default=200)
     p.add_argument("--val", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=None)
