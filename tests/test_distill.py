@@ -503,3 +503,28 @@ def test_missing_teacher_exits_1_without_traceback(setup, tmp_path):
     assert done.exit_code == 1
     assert "nowhere.keras" in done.output and "does not exist" in done.output
     assert "Traceback" not in done.output
+
+
+@pytest.mark.slow
+@needs_tf
+def test_keras_hub_teacher_and_student(setup, tmp_path):
+    """A ``keras-hub:DIR`` preset as teacher and as student, in one run."""
+    pytest.importorskip("keras_hub")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_hub import _segmenter
+
+    keras.utils.set_random_seed(0)
+    _segmenter().save_to_preset(str(tmp_path / "preset"))
+    spec = f"keras-hub:{tmp_path / 'preset'}"
+    out = tmp_path / "run"
+    args = distill_args(setup, out, "--epochs", "1")
+    args[args.index("--teacher") + 1] = spec
+    done = invoke(*args, "--model", spec)
+    assert done.exit_code == 0, done.output + repr(done.exception)
+    found = json.loads((out / "metrics.json").read_text())
+    assert found["student"]["parameters"] == found["teacher"]["parameters"]
+    # The student is named as the teacher names its classes (this preset
+    # has no names), not as the data does.
+    student = runs.load_model(out / "model.keras")
+    assert models.get_class_names(student) == [f"class_{i}" for i in range(6)]
+    assert models.get_training_size(student) == (32, 32)

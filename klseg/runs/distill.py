@@ -10,7 +10,7 @@ from pathlib import Path
 
 from klseg import errors
 from klseg.files import yaml_text
-from klseg.runs import inputs, runtime
+from klseg.runs import hub, inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.checks import check_crop_fits, fail, size_text
 from klseg.runs.config import DEFAULT_LEARNING_RATE
@@ -29,8 +29,6 @@ from klseg.runs.results import pct
 from klseg.runs.train import _model_kwargs
 
 __all__ = ["distill", "images_per_second"]
-
-_HUB_PREFIX = "keras-hub:"
 
 
 def distill(cfg, *, callbacks=None):
@@ -72,9 +70,11 @@ def distill(cfg, *, callbacks=None):
             "class_map": cfg.class_map,
         },
     )
-    if isinstance(cfg.teacher, (str, Path)) and not _is_hub(cfg.teacher):
+    if isinstance(cfg.teacher, (str, Path)):
+        # A missing file or preset folder fails here, before any work.
         inputs.check_model_file(cfg.teacher)
-        _check_num_classes(cfg, _archive_num_classes(cfg.teacher))
+        if not _is_hub(cfg.teacher):
+            _check_num_classes(cfg, _archive_num_classes(cfg.teacher))
     # Every data set is read and checked before the run folder is touched.
     splits = {
         "data": inputs.load_split(cfg.data, cfg),
@@ -96,7 +96,7 @@ def distill(cfg, *, callbacks=None):
 
 
 def _is_hub(value):
-    return isinstance(value, str) and value.startswith(_HUB_PREFIX)
+    return hub.is_hub_spec(value)
 
 
 def _archive_num_classes(path):
@@ -160,9 +160,7 @@ def _build_student(cfg, num_classes, names):
     from klseg import models
 
     if _is_hub(cfg.model):
-        from klseg.runs.hub import load_segmenter
-
-        return load_segmenter(cfg.model, num_classes=num_classes)
+        return hub.load_segmenter(cfg.model, num_classes=num_classes, class_names=names)
     return models.build(cfg.model, **_model_kwargs(cfg, num_classes, names))
 
 
