@@ -218,7 +218,8 @@ def evaluate(
         ignore_value: mask value left out. Defaults to 255.
         class_names: names for ``per_class_iou``. Defaults to ``class_i``.
         forward: ``images -> logits or log-probabilities``. Defaults to
-            ``model.predict_on_batch`` (Keras' compiled predict function).
+            :func:`klseg.models.predict_logits` (Keras' compiled predict
+            function, also correct under a multi-replica strategy).
         label_map: optional ``masks -> masks`` callable, or a lookup table
             indexed by mask value, applied to the masks first (e.g. source
             classes to target classes).
@@ -229,7 +230,9 @@ def evaluate(
     """
     import keras
 
-    forward = forward or model.predict_on_batch
+    from klseg.models import predict_logits
+
+    forward = forward or (lambda images: predict_logits(model, images))
     counts = ConfusionCounts(num_classes, ignore_value)
     if label_map is not None and not callable(label_map):
         table = np.asarray(label_map)

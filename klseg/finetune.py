@@ -1007,7 +1007,7 @@ def store_source_predictions(
     ) as shown:
         for start in range(0, n, batch_size):
             batch = np.asarray(images[start : start + batch_size])
-            logits = source.predict_on_batch(batch)
+            logits = klseg_models.predict_logits(source, batch)
             probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
             out[start : start + len(batch)] = ops.convert_to_numpy(probs).astype(
                 "float16"
@@ -1063,8 +1063,8 @@ def evaluate_domains(
             if already known (skips recomputing it).
         scores: which of ``"loss"``, ``"mean_iou"``, ``"pixel_accuracy"`` to
             report. Defaults to ``("mean_iou",)``.
-        forward: ``images -> logits`` of the student. Defaults to its
-            ``predict_on_batch``.
+        forward: ``images -> logits`` of the student. Defaults to
+            :func:`klseg.models.predict_logits`.
 
     Returns:
         dict with ``"<domain>_<score>"`` per domain and score (fractions
@@ -1121,7 +1121,9 @@ def evaluate_domains(
         if source_baseline is None:
 
             def mapped(images):
-                logits = ops.cast(source_model.predict_on_batch(images), "float32")
+                logits = ops.cast(
+                    klseg_models.predict_logits(source_model, images), "float32"
+                )
                 log_probs = ops.log_softmax(logits, axis=-1)
                 return _apply_class_map(log_probs, class_map, num_classes)
 

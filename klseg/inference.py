@@ -345,7 +345,7 @@ def predict_probabilities(
         size_multiple: overrides ``klseg.models.size_multiple(model)`` (for
             a model that is not a klseg model). Defaults to None.
         forward: ``windows -> logits`` to call instead of
-            ``model.predict_on_batch``. Defaults to None.
+            :func:`klseg.models.predict_logits`. Defaults to None.
         dtype: ``"float32"`` or ``"float64"`` for the result (sums are
             float64 either way). Defaults to ``"float32"``.
 
@@ -402,7 +402,9 @@ def predict_probabilities(
             "batch_size must be a positive integer. "
             f"Received: batch_size={batch_size!r}"
         )
-    forward = forward or model.predict_on_batch
+    from klseg.models import predict_logits
+
+    forward = forward or (lambda windows: predict_logits(model, windows))
     height, width = images.shape[1:3]
 
     def run(batch):

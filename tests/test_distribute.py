@@ -195,7 +195,7 @@ CLI_SCRIPT = textwrap.dedent(
     from klseg.cli.main import cli
     from klseg.data import synthetic
 
-    work = Path(sys.argv[1])
+    work, MODE = Path(sys.argv[1]), sys.argv[2]
     bench = synthetic.write_benchmark(
         work / "bench", image_size=32, num_train=8, num_val=4, num_unlabeled=4,
         num_target_train=12,
@@ -215,6 +215,7 @@ CLI_SCRIPT = textwrap.dedent(
             "--kl-weight", "0.5", "--kl-inputs", "target", "--temperature", "2",
             "--student-bn", "frozen", "--augment", "none", "--image-size", "32",
             "--batch-size", "4", "--epochs", "1", "--learning-rate", "0.01",
+            "--source-predictions", MODE,
             "--strategy", strategy, "--quiet", "--output", str(out),
         ], standalone_mode=False)
         with open(out / "history.csv", newline="") as f:
@@ -226,16 +227,27 @@ CLI_SCRIPT = textwrap.dedent(
             "replicas": runs.make_strategy(strategy)[0].num_replicas_in_sync,
         }
 
+    # Keras' predict_on_batch gives replicas x batch outputs under a
+    # 2-replica strategy; klseg.models.predict_logits gives one per image.
+    with runs.make_strategy("mirrored")[0].scope():
+        model = klseg.load_model(source.model_path, compile=False)
+    images = tf.zeros((6, 32, 32, 3))
+    assert model.predict_on_batch(images).shape[0] == 12
+    assert klseg.models.predict_logits(model, images).shape[0] == 6
+
     print(json.dumps({s: finetune(s) for s in ("mirrored", "default")}))
     """
 )
 
 
 @pytest.mark.slow
-def test_cli_mirrored_finetune_matches_one_device(tmp_path):
+@pytest.mark.parametrize("mode", ["stored", "live"])
+def test_cli_mirrored_finetune_matches_one_device(tmp_path, mode):
     """``klseg finetune --strategy mirrored`` on 2 logical CPUs: the logged
     losses of 3 steps and the fine-tuned weights equal one device's run of
-    the same command (the synthetic masks ignore pixels unevenly). Before
+    the same command (the synthetic masks ignore pixels unevenly), with the
+    source predictions stored before training (Keras' ``predict_on_batch``
+    returned 2 x 12 maps for 12 images there) and live. Before
     ``runtime.build_before_fit`` the mirrored run trained on other batches
     (Keras took one from the iterator to build the model): weights 0.05
     apart."""
@@ -250,7 +262,7 @@ def test_cli_mirrored_finetune_matches_one_device(tmp_path):
         NO_ALBUMENTATIONS_UPDATE="1",
     )
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "work")],
+        [sys.executable, str(script), str(tmp_path / "work"), mode],
         env=env,
         capture_output=True,
         text=True,

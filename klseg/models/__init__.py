@@ -35,6 +35,7 @@ __all__ = [
     "get_class_names",
     "get_training_size",
     "num_classes",
+    "predict_logits",
     "set_training_size",
     "size_multiple",
     "unet",
@@ -150,6 +151,30 @@ def _trailing_probability_layer(model):
             return None
         tensor = inputs[0]
     return None
+
+
+def predict_logits(model, images):
+    """``model.predict_on_batch(images)``, also under a multi-replica strategy.
+
+    Under a ``tf.distribute`` strategy with several replicas, Keras 3's
+    ``predict_on_batch`` runs the whole batch on every replica and
+    concatenates the results: 12 images on 2 replicas give 24 outputs
+    (Keras 3.15, TensorFlow 2.21). A model built under such a strategy is
+    predicted with ``predict`` instead, which splits the batch between the
+    replicas. Elsewhere this is ``predict_on_batch`` (Keras' compiled
+    predict function, traced once per input shape).
+
+    Args:
+        model: a ``keras.Model``.
+        images: a batch of inputs.
+
+    Returns:
+        The model's outputs for ``images``, one per image, as numpy.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    if getattr(strategy, "num_replicas_in_sync", 1) > 1:
+        return model.predict(images, batch_size=len(images), verbose=0)
+    return model.predict_on_batch(images)
 
 
 def check_segmentation_model(model, role="model"):

@@ -19,7 +19,7 @@ def predict_image(model, image, *, multiple=None, options=None, forward=None):
     export does) and the result cropped back; ``options`` (a
     :class:`klseg.inference.InferenceOptions`, or the ``PredictConfig``)
     adds windows and flip TTA. ``forward`` is the model call
-    (``model.predict_on_batch`` by default: Keras' compiled predict
+    (:func:`klseg.models.predict_logits` by default: Keras' compiled predict
     function, traced once per input shape, about 3x faster than an eager
     call on a 2-core CPU).
     """
