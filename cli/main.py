@@ -506,8 +506,8 @@ def predict(ctx, **_):
 @click.option(
     "--image-size",
     type=ImageSize(),
-    help="Fixed input size HxW (or N) of tflite/onnx  [default: the model's "
-    "training size].",
+    help="Fixed input size HxW (or N): tflite/onnx [default: the model's "
+    "training size]; saved_model [default: any size].",
 )
 @click.option(
     "--representative-data",
@@ -521,10 +521,10 @@ def export(ctx, **_):
     """Export a model for serving: SavedModel, LiteRT (TFLite) or ONNX.
 
     saved_model: the 'serving_default' signature takes uint8 images
-    (B, H, W, 3) of any size and returns 'classes' (B, H, W) and
-    'probabilities' (B, H, W, C). tflite / onnx: OUTPUT/model.tflite or
-    OUTPUT/model.onnx takes uint8 images (1, H, W, 3) of the --image-size
-    (onnx: any batch) and returns the int32 class map (1, H, W).
+    (B, H, W, 3) of any size (of the --image-size when given) and returns
+    'classes' (B, H, W) and 'probabilities' (B, H, W, C). tflite / onnx:
+    OUTPUT/model.tflite or OUTPUT/model.onnx takes uint8 images (1, H, W, 3)
+    of the --image-size (onnx: any batch) and returns the int32 class map (1, H, W).
     OUTPUT/export.json describes the export.
     """
     values, _ = resolve_options(ctx)

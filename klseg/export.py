@@ -18,6 +18,12 @@ gives
 - ``signatures["logits"]``: the bare model on float32 images whose height and
   width are multiples of the size multiple.
 
+With ``image_size=(height, width)`` the signatures take that one size
+instead (``images`` uint8 ``(batch, height, width, 3)``; ``logits`` at the
+padded size): for models that cannot be traced at an unknown size, such as
+KerasHub's DeepLabV3 (Keras' bilinear ``UpSampling2D`` needs a known size in
+a TensorFlow graph).
+
 The folder is written atomically: into a temporary folder beside ``path``,
 then renamed into place, so a crash never leaves half an export behind.
 
@@ -132,7 +138,9 @@ def _check_model(model):
     return klseg_models.check_segmentation_model(model, "model")
 
 
-def export_saved_model(model, path, *, class_names=None, size_multiple=None):
+def export_saved_model(
+    model, path, *, class_names=None, size_multiple=None, image_size=None
+):
     """Export a segmentation model as a SavedModel with a uint8 signature.
 
     Args:
@@ -147,15 +155,18 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
         size_multiple: the model's size multiple (total stride). Defaults to
             ``klseg.models.size_multiple(model)``, or 1 for models without
             klseg's preprocessing layer.
+        image_size: ``(height, width)`` or an int: the one image size the
+            signatures take. Defaults to None (any size).
 
     Returns:
         The ``pathlib.Path`` of the written SavedModel folder.
 
     Raises:
         InvalidArgumentError: if ``class_names`` does not match the number of
-            classes.
+            classes, or for a bad ``image_size``.
         ModelError: if the model is not a built single-input model with
-            per-pixel outputs.
+            per-pixel outputs, or cannot be traced at an unknown image size
+            (the message says to give ``image_size``).
 
     Example:
 
@@ -179,25 +190,115 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
             f"Received: size_multiple={size_multiple!r}"
         )
     names = _class_names(model, num_classes, class_names)
+    if image_size is None:
+        height = width = padded_height = padded_width = None
+    else:
+        height, width = _image_size(image_size)
+        padded_height = height + (-height % size_multiple)
+        padded_width = width + (-width % size_multiple)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     archive = keras.export.ExportArchive()
     kwargs = {}
-    if keras.backend.backend() == "jax":
+    if keras.backend.backend() == "jax" and image_size is None:
         # Tell jax2tf that heights and widths are multiples of the stride.
         shapes = f"(b, {size_multiple}*h, {size_multiple}*w, 3)"
         kwargs["jax2tf_kwargs"] = {"polymorphic_shapes": [shapes]}
-    logits_fn = archive.track_and_add_endpoint(
-        "logits",
-        model,
-        input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)],
-        **kwargs,
-    )
+    try:
+        logits_fn = archive.track_and_add_endpoint(
+            "logits",
+            _inference(model),
+            input_signature=[
+                tf.TensorSpec((None, padded_height, padded_width, 3), tf.float32)
+            ],
+            **kwargs,
+        )
+        serve = _serving_function(
+            logits_fn, size_multiple, num_classes, (height, width)
+        )
+        serve.get_concrete_function()
+    except KlsegError:
+        raise
+    except Exception as error:  # tracing errors of any kind, from any layer
+        if image_size is not None:
+            raise _conversion_error("SavedModel", error) from None
+        raise ModelError(
+            "The model cannot be exported for images of any size: tracing it "
+            "at an unknown height and width failed "
+            f"({type(error).__name__}: {_first_line(error)}). Export it for one "
+            "image size: image_size=(height, width) (klseg export --image-size "
+            "HxW)."
+        ) from None
+
+    names_tensor = tf.constant(names, dtype=tf.string)
+
+    @tf.function(input_signature=[], autograph=False)
+    def class_names_fn():
+        return {"class_names": tf.identity(names_tensor)}
+
+    class_names_fn.get_concrete_function()
+    archive.add_endpoint("serving_default", serve)
+    archive.add_endpoint("serve", serve)
+    archive.add_endpoint("class_names", class_names_fn)
+
+    tmp = make_temp_dir(path.parent, f".{path.name}.")
+    try:
+        archive.write_out(str(tmp / "export"), verbose=False)
+        extra = tmp / "export" / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / "class_names.json").write_text(json.dumps(names, indent=1) + "\n")
+        if path.exists():
+            # Move the old export aside first so that a failure leaves it in
+            # place, then swap the new one in.
+            os.replace(path, tmp / "previous")
+            try:
+                os.replace(tmp / "export", path)
+            except OSError:
+                os.replace(tmp / "previous", path)
+                raise
+        else:
+            os.replace(tmp / "export", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _inference(model):
+    """A layer that calls ``model`` with ``training=False``.
+
+    Keras' export calls a model without ``training``; a model whose layers
+    read an unset ``training`` otherwise than ``False`` would then be
+    exported in another mode than ``predict`` runs it (measured: a KerasHub
+    DeepLabV3 loaded from a ``.keras`` file, 2.4 apart in its pyramid
+    pooling's output)."""
+    import keras
+
+    class _Inference(keras.layers.Layer):
+        def __init__(self, model):
+            super().__init__(name=f"{model.name}_inference", dtype=model.dtype_policy)
+            self.model = model
+            self.built = True
+
+        def call(self, images):
+            return self.model(images, training=False)
+
+    return _Inference(model)
+
+
+def _first_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
+
+
+def _serving_function(logits_fn, size_multiple, num_classes, image_size):
+    """The ``serving_default`` function: uint8 images in, classes and
+    probabilities out, padded to the size multiple and cropped back."""
+    import tensorflow as tf
 
     @tf.function(
-        input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, "images")],
+        input_signature=[tf.TensorSpec((None, *image_size, 3), tf.uint8, "images")],
         autograph=False,
     )
     def serve(images):
@@ -225,38 +326,7 @@ def export_saved_model(model, path, *, class_names=None, size_multiple=None):
         classes, probabilities = tf.cond(tf.size(images) > 0, run_model, no_pixels)
         return {"classes": classes, "probabilities": probabilities}
 
-    names_tensor = tf.constant(names, dtype=tf.string)
-
-    @tf.function(input_signature=[], autograph=False)
-    def class_names_fn():
-        return {"class_names": tf.identity(names_tensor)}
-
-    serve.get_concrete_function()
-    class_names_fn.get_concrete_function()
-    archive.add_endpoint("serving_default", serve)
-    archive.add_endpoint("serve", serve)
-    archive.add_endpoint("class_names", class_names_fn)
-
-    tmp = make_temp_dir(path.parent, f".{path.name}.")
-    try:
-        archive.write_out(str(tmp / "export"), verbose=False)
-        extra = tmp / "export" / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        (extra / "class_names.json").write_text(json.dumps(names, indent=1) + "\n")
-        if path.exists():
-            # Move the old export aside first so that a failure leaves it in
-            # place, then swap the new one in.
-            os.replace(path, tmp / "previous")
-            try:
-                os.replace(tmp / "export", path)
-            except OSError:
-                os.replace(tmp / "previous", path)
-                raise
-        else:
-            os.replace(tmp / "export", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return serve
 
 
 # --------------------------------------------------------------------------
@@ -343,7 +413,7 @@ def serving_model(model, image_size, *, size_multiple=None, batch_size=1):
     inputs = keras.Input(
         (height, width, 3), batch_size=batch_size, dtype="uint8", name="images"
     )
-    logits = model(_Images(name="images_float")(inputs))
+    logits = model(_Images(name="images_float")(inputs), training=False)
     outputs = _Classes(name="classes")(logits)
     return keras.Model(inputs, outputs, name=f"{model.name}_classes")
 

@@ -10,7 +10,7 @@ from klseg._version import __version__
 from klseg.files import make_temp_dir
 from klseg.runs import inputs
 from klseg.runs.checks import size_pair, size_text
-from klseg.runs.folder import OutputFolder, check_inputs_not_outputs
+from klseg.runs.folder import MARKER, OutputFolder, check_inputs_not_outputs
 from klseg.runs.results import PathResult
 
 __all__ = ["export", "representative_images"]
@@ -85,16 +85,23 @@ def export(cfg):
     model = inputs.load_model(cfg.model)
     inputs.model_info(model, cfg.model)
     names = models.get_class_names(getattr(model, "student", None) or model)
-    size = None if cfg.format == "saved_model" else _export_size(cfg, model)
+    if cfg.format == "saved_model":
+        size = None if cfg.image_size is None else size_pair(cfg.image_size)
+    else:
+        size = _export_size(cfg, model)
     calibration = None
     if cfg.quantize == "int8":
         calibration = representative_images(cfg.representative_data, size)
+    created = not Path(cfg.output).exists()
     out = OutputFolder(cfg.output, "export").claim(replace=cfg.overwrite, clear=False)
     staging = make_temp_dir(out.path, ".export-")
+    done = False
     try:
         folder = staging / "export"
         if cfg.format == "saved_model":
-            export_lib.export_saved_model(model, folder, class_names=names)
+            export_lib.export_saved_model(
+                model, folder, class_names=names, image_size=size
+            )
         elif cfg.format == "tflite":
             export_lib.export_litert(
                 model,
@@ -108,11 +115,16 @@ def export(cfg):
         info = _description(cfg, size, names, folder, calibration)
         (folder / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         out.install(folder)
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not done and created and out.entries() == [MARKER]:
+            # A failed export into a folder it created leaves no folder.
+            shutil.rmtree(out.path, ignore_errors=True)
     path = Path(out.path)
     if cfg.format == "saved_model":
-        return PathResult(path, "SavedModel written")
+        what = "any size" if size is None else size_text(size)
+        return PathResult(path, f"SavedModel ({what}) written")
     file = path / _FILES[cfg.format]
     what = f"{_NAMES[cfg.format]} ({size_text(size)}"
     if cfg.format == "tflite":
@@ -126,7 +138,12 @@ def _description(cfg, size, names, folder, calibration):
     info = {"format": cfg.format, "klseg": __version__, "class_names": names}
     if cfg.format == "saved_model":
         info["signature"] = "serving_default"
-        info["input"] = {"name": "images", "dtype": "uint8", "shape": [None] * 3 + [3]}
+        height, width = size or (None, None)
+        info["input"] = {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": [None, height, width, 3],
+        }
         info["outputs"] = ["classes", "probabilities"]
         return info
     height, width = size

@@ -120,7 +120,8 @@ class ExportConfig:
     the images of ``representative_data`` (a folder). ``image_size`` (``N``,
     ``(H, W)`` or ``"HxW"``) is the fixed input size of ``"tflite"`` and
     ``"onnx"`` (default: the model's recorded training size); a SavedModel
-    takes any size.
+    takes any size unless it is given (for models that cannot be traced at
+    an unknown size, such as KerasHub's DeepLabV3).
     """
 
     model: object = None
@@ -158,11 +159,6 @@ class ExportConfig:
             fail(
                 "representative_data is used only with quantize='int8'. "
                 f"Received: quantize={self.quantize!r}"
-            )
-        if self.image_size is not None and self.format == "saved_model":
-            fail(
-                "image_size applies to format='tflite' or 'onnx'; a SavedModel "
-                f"takes any size. Received: image_size={self.image_size!r}"
             )
 
 
