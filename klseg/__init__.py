@@ -17,6 +17,7 @@ from klseg._version import __version__
 _SUBMODULES = (
     "consistency",
     "data",
+    "distill",
     "errors",
     "export",
     "finetune",
@@ -36,11 +37,11 @@ def register_keras_objects():
     """Register every klseg loss, metric, layer and model class with Keras.
 
     Importing ``klseg.losses``, ``klseg.metrics``, ``klseg.models``,
-    ``klseg.finetune`` and ``klseg.consistency`` does this; this function
-    imports them all, so that ``keras.saving.load_model`` can rebuild any
-    model klseg wrote.
+    ``klseg.finetune``, ``klseg.consistency`` and ``klseg.distill`` does
+    this; this function imports them all, so that ``keras.saving.load_model``
+    can rebuild any model klseg wrote.
     """
-    for name in ("losses", "metrics", "models", "finetune", "consistency"):
+    for name in ("losses", "metrics", "models", "finetune", "consistency", "distill"):
         __getattr__(name)
 
 

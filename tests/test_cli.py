@@ -19,6 +19,7 @@ from klseg.cli.main import cli
 COMMANDS = [
     ["train"],
     ["finetune"],
+    ["distill"],
     ["evaluate"],
     ["predict"],
     ["export"],

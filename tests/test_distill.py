@@ -246,6 +246,21 @@ def test_config_round_trip_and_keras_file(tmp_path):
     again = loaded.evaluate(images, masks, batch_size=4, verbose=0, return_dict=True)
     for key in ("loss", "task_loss", "kl_loss"):
         np.testing.assert_allclose(again[key], logs[key], rtol=1e-5)
+    # klseg.load_model in a fresh process, where nothing imported klseg.distill.
+    code = (
+        "import sys, klseg; m = klseg.load_model(sys.argv[1]); "
+        "print(type(m).__name__, m.kl_type)"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", NO_ALBUMENTATIONS_UPDATE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["DistillationModel", "channel"]
 
 
 # Two replicas ---------------------------------------------------------------
