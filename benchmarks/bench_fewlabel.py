@@ -145,7 +145,11 @@ def _one_run(args, keras, source, data, variant, labels, seed):
     chosen = rng.permutation(len(pool_x))[:labels]
     lab_x, lab_y = pool_x[chosen], pool_y[chosen]
     student = clone_student(source)
-    common = {"temperature": args.temperature, "kl_inputs": "source"}
+    common = {
+        "temperature": args.temperature,
+        "kl_inputs": "source",
+        "student_bn": args.student_bn,
+    }
     if variant == "plain":
         model = KLRegularizedModel(student, source, kl_weight=0.0, **common)
     elif variant == "kl":
@@ -222,6 +226,9 @@ def main(argv=None):
     parser.add_argument("--consistency-rampup", type=int, default=0)
     parser.add_argument(
         "--mix", default="classmix", choices=("classmix", "cutmix", "none")
+    )
+    parser.add_argument(
+        "--student-bn", default="trainable", choices=("trainable", "frozen")
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
