@@ -501,6 +501,9 @@ def test_bad_options_exit_2_with_a_message(setup, tmp_path):
     assert done.exit_code == 2 and "--kl-weight" in done.output
     done = invoke(*distill_args(setup, out, "--model", "resnet"))
     assert done.exit_code == 2 and "model must be one of" in done.output
+    done = invoke(*distill_args(setup, out, "--model", "keras-hub:"))
+    assert done.exit_code == 2 and "names no KerasHub preset" in done.output
+    assert not out.exists()
     # A class count that is not the teacher's is refused before any work.
     done = invoke(*distill_args(setup, out, "--num-classes", "3"))
     assert done.exit_code == 2, done.output

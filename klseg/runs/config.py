@@ -485,8 +485,7 @@ class DistillConfig(_RunOptions):
         check_model_source("teacher", self.teacher)
         for name in ("data", "unlabeled_data", "val_data"):
             check_path(name, getattr(self, name))
-        if not (isinstance(self.model, str) and self.model.startswith("keras-hub:")):
-            check_choice("model", self.model, MODELS)
+        check_model_name("model", self.model, MODELS)
         if self.backbone is not None:
             check_choice("backbone", self.backbone, BACKBONES)
         check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
