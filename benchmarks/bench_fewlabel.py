@@ -18,7 +18,9 @@ Every run takes the same number of optimizer steps (``--steps``) with the
 same batch size: a labelled batch (the labelled images cycled in a seeded
 random order, flipped left-right at random) plus, for ``kl`` and ``mt``, a
 batch of unlabelled source images and, for ``mt``, a batch of unlabelled
-target images (flipped at random: the weak view). Each seed draws which
+target images (flipped at random: the weak view). ``--student-bn frozen``
+keeps the student's BatchNorm statistics at the source model's in every
+variant. Each seed draws which
 labelled images are used (out of a fixed pool of ``max(--labels)``), the
 batch order and the model's random state; the source model and the
 validation sets are shared. Scores: mean IoU on ``--val`` validation images
@@ -28,7 +30,14 @@ seeds and the min-max range.
 Usage::
 
     python benchmarks/bench_fewlabel.py [--steps 150 --seeds 0 1 2 ...]
-    # the run in docs/finetune.md (34 min on a shared 2-core CPU):
+    # the runs in docs/finetune.md (the recommended settings; about 70 min
+    # for the first on a shared 2-core CPU):
+    python benchmarks/bench_fewlabel.py --steps 900 --student-bn frozen \
+        --kl-weight 1 --ema-decay 0.97 --consistency-rampup 100 --labels 8 48
+    python benchmarks/bench_fewlabel.py --steps 900 --student-bn frozen \
+        --kl-weight 1 --ema-decay 0.97 --consistency-rampup 100 --labels 4 16 \
+        --seeds 0
+    # the earlier, shorter runs there (34 min):
     python benchmarks/bench_fewlabel.py --ema-decay 0.95 --consistency-rampup 100
     python benchmarks/bench_fewlabel.py --labels 8 --seeds 0 --variants mt \\
         --consistency-threshold 0.8        # one variation
