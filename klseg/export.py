@@ -224,10 +224,11 @@ def export_saved_model(
     except Exception as error:  # tracing errors of any kind, from any layer
         if image_size is not None:
             raise _conversion_error("SavedModel", error) from None
+        first = (_message_lines(error) or ["no message"])[0].strip()
         raise ModelError(
             "The model cannot be exported for images of any size: tracing it "
             "at an unknown height and width failed "
-            f"({type(error).__name__}: {_first_line(error)}). Export it for one "
+            f"({type(error).__name__}: {first}). Export it for one "
             "image size: image_size=(height, width) (klseg export --image-size "
             "HxW)."
         ) from None
@@ -285,11 +286,6 @@ def _inference(model):
             return self.model(images, training=False)
 
     return _Inference(model)
-
-
-def _first_line(error):
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else "no message"
 
 
 def _serving_function(logits_fn, size_multiple, num_classes, image_size):
@@ -483,8 +479,13 @@ def _write_file(path, suffix, write):
     return path
 
 
+def _message_lines(error):
+    """The non-blank lines of an exception's message."""
+    return [line for line in str(error).strip().splitlines() if line.strip()]
+
+
 def _conversion_error(what, error):
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    lines = _message_lines(error)
     detail = "\n".join(lines[:8]) if lines else type(error).__name__
     return ModelError(f"{what} conversion failed: {type(error).__name__}: {detail}")
 

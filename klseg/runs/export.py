@@ -10,7 +10,7 @@ from klseg._version import __version__
 from klseg.files import make_temp_dir
 from klseg.runs import inputs
 from klseg.runs.checks import size_pair, size_text
-from klseg.runs.folder import MARKER, OutputFolder, check_inputs_not_outputs
+from klseg.runs.folder import OutputFolder, check_inputs_not_outputs
 from klseg.runs.results import PathResult
 
 __all__ = ["export", "representative_images"]
@@ -92,7 +92,6 @@ def export(cfg):
     calibration = None
     if cfg.quantize == "int8":
         calibration = representative_images(cfg.representative_data, size)
-    created = not Path(cfg.output).exists()
     out = OutputFolder(cfg.output, "export").claim(replace=cfg.overwrite, clear=False)
     staging = make_temp_dir(out.path, ".export-")
     done = False
@@ -118,9 +117,8 @@ def export(cfg):
         done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if not done and created and out.entries() == [MARKER]:
-            # A failed export into a folder it created leaves no folder.
-            shutil.rmtree(out.path, ignore_errors=True)
+        if not done:
+            out.discard()
     path = Path(out.path)
     if cfg.format == "saved_model":
         what = "any size" if size is None else size_text(size)

@@ -124,6 +124,7 @@ class OutputFolder:
         self.path = Path(path)
         self.kind = kind
         self.option = option
+        self.created = False  # whether claim() made the folder
 
     @property
     def marker(self):
@@ -208,6 +209,7 @@ class OutputFolder:
                 f"{_WHAT[self.kind]} ({_listing(owned)}). {hint or ''}"
                 "Pass --overwrite to replace it, or choose another folder."
             )
+        self.created = not self.path.exists()
         self._mkdir()
         if owned and clear:
             self.remove_owned()
@@ -223,6 +225,12 @@ class OutputFolder:
         for entry in sorted(staging.iterdir()):
             os.replace(entry, self.path / entry.name)
         shutil.rmtree(staging, ignore_errors=True)
+
+    def discard(self):
+        """After a failed output: remove the folder if :meth:`claim` created
+        it and it holds nothing but the marker."""
+        if self.created and self.entries() == [MARKER]:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def adopt(self):
         """Continue in a marked folder (resume): checks the marker only."""
