@@ -14,9 +14,9 @@ seed, then scores the validation scenes at the full size with:
 - ``tiled`` + flip: the largest overlap with flip TTA.
 
 Every score comes from the one evaluation path
-(``klseg.runs.evaluation.evaluate_model``: confusion counts over all
+(``klseg.runs.scoring.evaluate_model``: confusion counts over all
 validation pixels, then mean IoU and pixel accuracy), with the forward
-function ``klseg.runs.evaluation.inference_function(model, options)`` builds
+function ``klseg.runs.scoring.inference_function(model, options)`` builds
 for each mode. Images go one at a time; the time per image is the median
 over the validation images (each mode is warmed up on one image first, so
 tracing is not timed) and its ratio to the whole-image median. The windows
@@ -123,7 +123,7 @@ def score(model, images, masks, options):
     import keras
 
     from klseg.data.synthetic import CLASS_NAMES, NUM_CLASSES
-    from klseg.runs.evaluation import evaluate_model, inference_function
+    from klseg.runs.scoring import evaluate_model, inference_function
 
     forward = inference_function(model, options)
     forward(images[:1])  # trace outside the timing

@@ -5,7 +5,7 @@ Heavy imports (Keras, TensorFlow) happen inside the commands, so
 
 The shared option blocks and error handling live in :mod:`klseg.cli.options`.
 Each command parses its options, merges them with ``--config`` (see
-:mod:`klseg.cli.config` for the order), builds the matching config object
+:mod:`klseg.cli.config_files` for the order), builds the matching config object
 of :mod:`klseg.runs` and calls one function there. Mistakes in options exit
 with status 2, failed runs (bad data, missing or incompatible files) with
 status 1, an interrupted run with 130; none of them prints a traceback.
@@ -17,8 +17,8 @@ import click
 
 from klseg._version import __version__
 from klseg.registry import BACKBONES, MODELS
-from klseg.runs import config as run_config
-from klseg.runs.config import (
+from klseg.runs import configs as run_config
+from klseg.runs.configs import (
     CONSISTENCY_MIX,
     DISTILL_KL_TYPES,
     DISTILL_TEMPERATURE,
@@ -29,7 +29,7 @@ from klseg.runs.config import (
 )
 from klseg.runs.hub import HUB_PREFIX, is_hub_spec
 
-from .config import resolve_options
+from .config_files import resolve_options
 from .options import (
     PATH,
     TRAIN,

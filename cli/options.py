@@ -1,6 +1,6 @@
 """What the ``klseg`` commands share: option blocks, error handling, set-up.
 
-Defaults and choices come from the run layer (:mod:`klseg.runs.config`) and
+Defaults and choices come from the run layer (:mod:`klseg.runs.configs`) and
 :mod:`klseg.registry`; this module keeps no copy of them.
 """
 
@@ -15,8 +15,8 @@ import click
 
 from klseg import errors
 from klseg.inference import MAX_TILE_OVERLAP, TTA_MODES
-from klseg.runs import config as run_config
-from klseg.runs.config import (
+from klseg.runs import configs as run_config
+from klseg.runs.configs import (
     AUGMENT,
     MIXED_PRECISION,
     STRATEGIES,

@@ -124,7 +124,7 @@ class MixedPrecision(click.Choice):
 
     Args:
         choices: the modes, from the run layer
-            (``klseg.runs.config.MIXED_PRECISION``): the CLI keeps no copy.
+            (``klseg.runs.configs.MIXED_PRECISION``): the CLI keeps no copy.
     """
 
     def __init__(self, choices):

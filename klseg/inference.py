@@ -50,7 +50,7 @@ How it is computed:
 The model runs through Keras (any backend); padding, windows and blending
 are NumPy on the host. NumPy and Keras load on first use:
 :class:`InferenceOptions` and the argument checks are standard library only,
-so the run configs (``klseg.runs.config``) build on them.
+so the run configs (``klseg.runs.configs``) build on them.
 """
 
 import dataclasses

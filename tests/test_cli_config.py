@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from klseg.cli.config import resolve_options
+from klseg.cli.config_files import resolve_options
 from klseg.cli.main import cli
 
 

@@ -210,7 +210,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_defaults_agree_with_the_run_config():
-    from klseg.runs import config
+    from klseg.runs import configs as config
 
     assert config.DISTILL_KL_TYPES == KL_TYPES
     assert config.DISTILL_KL_WEIGHT == DEFAULT_KL_WEIGHT
@@ -420,7 +420,7 @@ class InterruptAfterFirstEpoch(keras.callbacks.Callback):
 @pytest.mark.slow
 @needs_tf
 def test_distill_command_end_to_end_and_exact_resume(setup, tmp_path):
-    from klseg.runs.config import DistillConfig
+    from klseg.runs.configs import DistillConfig
 
     root, bench = setup
     out = tmp_path / "student"

@@ -169,12 +169,12 @@ def test_a_run_saved_before_these_options_resumes_with_their_defaults(
     del saved["steps_per_epoch"], saved["val_every"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     cfg = train_config(bench, out, resume=True)
-    run, checkpoint = runs.folder.open_run(cfg, ignore=runs.config.RESUMABLE_CHANGES)
+    run, checkpoint = runs.folder.open_run(cfg, ignore=runs.configs.RESUMABLE_CHANGES)
     assert checkpoint[1]["epoch"] == 3
     refused = dataclasses.replace(cfg, val_every=2)
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(errors.RunError, match="val_every: saved 1, now 2"):
-        runs.folder.open_run(refused, ignore=runs.config.RESUMABLE_CHANGES)
+        runs.folder.open_run(refused, ignore=runs.configs.RESUMABLE_CHANGES)
 
 
 def test_finetune_takes_both_options(bench, reference, tmp_path):

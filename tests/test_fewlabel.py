@@ -28,9 +28,9 @@ from klseg.cli.main import cli
 from klseg.consistency import MIX_MODES, MeanTeacherModel
 from klseg.data import synthetic
 from klseg.finetune import clone_student
+from klseg.runs import mean_teacher
 from klseg.runs import sweep as sweep_job
-from klseg.runs import teacher
-from klseg.runs.config import CONSISTENCY_MIX
+from klseg.runs.configs import CONSISTENCY_MIX
 
 SIZE = 32
 # Weights and optimizer state agree to this after a resume; measured:
@@ -145,7 +145,7 @@ def test_weight_zero_is_off_and_lists_make_a_sweep():
         source="s.keras", data="d", val_data="v", output="o", consistency_weight=0
     )
     assert not cfg.uses_consistency and not cfg.is_sweep  # no unlabeled_data needed
-    assert teacher.settings(cfg) is None
+    assert mean_teacher.settings(cfg) is None
     grid = dataclasses.replace(
         cfg, kl_weight=(0.1, 0.3), consistency_weight=(0, 1), unlabeled_data="u"
     )
@@ -190,7 +190,7 @@ def test_the_unlabelled_stream_joins_each_labelled_batch():
     unlabelled = tf.data.Dataset.from_tensor_slices(
         (np.arange(10 * 48, dtype="uint8").reshape(10, 4, 4, 3), np.zeros((10, 4, 4)))
     ).batch(2)
-    batches = list(teacher.with_unlabeled(labelled, unlabelled))
+    batches = list(mean_teacher.with_unlabeled(labelled, unlabelled))
     assert len(batches) == 3  # the shorter stream ends the zip (runs repeat both)
     x, masks = batches[1]
     assert set(x) == {"images", "unlabeled_images"}

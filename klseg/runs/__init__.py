@@ -38,7 +38,7 @@ import importlib
 import sys
 import types
 
-from klseg.runs.config import (
+from klseg.runs.configs import (
     DemoConfig,
     DistillConfig,
     EvaluateConfig,
@@ -94,7 +94,7 @@ _LAZY = {
     "demo": ("klseg.runs.demo", "demo"),
     "distill": ("klseg.runs.distill", "distill"),
     "evaluate": ("klseg.runs.evaluate", "evaluate"),
-    "evaluate_model": ("klseg.runs.evaluation", "evaluate_model"),
+    "evaluate_model": ("klseg.runs.scoring", "evaluate_model"),
     "export": ("klseg.runs.export", "export"),
     "finetune": ("klseg.runs.finetune", "finetune"),
     "load_model": ("klseg.runs.inputs", "load_model"),

@@ -22,7 +22,7 @@ from klseg import errors, progress
 from klseg.files import save_model
 from klseg.runs import runtime
 from klseg.runs.checkpoint import save_checkpoint, to_numpy
-from klseg.runs.evaluation import inference_function
+from klseg.runs.scoring import inference_function
 
 __all__ = [
     "EpochScalars",
@@ -170,7 +170,7 @@ def validation_keys(callback):
     }
     for domain in datasets:
         # "source" gives val_forgetting; a model's prefixed copy of it
-        # ("ema_source", see klseg.runs.teacher) gives val_ema_forgetting.
+        # ("ema_source", see klseg.runs.mean_teacher) gives val_ema_forgetting.
         if domain == "source" or domain.endswith("_source"):
             keys.add(f"val_{domain[: -len('source')]}forgetting")
     return tuple(sorted(keys))

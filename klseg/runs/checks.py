@@ -1,6 +1,6 @@
 """Checks of config fields: each raises ``klseg.errors.InvalidArgumentError``
 naming the field and the value. Standard library only, like
-:mod:`klseg.runs.config`.
+:mod:`klseg.runs.configs`.
 """
 
 import math

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from klseg import errors
 from klseg.runs.checks import fail
-from klseg.runs.evaluation import inference_function
+from klseg.runs.scoring import inference_function
 
 __all__ = [
     "changes_classes",

@@ -6,14 +6,14 @@ import time
 from klseg.files import write_json
 from klseg.runs import runtime
 from klseg.runs.checks import size_pair, size_text
-from klseg.runs.config import ExportConfig, FinetuneConfig, SynthConfig, TrainConfig
-from klseg.runs.evaluation import predict_classes
+from klseg.runs.configs import ExportConfig, FinetuneConfig, SynthConfig, TrainConfig
 from klseg.runs.export import export
-from klseg.runs.finetune import finetune_run
+from klseg.runs.finetune import finetune_one
 from klseg.runs.fit import say
 from klseg.runs.folder import OutputFolder
 from klseg.runs.inputs import load_model
 from klseg.runs.results import DemoResult, pct
+from klseg.runs.scoring import predict_classes
 from klseg.runs.synth import synth_data
 from klseg.runs.train import train
 
@@ -89,7 +89,7 @@ def demo(cfg):
     }
     strategy, _ = runtime.make_strategy("default")
     step("[3/5] Fine-tuning on the target domain without the KL term")
-    plain = finetune_run(
+    plain = finetune_one(
         FinetuneConfig(output=str(out / "finetune-plain"), kl_weight=(0.0,), **tuning),
         strategy,
         True,
@@ -97,7 +97,7 @@ def demo(cfg):
     )
     weight = settings["kl_weight"]
     step(f"[4/5] Fine-tuning with the KL term (kl_weight={weight:g}, on source images)")
-    kl = finetune_run(
+    kl = finetune_one(
         FinetuneConfig(
             output=str(out / "finetune-kl"),
             kl_weight=(weight,),

@@ -13,8 +13,7 @@ from klseg.files import yaml_text
 from klseg.runs import hub, inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.checks import check_crop_fits, fail, size_text
-from klseg.runs.config import DEFAULT_LEARNING_RATE
-from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
+from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.finetune import _mix_unlabeled
 from klseg.runs.fit import (
     curves_section,
@@ -26,6 +25,7 @@ from klseg.runs.fit import (
 )
 from klseg.runs.folder import check_inputs_not_outputs
 from klseg.runs.results import pct
+from klseg.runs.scoring import domain_metrics, first_batch, predict_classes
 from klseg.runs.train import _model_kwargs
 
 __all__ = ["distill", "images_per_second"]
@@ -173,7 +173,7 @@ def images_per_second(model, images, *, batch_size=8, repeats=3):
     """
     import numpy as np
 
-    from klseg.runs.evaluation import inference_function
+    from klseg.runs.scoring import inference_function
 
     forward = inference_function(model)
 

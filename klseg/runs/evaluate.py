@@ -6,8 +6,8 @@ from pathlib import Path
 from klseg import errors
 from klseg.files import write_json
 from klseg.runs import inputs
-from klseg.runs.evaluation import evaluate_model
 from klseg.runs.folder import check_inputs_not_outputs
+from klseg.runs.scoring import evaluate_model
 
 __all__ = ["evaluate"]
 

@@ -5,10 +5,9 @@ import time
 from pathlib import Path
 
 from klseg.files import yaml_text
-from klseg.runs import classmaps, inputs, runtime, teacher
+from klseg.runs import classmaps, inputs, mean_teacher, runtime
 from klseg.runs.checks import check_crop_fits
-from klseg.runs.config import DEFAULT_LEARNING_RATE
-from klseg.runs.evaluation import domain_metrics, first_batch, predict_classes
+from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
     curves_section,
     examples_drawn,
@@ -19,8 +18,9 @@ from klseg.runs.fit import (
 )
 from klseg.runs.folder import check_inputs_not_outputs
 from klseg.runs.results import pct
+from klseg.runs.scoring import domain_metrics, first_batch, predict_classes
 
-__all__ = ["finetune", "finetune_run", "input_paths"]
+__all__ = ["finetune", "finetune_one", "input_paths"]
 
 
 def finetune(cfg, *, callbacks=None):
@@ -52,7 +52,7 @@ def finetune(cfg, *, callbacks=None):
         from klseg.runs.sweep import sweep
 
         return sweep(cfg, strategy, is_chief, callbacks)
-    return finetune_run(cfg, strategy, is_chief, callbacks)
+    return finetune_one(cfg, strategy, is_chief, callbacks)
 
 
 def input_paths(cfg):
@@ -69,7 +69,7 @@ def input_paths(cfg):
     }
 
 
-def finetune_run(cfg, strategy, is_chief, callbacks, baseline=None):
+def finetune_one(cfg, strategy, is_chief, callbacks, baseline=None):
     """One fine-tuning run (one KL weight) into ``cfg.output``."""
     started = time.time()
     check_inputs_not_outputs({"output": cfg.output}, input_paths(cfg))
@@ -170,7 +170,7 @@ def _prediction_counts(cfg, splits, kl_inputs, kl_weight):
     keys = []
     if kl_inputs in ("target", "both"):
         # With the consistency term, unlabelled images are not the KL's.
-        keys += ["data"] if teacher.settings(cfg) else ["data", "unlabeled_data"]
+        keys += ["data"] if mean_teacher.settings(cfg) else ["data", "unlabeled_data"]
     if kl_inputs in ("source", "both"):
         keys.append("source_images")
     return {key: inputs.num_images(splits[key]) for key in keys if key in splits}
@@ -281,9 +281,9 @@ def _finetune(
     keras.utils.set_random_seed(cfg.seed)
     kl_inputs = _resolve_kl_inputs(cfg)
     kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
-    consistency = teacher.settings(cfg)
+    consistency = mean_teacher.settings(cfg)
     if consistency:
-        say(cfg.verbose, teacher.kl_note(cfg, kl_inputs, kl_weight))
+        say(cfg.verbose, mean_teacher.kl_note(cfg, kl_inputs, kl_weight))
     elif cfg.unlabeled_data and (kl_inputs == "source" or kl_weight == 0):
         say(
             cfg.verbose,
@@ -316,7 +316,7 @@ def _finetune(
                 dtype_policy=policy,
             )
             models.set_training_size(student, image_size)
-            model = teacher.make_model(
+            model = mean_teacher.make_model(
                 cfg,
                 student,
                 source,
@@ -377,7 +377,7 @@ def _finetune(
         n_total = n_labeled
         uses_target = kl_inputs in ("target", "both") and kl_weight > 0
         # With the consistency term the unlabelled images come in a stream of
-        # their own (klseg.runs.teacher), else they mix into the KL's batches.
+        # their own (klseg.runs.mean_teacher), else they mix into the KL's batches.
         mixes = "unlabeled_data" in splits and uses_target and not consistency
         if mixes:
             n_total += inputs.num_images(splits["unlabeled_data"]) or batch
@@ -411,7 +411,7 @@ def _finetune(
             unlabeled = train_stream(
                 splits["unlabeled_data"], streams["unlabeled_data"], skip=drawn
             )
-            train_ds = teacher.with_unlabeled(train_ds, unlabeled)
+            train_ds = mean_teacher.with_unlabeled(train_ds, unlabeled)
         if kl_weight > 0 and kl_inputs in ("source", "both"):
             import tensorflow as tf
 
@@ -464,10 +464,10 @@ def _finetune(
             )
         monitor = cfg.monitor
         if monitor == "auto":
-            monitor = teacher.EMA_MONITOR if consistency else "val_target_mean_iou"
+            monitor = mean_teacher.EMA_MONITOR if consistency else "val_target_mean_iou"
         # With the consistency term model.keras holds the EMA teacher and
         # both models are validated.
-        check, saved = teacher.validation_of(
+        check, saved = mean_teacher.validation_of(
             model,
             domains,
             ignore_value=cfg.ignore_value,
@@ -477,7 +477,7 @@ def _finetune(
             cfg.verbose,
             f"Fine-tuning {cfg.source} on {cfg.data}: kl_weight={kl_weight:g}, "
             f"temperature={temperature:g}, kl_inputs={kl_inputs}, "
-            f"{teacher.describe(consistency)}{steps} steps/epoch, "
+            f"{mean_teacher.describe(consistency)}{steps} steps/epoch, "
             f"{cfg.epochs} epochs -> {run.path}",
         )
         final_state = fit(
@@ -516,7 +516,7 @@ def _finetune(
         )
     if consistency:
         result_metrics["consistency"] = consistency
-        result_metrics["last_epoch"] = teacher.last_epoch_scores(run.history)
+        result_metrics["last_epoch"] = mean_teacher.last_epoch_scores(run.history)
     _write_report(run, cfg, best, domains, names, result_metrics)
     return finish(run, cfg, result_metrics)
 
@@ -545,7 +545,7 @@ def _write_report(run, cfg, model, domains, names, metrics):
             f"{100 * metrics['forgetting']:.1f} points."
         )
     sections.append(("Result", text))
-    both = teacher.report_section(metrics, pct)
+    both = mean_teacher.report_section(metrics, pct)
     if both:
         sections.append(both)
     bars = report.plot_domain_miou(table, run.plots / "domains.png")

@@ -18,7 +18,7 @@ from klseg.files import write_json
 from klseg.runs import callbacks as cb
 from klseg.runs import runtime
 from klseg.runs.checkpoint import truncate_history
-from klseg.runs.config import RESUMABLE_CHANGES
+from klseg.runs.configs import RESUMABLE_CHANGES
 from klseg.runs.folder import RunFolder, open_run
 from klseg.runs.results import RunResult
 

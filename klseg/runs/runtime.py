@@ -21,7 +21,7 @@ import threading
 import warnings
 
 from klseg.runs.checks import check_choice, fail
-from klseg.runs.config import STRATEGIES
+from klseg.runs.configs import STRATEGIES
 
 __all__ = [
     "distribute_options",

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from klseg.files import write_json
-from klseg.runs.config import RESUMABLE_CHANGES
-from klseg.runs.finetune import finetune_run, input_paths
+from klseg.runs.configs import RESUMABLE_CHANGES
+from klseg.runs.finetune import finetune_one, input_paths
 from klseg.runs.fit import say
 from klseg.runs.folder import RunFolder, check_inputs_not_outputs, open_run
 from klseg.runs.results import RunResult, SweepResult, pct
@@ -93,7 +93,7 @@ def sweep(cfg, strategy, is_chief, callbacks):
             result = done
         else:
             say(cfg.verbose, f"\n=== {what} ({sub}) ===")
-            result = finetune_run(one, strategy, is_chief, callbacks, baseline=baseline)
+            result = finetune_one(one, strategy, is_chief, callbacks, baseline=baseline)
         baseline = result.metrics.get("source_model")
         results[name] = (kl, cons, result)
     table = [

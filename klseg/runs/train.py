@@ -7,8 +7,7 @@ from klseg.files import yaml_text
 from klseg.runs import hub, inputs, runtime
 from klseg.runs.callbacks import validation
 from klseg.runs.checks import check_crop_fits, size_text
-from klseg.runs.config import DEFAULT_LEARNING_RATE
-from klseg.runs.evaluation import evaluate_model, first_batch, predict_classes
+from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
     curves_section,
     examples_drawn,
@@ -19,6 +18,7 @@ from klseg.runs.fit import (
 )
 from klseg.runs.folder import check_inputs_not_outputs
 from klseg.runs.results import pct
+from klseg.runs.scoring import evaluate_model, first_batch, predict_classes
 
 __all__ = ["train"]
 

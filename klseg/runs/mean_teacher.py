@@ -22,7 +22,7 @@ adds for it:
 """
 
 from klseg.finetune import DomainEvaluation, evaluate_domains
-from klseg.runs.evaluation import inference_function
+from klseg.runs.scoring import inference_function
 
 __all__ = [
     "EMA_MONITOR",

@@ -1,7 +1,7 @@
 """Config objects of the jobs that do not train: evaluate, predict, export,
 synth and demo.
 
-Standard library only, like :mod:`klseg.runs.config` (which re-exports
+Standard library only, like :mod:`klseg.runs.configs` (which re-exports
 them): the command line reads their choices and defaults without importing
 Keras or TensorFlow.
 """

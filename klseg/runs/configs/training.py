@@ -28,20 +28,12 @@ from klseg.runs.checks import (
     fail,
 )
 from klseg.runs.hub import is_hub_spec
-from klseg.runs.tool_config import (
-    DEMO_PRESETS,
-    DemoConfig,
-    EvaluateConfig,
-    ExportConfig,
-    PredictConfig,
-    SynthConfig,
-)
 
 __all__ = [
     "AUGMENT",
     "BACKBONES",
     "CONSISTENCY_MIX",
-    "DEMO_PRESETS",
+    "DEFAULT_LEARNING_RATE",
     "DISTILL_KL_TYPES",
     "DISTILL_KL_WEIGHT",
     "DISTILL_TEMPERATURE",
@@ -50,16 +42,13 @@ __all__ = [
     "MIXED_PRECISION",
     "MODELS",
     "QUANTIZATIONS",
+    "RESUMABLE_CHANGES",
     "SOURCE_PREDICTIONS",
     "STRATEGIES",
     "STUDENT_BN",
-    "DemoConfig",
+    "TEMPERATURE_RANGE",
     "DistillConfig",
-    "EvaluateConfig",
-    "ExportConfig",
     "FinetuneConfig",
-    "PredictConfig",
-    "SynthConfig",
     "TrainConfig",
 ]
 

@@ -1,0 +1,70 @@
+"""The config objects of the jobs, their choices and defaults.
+
+Standard library only: the command line reads its choices and defaults from
+here (and from :mod:`klseg.registry`) without importing Keras or TensorFlow.
+
+- :mod:`klseg.runs.configs.training`: the training jobs (``train``,
+  ``finetune``, ``distill``) and the options they share;
+- :mod:`klseg.runs.configs.tools`: the jobs that do not train (``evaluate``,
+  ``predict``, ``export``, ``data synth``, ``demo``).
+"""
+
+from klseg.runs.configs.tools import (
+    DEMO_PRESETS,
+    DemoConfig,
+    EvaluateConfig,
+    ExportConfig,
+    PredictConfig,
+    SynthConfig,
+)
+from klseg.runs.configs.training import (
+    AUGMENT,
+    BACKBONES,
+    CONSISTENCY_MIX,
+    DEFAULT_LEARNING_RATE,
+    DISTILL_KL_TYPES,
+    DISTILL_KL_WEIGHT,
+    DISTILL_TEMPERATURE,
+    EXPORT_FORMATS,
+    KL_INPUTS,
+    MIXED_PRECISION,
+    MODELS,
+    QUANTIZATIONS,
+    RESUMABLE_CHANGES,
+    SOURCE_PREDICTIONS,
+    STRATEGIES,
+    STUDENT_BN,
+    TEMPERATURE_RANGE,
+    DistillConfig,
+    FinetuneConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AUGMENT",
+    "BACKBONES",
+    "CONSISTENCY_MIX",
+    "DEFAULT_LEARNING_RATE",
+    "DEMO_PRESETS",
+    "DISTILL_KL_TYPES",
+    "DISTILL_KL_WEIGHT",
+    "DISTILL_TEMPERATURE",
+    "EXPORT_FORMATS",
+    "KL_INPUTS",
+    "MIXED_PRECISION",
+    "MODELS",
+    "QUANTIZATIONS",
+    "RESUMABLE_CHANGES",
+    "SOURCE_PREDICTIONS",
+    "STRATEGIES",
+    "STUDENT_BN",
+    "TEMPERATURE_RANGE",
+    "DemoConfig",
+    "DistillConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "PredictConfig",
+    "SynthConfig",
+    "TrainConfig",
+]
