@@ -31,6 +31,7 @@ import keras
 from keras import ops
 
 from klseg import losses as klseg_losses
+from klseg import registry
 from klseg.errors import InvalidArgumentError
 from klseg.finetune import (
     KLRegularizedModel,
@@ -50,8 +51,8 @@ __all__ = [
     "rampup_factor",
 ]
 
-#: Mixing augmentations of the strong view.
-MIX_MODES = ("classmix", "cutmix", "none")
+#: Mixing augmentations of the strong view (``klseg.registry``).
+MIX_MODES = registry.MIX_MODES
 
 # Photometric augmentation of the strong view, on images in 0..255. Every
 # image draws its own factors (uniform in [1 - x, 1 + x]), blur (with

@@ -38,6 +38,7 @@ from keras import ops
 
 from klseg import losses as klseg_losses
 from klseg import models as klseg_models
+from klseg import registry
 from klseg.errors import InvalidArgumentError
 from klseg.finetune import KLRegularizedModel, _global_sum
 
@@ -50,16 +51,14 @@ __all__ = [
     "default_temperature",
 ]
 
-#: The KL terms ``DistillationModel`` offers.
-KL_TYPES = ("pixel", "channel")
+#: The KL terms ``DistillationModel`` offers (``klseg.registry``).
+KL_TYPES = registry.DISTILL_KL_TYPES
 #: Default KL term.
 DEFAULT_KL_TYPE = "pixel"
 #: Default weight of the KL term (see docs/distill.md for the measurement).
-DEFAULT_KL_WEIGHT = 1.0
-#: Default temperature of each KL term: 1 for the per-pixel term (as Liu et
-#: al. 2019 distil per pixel; it also beat 2 in benchmarks/bench_distill.py),
-#: 4 for the channel-wise term (Shu et al. 2021 use 4 on Cityscapes).
-DEFAULT_TEMPERATURE = {"pixel": 1.0, "channel": 4.0}
+DEFAULT_KL_WEIGHT = registry.DISTILL_KL_WEIGHT
+#: Default temperature of each KL term (``klseg.registry`` says why).
+DEFAULT_TEMPERATURE = registry.DISTILL_TEMPERATURE
 
 
 def default_temperature(kl_type=DEFAULT_KL_TYPE):

@@ -42,6 +42,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from klseg import registry
 from klseg.errors import InvalidArgumentError, KlsegError, ModelError
 from klseg.files import make_temp_dir
 
@@ -56,13 +57,11 @@ __all__ = [
     "serving_model",
 ]
 
-#: What ``klseg export --format`` writes: a SavedModel folder, a ``.tflite``
-#: file (LiteRT) or an ``.onnx`` file.
-FORMATS = ("saved_model", "tflite", "onnx")
+#: What ``klseg export --format`` writes (``klseg.registry``).
+FORMATS = registry.EXPORT_FORMATS
 
-#: TFLite quantisations: float32 weights and maths, float16 weights, or
-#: full-integer int8 (weights and activations) calibrated on sample images.
-QUANTIZATIONS = ("none", "float16", "int8")
+#: TFLite quantisations (``klseg.registry``).
+QUANTIZATIONS = registry.QUANTIZATIONS
 
 
 def pad_to_multiple(images, multiple):

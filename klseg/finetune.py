@@ -39,7 +39,7 @@ from keras import ops
 
 from klseg import losses as klseg_losses
 from klseg import models as klseg_models
-from klseg import progress
+from klseg import progress, registry
 from klseg.errors import InvalidArgumentError, ResourceError
 from klseg.ops import LOG_TINY, TEMPERATURE_RANGE, safe_log
 
@@ -63,10 +63,10 @@ __all__ = [
 
 #: Default images for the KL term (see docs/finetune.md for the measurement).
 DEFAULT_KL_INPUTS = "source"
-#: Default weight of the KL term.
-DEFAULT_KL_WEIGHT = 0.3
-#: Default temperature of the KL term.
-DEFAULT_TEMPERATURE = 2.0
+#: Default weight of the KL term (``klseg.registry``).
+DEFAULT_KL_WEIGHT = registry.FINETUNE_KL_WEIGHT
+#: Default temperature of the KL term (``klseg.registry``).
+DEFAULT_TEMPERATURE = registry.FINETUNE_TEMPERATURE
 
 _KL_INPUTS = ("target", "source", "both")
 _BN_POLICIES = ("trainable", "frozen", "synchronized")

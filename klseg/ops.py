@@ -17,6 +17,8 @@ import numpy as np
 from keras import KerasTensor, ops
 from keras import backend as keras_backend
 
+from klseg import registry
+
 try:  # Keras' own losses attach masks this way; it has no public alias.
     from keras.src.backend import set_keras_mask as _set_keras_mask
 except ImportError:  # pragma: no cover - older Keras 3 releases
@@ -61,9 +63,8 @@ LOG_TINY = float(np.log(np.float32(TINY)))
 #: Per-pixel divergences are then at most ``1e15 * T^2`` nats, finite for
 #: every finite float32 input.
 LOG_FLOOR = -1e15
-#: Accepted temperatures, both ends included: at ``T`` in this range every
-#: intermediate (``z / T``, ``T^2``, gradients ``~ T``) stays finite.
-TEMPERATURE_RANGE = (1e-3, 1e3)
+#: Accepted temperatures, both ends included (``klseg.registry``).
+TEMPERATURE_RANGE = registry.TEMPERATURE_RANGE
 #: Accepted values of the ``target`` argument.
 TARGET_KINDS = ("probabilities", "logits", "log_probabilities")
 

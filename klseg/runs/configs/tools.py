@@ -9,8 +9,7 @@ Keras or TensorFlow.
 import dataclasses
 
 from klseg import inference
-from klseg.export import FORMATS as EXPORT_FORMATS
-from klseg.export import QUANTIZATIONS
+from klseg.registry import EXPORT_FORMATS, QUANTIZATIONS
 from klseg.runs.checks import (
     check_choice,
     check_flag,

@@ -10,9 +10,17 @@ a non-finite or out-of-range number or an unknown choice raises
 import dataclasses
 import math
 
-from klseg.export import FORMATS as EXPORT_FORMATS
-from klseg.export import QUANTIZATIONS
-from klseg.registry import BACKBONES, MODELS
+from klseg.registry import (
+    BACKBONES,
+    DISTILL_KL_TYPES,
+    DISTILL_KL_WEIGHT,
+    DISTILL_TEMPERATURE,
+    EXPORT_FORMATS,
+    MODELS,
+    QUANTIZATIONS,
+    TEMPERATURE_RANGE,
+)
+from klseg.registry import MIX_MODES as CONSISTENCY_MIX
 from klseg.runs.checks import (
     check_choice,
     check_crop_fits,
@@ -58,19 +66,6 @@ AUGMENT = ("none", "light", "strong")
 KL_INPUTS = ("auto", "target", "source", "both")
 STUDENT_BN = ("trainable", "frozen", "synchronized")
 SOURCE_PREDICTIONS = ("auto", "live", "stored")
-#: Mixing of the consistency term's strong view (klseg.consistency.MIX_MODES;
-#: a test checks they agree).
-CONSISTENCY_MIX = ("classmix", "cutmix", "none")
-#: Distillation KL terms and defaults: klseg.distill's KL_TYPES,
-#: DEFAULT_KL_WEIGHT and DEFAULT_TEMPERATURE (a test checks they agree).
-DISTILL_KL_TYPES = ("pixel", "channel")
-DISTILL_KL_WEIGHT = 1.0
-DISTILL_TEMPERATURE = {"pixel": 1.0, "channel": 4.0}
-
-#: Temperatures of the KL term a run accepts (both ends included): the
-#: losses' range, klseg.ops.TEMPERATURE_RANGE (a test checks they agree).
-TEMPERATURE_RANGE = (1e-3, 1e3)
-
 #: Adam learning rate of each job when none is given.
 DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4}
 
