@@ -46,6 +46,7 @@ from klseg.ops import (
     TEMPERATURE_RANGE,
     as_float32,
     check_argument,
+    check_temperature,
     concrete,
     log_probs,
     log_softmax,
@@ -86,24 +87,6 @@ def _check_bool(value, name):
 def _check_target(target):
     check_argument(target in TARGET_KINDS, "target", f"one of {TARGET_KINDS}", target)
     return target
-
-
-def check_temperature(temperature):
-    """``temperature`` as a float; ValueError outside ``TEMPERATURE_RANGE``.
-
-    The accepted range is ``[1e-3, 1e3]`` (``klseg.ops.TEMPERATURE_RANGE``):
-    within it every value and gradient is finite for every finite input.
-    """
-    low, high = TEMPERATURE_RANGE
-    ok = isinstance(temperature, (int, float, np.floating, np.integer))
-    ok = ok and not isinstance(temperature, bool)
-    ok = ok and math.isfinite(float(temperature))
-    ok = ok and low <= float(temperature) <= high
-    check_argument(ok, "temperature", f"a number in [{low:g}, {high:g}]", temperature)
-    return float(temperature)
-
-
-_check_temperature = check_temperature
 
 
 def _check_direction(direction):
@@ -354,7 +337,7 @@ def kl_divergence(
     ((1, 1, 1), 3.788)
     """
     target = _check_target(target)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     direction = _check_direction(direction)
     from_logits = _check_bool(from_logits, "from_logits")
     scale = _check_bool(scale_by_temperature_squared, "scale_by_temperature_squared")
@@ -662,7 +645,7 @@ class KLDivergence(_KlsegLoss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = _check_bool(from_logits, "from_logits")
         self.target = _check_target(target)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.scale_by_temperature_squared = _check_bool(
             scale_by_temperature_squared, "scale_by_temperature_squared"
         )
@@ -1220,7 +1203,7 @@ def channel_wise_kl_divergence(y_true, y_pred, *, temperature=2.0, mask=None):
     >>> tuple(kl.shape), round(float(kl[0, 0]), 4)  # KL((.75, .25) || (.5, .5))
     ((1, 1), 0.1308)
     """
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     y_true, y_pred = as_float32(y_true), as_float32(y_pred)
     _check_spatial_pair(y_true, y_pred)
     _num_classes(y_true, "y_true")
@@ -1313,7 +1296,7 @@ class ChannelWiseKLDivergence(_KlsegLoss):
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.ignore_class = _check_ignore_class(ignore_class)
 
     def __call__(self, y_true, y_pred, sample_weight=None, labels=None):

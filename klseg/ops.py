@@ -13,11 +13,14 @@ groups:
   and devices without float64 or int64 (JAX by default, TPUs).
 """
 
+import math
+
 import numpy as np
 from keras import KerasTensor, ops
 from keras import backend as keras_backend
 
 from klseg import registry
+from klseg.errors import InvalidArgumentError
 
 try:  # Keras' own losses attach masks this way; it has no public alias.
     from keras.src.backend import set_keras_mask as _set_keras_mask
@@ -36,6 +39,7 @@ __all__ = [
     "accumulate",
     "as_float32",
     "check_argument",
+    "check_temperature",
     "concrete",
     "log_probs",
     "log_softmax",
@@ -79,6 +83,40 @@ def check_argument(ok, name, expected, value):
         raise ValueError(
             f"Invalid `{name}`: expected {expected}. Received: {name}={value!r}"
         )
+
+
+def check_temperature(temperature, name="temperature"):
+    """``temperature`` as a float; ``InvalidArgumentError`` outside
+    ``TEMPERATURE_RANGE``.
+
+    The one temperature check of klseg (losses, fine-tuning, consistency,
+    distillation). The accepted range is ``[1e-3, 1e3]``
+    (``klseg.registry.TEMPERATURE_RANGE``): within it every value and
+    gradient is finite for every finite input.
+
+    Args:
+        temperature: the value to check.
+        name: the argument's name in the message. Defaults to
+            ``"temperature"``.
+
+    Returns:
+        ``temperature`` as a Python float.
+
+    Raises:
+        klseg.errors.InvalidArgumentError: (a ``ValueError``) ``temperature``
+            is not a finite number in the range.
+    """
+    low, high = TEMPERATURE_RANGE
+    ok = isinstance(temperature, (int, float, np.floating, np.integer))
+    ok = ok and not isinstance(temperature, bool)
+    ok = ok and math.isfinite(float(temperature))
+    ok = ok and low <= float(temperature) <= high
+    if not ok:
+        raise InvalidArgumentError(
+            f"Invalid `{name}`: expected a number in [{low:g}, {high:g}]. "
+            f"Received: {name}={temperature!r}"
+        )
+    return float(temperature)
 
 
 def to_tensor(x, dtype=None):
