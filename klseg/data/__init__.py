@@ -4,6 +4,7 @@ Public API (loaded on first use, so ``import klseg.data.synthetic`` stays
 numpy-only and nothing heavy is imported by ``import klseg.data``):
 
 - ``load_split(spec, ...)`` -> ``Split`` (folder, ``"tfds:NAME[:SPLIT]"``,
+  a data set in its own layout such as ``"cityscapes:PATH[:SPLIT]"``,
   arrays), checked up front;
 - ``make_dataset(split_or_spec, *, batch_size, image_size, augment, ...)`` ->
   ``tf.data.Dataset`` of ``(images uint8, masks int32)``;
@@ -12,11 +13,14 @@ numpy-only and nothing heavy is imported by ``import klseg.data``):
 - ``load_class_map`` (``klseg.data.classes``): read a class map;
 - submodules ``synthetic``, ``augment``, ``style``, ``folder``,
   ``tfds_source``, ``pipeline``, ``split``, ``images`` (the one image reader),
-  ``classes``, ``sources``, ``resize``.
+  ``classes``, ``sources``, ``resize``, ``layouts`` (with ``layout_specs``
+  and ``label_tables``: Cityscapes, GTA5, SYNTHIA, ACDC, Dark Zurich, VOC
+  and ADE20K in their own folder layouts).
 
 Modules import in one direction, leaves first: ``classes``, ``images``,
-``resize``, ``synthetic``; then ``sources``, ``augment``; ``split``;
-``folder``, ``tfds_source``, ``style``; ``pipeline``.
+``resize``, ``synthetic``, ``label_tables``, ``layout_specs``; then
+``sources``, ``augment``; ``split``; ``folder``, ``tfds_source``, ``style``;
+``layouts``; ``pipeline``.
 """
 
 import importlib
@@ -29,8 +33,12 @@ __all__ = [
     "fit_to_size",
     "folder",
     "images",
+    "label_tables",
+    "layout_specs",
+    "layouts",
     "load_arrays",
     "load_class_map",
+    "load_layout",
     "load_split",
     "make_dataset",
     "pipeline",
@@ -48,6 +56,7 @@ _ATTRIBUTES = {
     "fit_to_size": "klseg.data.resize",
     "load_arrays": "klseg.data.pipeline",
     "load_class_map": "klseg.data.classes",
+    "load_layout": "klseg.data.layouts",
     "load_split": "klseg.data.pipeline",
     "make_dataset": "klseg.data.pipeline",
 }
@@ -56,6 +65,9 @@ _SUBMODULES = (
     "classes",
     "folder",
     "images",
+    "label_tables",
+    "layout_specs",
+    "layouts",
     "pipeline",
     "resize",
     "sources",

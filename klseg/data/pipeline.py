@@ -21,6 +21,7 @@ import numpy as np
 
 from klseg.data.augment import Augmenter
 from klseg.data.folder import load_folder
+from klseg.data.layouts import is_layout_spec, load_layout
 from klseg.data.resize import RESIZE_MODES, check_resize_mode, fit_to_size, size_pair
 from klseg.data.split import Split
 from klseg.data.tfds_source import load_tfds
@@ -52,8 +53,9 @@ def load_split(
         spec: A folder (``DIR`` holding ``images/`` and ``masks/``, see
             ``klseg.data.folder``), ``"tfds:NAME"`` or ``"tfds:NAME:SPLIT"``
             (for example ``"tfds:oxford_iiit_pet:test"``; the split defaults to
-            ``train``), a ``Split`` (returned as is), or an ``(images, masks)``
-            tuple of arrays.
+            ``train``), a data set in its own layout (``"cityscapes:PATH"``,
+            ``"gta5:PATH"``, ... see ``klseg.data.layouts``), a ``Split``
+            (returned as is), or an ``(images, masks)`` tuple of arrays.
         ignore_value: Mask value meaning "no label". Defaults to ``255``.
         class_map: Remaps raw mask values: a dict ``{raw: class}`` or a JSON
             file (see ``klseg.data.classes.load_class_map``). For TFDS it
@@ -98,6 +100,15 @@ def load_split(
             class_map=class_map,
             num_classes=num_classes,
             data_dir=data_dir,
+        )
+    if is_layout_spec(spec):
+        return load_layout(
+            spec,
+            ignore_value=ignore_value,
+            class_map=class_map,
+            num_classes=num_classes,
+            require_masks=require_masks,
+            check=check,
         )
     return load_folder(
         spec,

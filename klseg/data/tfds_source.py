@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from klseg.data.classes import load_class_map
+from klseg.data.label_tables import CITYSCAPES
 from klseg.data.resize import resize
 from klseg.data.sources import Source
 from klseg.data.split import Split
@@ -62,47 +63,9 @@ __all__ = [
 # (unlabeled, ego vehicle, rectification border, out of roi, static, dynamic,
 # ground, parking, rail track, guard rail, bridge, tunnel, polegroup,
 # caravan, trailer) are ignored.
-CITYSCAPES_CLASS_NAMES = [
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-]
+CITYSCAPES_CLASS_NAMES = list(CITYSCAPES.class_names)
 CITYSCAPES_CLASS_MAP = {
-    7: 0,
-    8: 1,
-    11: 2,
-    12: 3,
-    13: 4,
-    17: 5,
-    19: 6,
-    20: 7,
-    21: 8,
-    22: 9,
-    23: 10,
-    24: 11,
-    25: 12,
-    26: 13,
-    27: 14,
-    28: 15,
-    31: 16,
-    32: 17,
-    33: 18,
+    raw: target for raw, _, target in CITYSCAPES.rows if target is not None
 }
 
 # The 100 categories of the Places Challenge 2017 instance annotations, in

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from klseg import errors
 from klseg._version import __version__
+from klseg.data.layout_specs import layout_spec_path
 from klseg.files import atomic_write_text, read_yaml, write_yaml
 
 __all__ = [
@@ -317,7 +318,8 @@ def check_inputs_not_outputs(outputs, inputs):
     Args:
         outputs: ``{option: path}`` of what a job writes.
         inputs: ``{option: path}`` of what it reads (``None`` values and
-            ``tfds:`` specs are skipped).
+            ``tfds:`` specs are skipped; a data set spec such as
+            ``cityscapes:PATH:val`` counts as its folder ``PATH``).
 
     Raises:
         klseg.errors.RunError: naming both options and paths.
@@ -331,7 +333,7 @@ def check_inputs_not_outputs(outputs, inputs):
                 continue
             if str(in_path).startswith("tfds:"):
                 continue
-            source = _resolved(in_path)
+            source = _resolved(layout_spec_path(in_path) or in_path)
             relation = _relation(out[0], source[0]) or _relation(out[1], source[1])
             if relation is None:
                 continue

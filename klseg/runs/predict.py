@@ -32,6 +32,25 @@ def predict_image(model, image, *, multiple=None, options=None, forward=None):
     return classes[0].astype("uint8")
 
 
+def _image_files(images):
+    """The image files ``--images`` names: a folder (or its ``images/``), or a
+    data-set layout spec (``cityscapes:PATH:val``: the split's images, whose
+    labels are not read)."""
+    from klseg.data.images import check_unique_stems, list_images
+    from klseg.data.layout_specs import is_layout_spec
+
+    if is_layout_spec(images):
+        from klseg.data.layouts import layout_image_paths
+
+        files = layout_image_paths(images)
+        check_unique_stems(files)
+        return files
+    folder = Path(images)
+    if folder.is_dir() and (folder / "images").is_dir():
+        folder = folder / "images"
+    return list_images(folder, unique_stems=True)
+
+
 def predict(cfg):
     """Predict masks (and colour overlays) for a folder of images.
 
@@ -51,15 +70,12 @@ def predict(cfg):
     import numpy as np
 
     from klseg import inference, models, progress, report
-    from klseg.data.images import list_images, read_image
+    from klseg.data.images import read_image
 
     check_inputs_not_outputs(
         {"--output": cfg.output}, {"--images": cfg.images, "--model": cfg.model}
     )
-    folder = Path(cfg.images)
-    if folder.is_dir() and (folder / "images").is_dir():
-        folder = folder / "images"
-    files = list_images(folder, unique_stems=True)
+    files = _image_files(cfg.images)
     model = inputs.load_model(cfg.model)
     num_classes, multiple = inputs.model_info(model, cfg.model)
     inference.check_tile_size(cfg.tile_size, multiple, name="--tile-size")
