@@ -53,7 +53,6 @@ This module imports only the standard library and click at module level; YAML
 and TOML readers load on first use.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -131,6 +130,8 @@ def read_config_file(path, *, param_hint="'--config'"):
         elif fmt == "TOML":
             data = _load_toml(text)
         else:
+            import json
+
             data = json.loads(text, object_pairs_hook=_json_mapping)
     except click.BadParameter:
         raise
@@ -304,19 +305,22 @@ def _show(value):
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+#: What a value from a file is, in messages; ``bool`` before ``int`` (a
+#: ``bool`` is an ``int`` in Python).
+_KINDS = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "a list"),
+    (dict, "a mapping"),
+)
+
+
 def _kind(value):
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
+    for kind, text in _KINDS:
+        if isinstance(value, kind):
+            return text
     return f"a {type(value).__name__}"
 
 

@@ -1,24 +1,26 @@
 """What the ``klseg`` commands share: option blocks, error handling, set-up.
 
-Defaults and choices come from the run layer (:mod:`klseg.runs.configs`) and
-:mod:`klseg.registry`; this module keeps no copy of them.
+Choices and defaults come from :mod:`klseg.registry` (and the inference
+options' from :mod:`klseg.inference`), which load without the run layer's
+configs; this module keeps no copy of them. The commands build the configs
+(:mod:`klseg.runs.configs`) only when they run.
 """
 
 import dataclasses
 import functools
 import os
-import shlex
 import warnings
 from pathlib import Path
 
 import click
 
 from klseg import errors
-from klseg.inference import MAX_TILE_OVERLAP, TTA_MODES
-from klseg.runs import configs as run_config
-from klseg.runs.configs import (
+from klseg.inference import MAX_TILE_OVERLAP, TTA_MODES, InferenceOptions
+from klseg.registry import (
     AUGMENT,
+    DEFAULT_LEARNING_RATE,
     MIXED_PRECISION,
+    RUN_DEFAULTS,
     STRATEGIES,
 )
 
@@ -29,11 +31,14 @@ __all__ = [
     "build",
     "config_option",
     "default",
+    "default_option",
+    "option_block",
     "echo_result",
     "inference_options",
     "prepare_runtime",
     "require",
     "run_errors",
+    "run_job",
     "run_options",
     "saved_run_config",
 ]
@@ -47,7 +52,37 @@ def default(config_class, name):
     raise KeyError(name)
 
 
-TRAIN = run_config.TrainConfig
+def default_option(defaults, *param_decls, **attrs):
+    """A ``click.option`` whose default is the job's, shown in ``--help``.
+
+    Args:
+        defaults: the job's defaults, ``{name: value}`` (a table of
+            :mod:`klseg.registry`); the option's name picks the entry
+            (``--kl-inputs`` or ``--jit/--no-jit``: ``kl_inputs``, ``jit``).
+        *param_decls, **attrs: as ``click.option``.
+    """
+    name = param_decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    return click.option(
+        *param_decls, default=defaults[name], show_default=True, **attrs
+    )
+
+
+def option_block(*options):
+    """One decorator for several options; ``--help`` lists them in this order."""
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _short_float(value):
+    """``1e-3`` for 0.001, as the help texts write small numbers."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
 
 PATH = click.Path(path_type=str)
 
@@ -62,7 +97,7 @@ def prepare_runtime():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # No CUDA-probe lines when the command first imports TensorFlow.
-    from .entry import quiet_imports
+    from .startup import quiet_imports
 
     quiet_imports()
     # klseg's warnings are meant for the user: one line, no source location.
@@ -95,7 +130,7 @@ def run_errors(fn):
     def wrapper(*args, **kwargs):
         from klseg.runs.runtime import interrupt_handler, was_interrupted
 
-        from .entry import take_interrupt
+        from .interrupts import take_interrupt
 
         try:
             try:
@@ -134,6 +169,8 @@ def _resume_hint(ctx):
     saved = [out / "checkpoints" / "latest.json"]
     saved += [p / "checkpoints" / "latest.json" for p in out.glob("kl_*")]
     if any(p.is_file() for p in saved):
+        import shlex
+
         return (
             f" Continue it with: klseg {ctx.info_name} "
             f"--output {shlex.quote(str(values['output']))} --resume"
@@ -151,9 +188,27 @@ def config_option(fn):
 
 
 def run_options(fn):
-    """Options every training command (train, finetune) shares."""
-    options = [
+    """Options every training command (train, finetune, distill) shares."""
+    return option_block(
         click.option("--output", "-o", type=PATH, help="Run folder to write."),
+        *_size_options(),
+        *_schedule_options(),
+        *_label_options(),
+        default_option(
+            RUN_DEFAULTS,
+            "--monitor",
+            help="History column that picks the best epoch for model.keras "
+            "(lowest for *loss and val_forgetting, else highest), or 'auto' "
+            "(val_mean_iou for train, val_target_mean_iou for finetune).",
+        ),
+        default_option(RUN_DEFAULTS, "--seed", type=int),
+        *_device_options(),
+        *_invocation_options(),
+    )(fn)
+
+
+def _size_options():
+    return (
         click.option(
             "--image-size",
             type=ImageSize(minimum=8),
@@ -167,12 +222,14 @@ def run_options(fn):
             help="Train on random HxW crops of the images at --image-size; "
             "validation sees whole images  [default: no crop].",
         ),
-        click.option(
-            "--epochs",
-            type=click.IntRange(min=1),
-            default=default(TRAIN, "epochs"),
-            show_default=True,
-        ),
+    )
+
+
+def _schedule_options():
+    """Epochs, steps, validation, batch size and learning rate."""
+    rates = DEFAULT_LEARNING_RATE
+    return (
+        default_option(RUN_DEFAULTS, "--epochs", type=click.IntRange(min=1)),
         click.option(
             "--steps-per-epoch",
             type=click.IntRange(min=1),
@@ -180,38 +237,41 @@ def run_options(fn):
             "batches, not a pass over the data)  [default: one pass over the "
             "training images].",
         ),
-        click.option(
+        default_option(
+            RUN_DEFAULTS,
             "--val-every",
             type=click.IntRange(min=1),
-            default=default(TRAIN, "val_every"),
-            show_default=True,
             help="Validate every N epochs and after the last one; model.keras "
             "is the best validated epoch.",
         ),
-        click.option(
+        default_option(
+            RUN_DEFAULTS,
             "--batch-size",
             type=click.IntRange(min=1),
-            default=default(TRAIN, "batch_size"),
-            show_default=True,
             help="Global batch size (split across replicas).",
         ),
         click.option(
             "--learning-rate",
             type=FiniteFloat(min=0, min_open=True),
-            help="Adam learning rate  [default: 1e-3 train, 1e-4 finetune].",
+            help=f"Adam learning rate  [default: {_short_float(rates['train'])} "
+            f"train, {_short_float(rates['finetune'])} finetune].",
         ),
-        click.option(
+    )
+
+
+def _label_options():
+    """Augmentation of the training images and the reading of their masks."""
+    return (
+        default_option(
+            RUN_DEFAULTS,
             "--augment",
             type=click.Choice(AUGMENT),
-            default=default(TRAIN, "augment"),
-            show_default=True,
             help="Augmentation preset for the training images.",
         ),
-        click.option(
+        default_option(
+            RUN_DEFAULTS,
             "--ignore-value",
             type=click.IntRange(0, 255),
-            default=default(TRAIN, "ignore_value"),
-            show_default=True,
             help="Mask value of pixels without a label.",
         ),
         click.option(
@@ -219,43 +279,41 @@ def run_options(fn):
             type=PATH,
             help="JSON file mapping mask values to class indices.",
         ),
-        click.option(
-            "--monitor",
-            default=default(TRAIN, "monitor"),
-            show_default=True,
-            help="History column that picks the best epoch for model.keras "
-            "(lowest for *loss and val_forgetting, else highest), or 'auto' "
-            "(val_mean_iou for train, val_target_mean_iou for finetune).",
-        ),
-        click.option(
-            "--seed", type=int, default=default(TRAIN, "seed"), show_default=True
-        ),
-        click.option(
+    )
+
+
+def _device_options():
+    """Distribution, XLA and mixed precision."""
+    return (
+        default_option(
+            RUN_DEFAULTS,
             "--strategy",
             type=click.Choice(STRATEGIES),
-            default=default(TRAIN, "strategy"),
-            show_default=True,
             help="tf.distribute strategy: one device, all GPUs of this machine "
             "(mirrored), or several machines configured by TF_CONFIG "
             "(multi-worker).",
         ),
-        click.option(
+        default_option(
+            RUN_DEFAULTS,
             "--jit/--no-jit",
-            default=False,
-            show_default=True,
             help="Compile the training step with XLA (not with mirrored or "
             "multi-worker).",
         ),
-        click.option(
+        default_option(
+            RUN_DEFAULTS,
             "--mixed-precision",
             type=MixedPrecision(MIXED_PRECISION),
-            default=default(TRAIN, "mixed_precision"),
             is_flag=False,
             flag_value="auto",
-            show_default=True,
             help="Compute in float16/bfloat16 with float32 variables; a bare "
             "flag means auto (float16 on GPU, bfloat16 on CPU).",
         ),
+    )
+
+
+def _invocation_options():
+    """How the run is invoked: resume, overwrite, quiet."""
+    return (
         click.option(
             "--resume",
             is_flag=True,
@@ -268,15 +326,13 @@ def run_options(fn):
             help="Replace an existing run in --output.",
         ),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )
 
 
 def inference_options(fn):
     """Windows and test-time augmentation (evaluate, predict)."""
-    options = [
+    defaults = {f.name: f.default for f in dataclasses.fields(InferenceOptions)}
+    return option_block(
         click.option(
             "--tile-size",
             type=TileSize(),
@@ -284,26 +340,21 @@ def inference_options(fn):
             "multiple of the model's size multiple; larger than the image "
             "means the whole image  [default: whole images].",
         ),
-        click.option(
+        default_option(
+            defaults,
             "--tile-overlap",
             type=FiniteFloat(0, MAX_TILE_OVERLAP),
-            default=default(run_config.PredictConfig, "tile_overlap"),
-            show_default=True,
             help="Fraction of a window shared with its neighbour; overlaps "
             "are blended with linear weights.",
         ),
-        click.option(
+        default_option(
+            defaults,
             "--tta",
             type=click.Choice(TTA_MODES),
-            default=default(run_config.PredictConfig, "tta"),
-            show_default=True,
             help="Test-time augmentation: 'flip' averages with the "
             "horizontally flipped image.",
         ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )(fn)
 
 
 def require(values, *names):
@@ -333,6 +384,26 @@ def build(config_class, values, drop=()):
         return config_class(**kwargs)
     except errors.InvalidArgumentError as e:
         raise click.UsageError(str(e)) from None
+
+
+def run_job(ctx, job, config_class, *required, resumable=False):
+    """What a command does once its options are parsed.
+
+    Merges the options with ``--config`` (and, for a ``resumable`` job, the
+    saved config of the run being resumed), checks that the ``required``
+    ones are set, builds ``klseg.runs.CONFIG_CLASS`` and calls
+    ``klseg.runs.JOB`` with it, then prints the result's summary.
+    """
+    from .config_files import resolve_options
+
+    saved = saved_run_config if resumable else None
+    values, _ = resolve_options(ctx, saved_config_for=saved)
+    require(values, *required)
+    prepare_runtime()
+    from klseg import runs
+
+    result = getattr(runs, job)(build(getattr(runs, config_class), values))
+    echo_result(result)
 
 
 def echo_result(result):

@@ -123,8 +123,8 @@ class MixedPrecision(click.Choice):
     Config files may also say ``true`` (auto) or ``false`` (off).
 
     Args:
-        choices: the modes, from the run layer
-            (``klseg.runs.configs.MIXED_PRECISION``): the CLI keeps no copy.
+        choices: the modes, from the registry
+            (``klseg.registry.MIXED_PRECISION``): the CLI keeps no copy.
     """
 
     def __init__(self, choices):

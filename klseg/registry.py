@@ -5,21 +5,39 @@ print their defaults) without importing Keras. Every other module takes
 these values from here: ``klseg.models`` builds its registry from the model
 names (a test checks that every name has a builder and every builder a
 name), the losses check temperatures against ``TEMPERATURE_RANGE``, and the
-run layer's configs check their choices against the tuples below.
+run layer's configs check their choices against the tuples below and take
+their defaults from the ``*_DEFAULTS`` tables (the command line shows them
+in ``--help``).
 """
 
 __all__ = [
+    "AUGMENT",
     "BACKBONES",
+    "DEFAULT_LEARNING_RATE",
+    "DEMO_DEFAULTS",
+    "DISTILL_DEFAULTS",
     "DISTILL_KL_TYPES",
     "DISTILL_KL_WEIGHT",
     "DISTILL_TEMPERATURE",
+    "EVALUATE_DEFAULTS",
+    "EXPORT_DEFAULTS",
     "EXPORT_FORMATS",
+    "FINETUNE_DEFAULTS",
     "FINETUNE_KL_WEIGHT",
     "FINETUNE_TEMPERATURE",
+    "KL_INPUTS",
+    "MIXED_PRECISION",
     "MIX_MODES",
     "MODELS",
+    "PREDICT_DEFAULTS",
     "QUANTIZATIONS",
+    "RUN_DEFAULTS",
+    "SOURCE_PREDICTIONS",
+    "STRATEGIES",
+    "STUDENT_BN",
+    "SYNTH_DEFAULTS",
     "TEMPERATURE_RANGE",
+    "TRAIN_DEFAULTS",
 ]
 
 #: Architectures ``klseg.models.build`` accepts.
@@ -59,3 +77,60 @@ EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
 #: TFLite quantisations: float32 weights and maths, float16 weights, or
 #: full-integer int8 (weights and activations) calibrated on sample images.
 QUANTIZATIONS = ("none", "float16", "int8")
+
+# --------------------------------------------------------------------------
+# The jobs' choices and defaults (klseg.runs.configs, the command line)
+# --------------------------------------------------------------------------
+
+#: ``tf.distribute`` strategies of the training jobs.
+STRATEGIES = ("default", "mirrored", "multi-worker")
+#: Mixed-precision modes (``"auto"``: float16 on GPU, bfloat16 on CPU).
+MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
+#: Augmentation presets of the training images (``klseg.data.augment``).
+AUGMENT = ("none", "light", "strong")
+#: Images the fine-tuning KL term sees.
+KL_INPUTS = ("auto", "target", "source", "both")
+#: BatchNorm statistics of the fine-tuned model.
+STUDENT_BN = ("trainable", "frozen", "synchronized")
+#: Whether the source model's predictions are computed live or stored once.
+SOURCE_PREDICTIONS = ("auto", "live", "stored")
+#: Adam learning rate of each job when none is given.
+DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4}
+
+#: Defaults of the options every training job shares (train, finetune,
+#: distill).
+RUN_DEFAULTS = {
+    "epochs": 20,
+    "val_every": 1,
+    "batch_size": 8,
+    "augment": "light",
+    "ignore_value": 255,
+    "monitor": "auto",
+    "seed": 0,
+    "strategy": "default",
+    "jit": False,
+    "mixed_precision": "off",
+}
+#: Defaults of the options of each job, beside ``RUN_DEFAULTS``.
+TRAIN_DEFAULTS = {"model": "unet"}
+FINETUNE_DEFAULTS = {
+    "kl_inputs": "auto",
+    "student_bn": "trainable",
+    "source_predictions": "auto",
+    "ema_decay": 0.99,
+    "consistency_threshold": 0.9,
+    "consistency_rampup": 0,
+    "consistency_mix": "classmix",
+}
+DISTILL_DEFAULTS = {"model": "unet", "kl_weight": DISTILL_KL_WEIGHT, "kl_type": "pixel"}
+EVALUATE_DEFAULTS = {"batch_size": 8, "ignore_value": 255}
+PREDICT_DEFAULTS = {"overlay": True, "alpha": 0.5}
+EXPORT_DEFAULTS = {"format": "saved_model", "quantize": "none"}
+SYNTH_DEFAULTS = {
+    "image_size": 64,
+    "num_train": 160,
+    "num_val": 64,
+    "num_unlabeled": 160,
+    "seed": 0,
+}
+DEMO_DEFAULTS = {"output": "klseg-demo", "seed": 0}

@@ -37,10 +37,9 @@ import numpy as np
 
 from klseg.data.resize import size_pair
 from klseg.errors import InvalidArgumentError
+from klseg.registry import AUGMENT as PRESETS
 
 __all__ = ["PRESETS", "Augmenter", "import_albumentations", "preset", "reseed"]
-
-PRESETS = ("none", "light", "strong")
 
 
 def import_albumentations():

@@ -183,19 +183,50 @@ def load_folder(
             f"`check` must be 'full' or 'header'. Received: check={check!r}"
         )
     root = Path(root)
+    _check_root(root)
+    image_paths = list_images(root, unique_stems=True)
+    mask_paths = _pair_masks(root, image_paths, require_masks)
+    mapping, names, num_classes = _class_names(root, class_map, num_classes)
+    sizes, values = _check_files(root, image_paths, mask_paths, check, num_workers)
+    if mapping is not None and mask_paths is not None:
+        _check_map_covers(mask_paths, values, mapping, class_map, ignore_value)
+    split = Split(
+        FolderSource(
+            root,
+            image_paths,
+            mask_paths,
+            None if mask_paths is None else values,
+            image_sizes=sizes,
+        ),
+        num_classes=num_classes,
+        class_names=names,
+        ignore_value=ignore_value,
+        class_map=mapping,
+    )
+    split.check_labels(num_classes, what=None)
+    split.num_classes_seen = split.count_classes_seen()
+    return split
+
+
+def _check_root(root):
+    """The folder exists and holds ``images/`` (or image files directly)."""
     if not root.exists():
         raise DataError(f"{root}: folder does not exist.")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected images/ and masks/ inside).")
-    mask_dir = root / "masks"
     has_image_dir = (root / "images").is_dir()
-    if not has_image_dir and (mask_dir.is_dir() or not _holds_images(root)):
+    if not has_image_dir and ((root / "masks").is_dir() or not _holds_images(root)):
         raise DataError(
             f"{root}: no images/ folder. Expected {root}/images/ with image files "
             f"({', '.join(IMAGE_SUFFIXES)}) and, for a labelled set, "
             f"{root}/masks/ with PNG masks."
         )
-    image_paths = list_images(root, unique_stems=True)
+
+
+def _pair_masks(root, image_paths, require_masks):
+    """The mask of each image (same stem in ``masks/``), or ``None`` for an
+    unlabelled set."""
+    mask_dir = root / "masks"
     labelled = mask_dir.is_dir()
     if require_masks and not labelled:
         raise DataError(
@@ -203,21 +234,25 @@ def load_folder(
             "are required here. Add masks/ with one PNG per image (same file "
             "stem), or use the folder where unlabelled images are accepted."
         )
-    mask_paths = None
-    if labelled:
-        mask_files = check_unique_stems(list_masks(mask_dir), what="masks")
-        missing = [path.name for path in image_paths if path.stem not in mask_files]
-        if missing:
-            orphans = sorted(set(mask_files) - set(_by_stem(image_paths)))
-            hint = f" Masks without an image: {_few(orphans)}." if orphans else ""
-            raise DataError(
-                f"{root}: {len(missing)} of {len(image_paths)} images have no mask "
-                f"in {mask_dir}: {_few(missing)}. Each image needs "
-                f"masks/<stem>.png (e.g. images/{missing[0]} -> "
-                f"masks/{Path(missing[0]).stem}.png)." + hint
-            )
-        mask_paths = [mask_files[path.stem] for path in image_paths]
+    if not labelled:
+        return None
+    mask_files = check_unique_stems(list_masks(mask_dir), what="masks")
+    missing = [path.name for path in image_paths if path.stem not in mask_files]
+    if missing:
+        orphans = sorted(set(mask_files) - set(_by_stem(image_paths)))
+        hint = f" Masks without an image: {_few(orphans)}." if orphans else ""
+        raise DataError(
+            f"{root}: {len(missing)} of {len(image_paths)} images have no mask "
+            f"in {mask_dir}: {_few(missing)}. Each image needs "
+            f"masks/<stem>.png (e.g. images/{missing[0]} -> "
+            f"masks/{Path(missing[0]).stem}.png)." + hint
+        )
+    return [mask_files[path.stem] for path in image_paths]
 
+
+def _class_names(root, class_map, num_classes):
+    """``(mapping, names, num_classes)`` from the class map, else from a
+    ``classes.json`` in or above ``root``."""
     mapping, names = (None, None)
     if class_map is not None:
         mapping, names = load_class_map(class_map)
@@ -231,6 +266,16 @@ def load_folder(
         raise DataError(
             f"{root}: {len(names)} class names but num_classes={num_classes}."
         )
+    return mapping, names, num_classes
+
+
+def _check_files(root, image_paths, mask_paths, check, num_workers):
+    """Read every image (header or whole) and mask on worker threads.
+
+    Returns:
+        ``(sizes, values)``: each image's ``(height, width)``, and each
+        mask's distinct raw values (``None`` entries without masks).
+    """
 
     def check_one(index):
         image_path = image_paths[index]
@@ -258,25 +303,7 @@ def load_folder(
                 unit="image",
             )
         )
-
-    if mapping is not None and mask_paths is not None:
-        _check_map_covers(mask_paths, values, mapping, class_map, ignore_value)
-    split = Split(
-        FolderSource(
-            root,
-            image_paths,
-            mask_paths,
-            None if mask_paths is None else values,
-            image_sizes=sizes,
-        ),
-        num_classes=num_classes,
-        class_names=names,
-        ignore_value=ignore_value,
-        class_map=mapping,
-    )
-    split.check_labels(num_classes, what=None)
-    split.num_classes_seen = split.count_classes_seen()
-    return split
+    return sizes, values
 
 
 def _holds_images(folder):

@@ -279,6 +279,41 @@ def make_dataset(
     """
     import tensorflow as tf
 
+    _check_stream_arguments(batch_size, resize, skip)
+    size = size_pair(image_size)
+    split = load_split(
+        split_or_spec,
+        ignore_value=ignore_value,
+        class_map=class_map,
+        num_classes=num_classes,
+        require_masks=require_masks,
+    )
+    if cache and not split.source.in_memory:
+        split = _in_memory(split, size, resize)
+    extras = _check_extra_maps(extra_maps, split.num_images, size)
+    augmenter = Augmenter(
+        augment,
+        size,
+        ignore_value=split.ignore_value,
+        extra_names=list(extras),
+        crop_size=crop_size,
+    )
+    parallel = num_parallel_calls or tf.data.AUTOTUNE
+    seed = int(seed)
+    load_map = _example_loader(split, size, resize, style, augmenter, extras, seed)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    examples = split.source.tf_examples(shuffle=shuffle, seed=seed, repeat=repeat)
+    # The references and their seeds are drawn before any image is loaded,
+    # so skipping them is cheap and leaves the rest of the stream unchanged.
+    references = tf.data.Dataset.zip(examples, seeds)
+    if skip:
+        references = references.skip(int(skip))
+    dataset = references.map(load_map, num_parallel_calls=parallel, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_stream_arguments(batch_size, resize, skip):
     is_int = isinstance(batch_size, (int, np.integer)) and not isinstance(
         batch_size, bool
     )
@@ -292,33 +327,30 @@ def make_dataset(
         raise InvalidArgumentError(
             f"`skip` must be a non-negative integer. Received: skip={skip!r}"
         )
-    size = size_pair(image_size)
-    split = load_split(
-        split_or_spec,
-        ignore_value=ignore_value,
-        class_map=class_map,
-        num_classes=num_classes,
-        require_masks=require_masks,
+
+
+def _in_memory(split, size, resize):
+    """``split`` decoded and fitted to ``size`` once, as an array split."""
+    images, masks = load_arrays(split, size, resize=resize)
+    return Split.from_arrays(
+        images,
+        masks if split.has_masks else None,
+        name=split.name,
+        num_classes=split.num_classes,
+        class_names=split.class_names,
+        ignore_value=split.ignore_value,
     )
+
+
+def _example_loader(split, size, resize, style, augmenter, extras, seed):
+    """The tf.data map from ``(example reference, element seed)`` to one
+    decoded, fitted, restyled and augmented example."""
+    import tensorflow as tf
+
     ignore = split.ignore_value
-    if cache and not split.source.in_memory:
-        images, masks = load_arrays(split, size, resize=resize)
-        split = Split.from_arrays(
-            images,
-            masks if split.has_masks else None,
-            name=split.name,
-            num_classes=split.num_classes,
-            class_names=split.class_names,
-            ignore_value=ignore,
-        )
-    extras = _check_extra_maps(extra_maps, split.num_images, size)
     names = list(extras)
-    augmenter = Augmenter(
-        augment, size, ignore_value=ignore, extra_names=names, crop_size=crop_size
-    )
     out_size = augmenter.size
-    parallel = num_parallel_calls or tf.data.AUTOTUNE
-    seed = int(seed)
+    source = split.source
 
     def process(image, mask, index, element_seed):
         if mask is None:
@@ -343,11 +375,6 @@ def make_dataset(
             return {"images": image, **dict(zip(names, maps))}, mask
         return image, mask
 
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-
-    source = split.source
-    examples = source.tf_examples(shuffle=shuffle, seed=seed, repeat=repeat)
-
     def load(index, *rest):
         *payload, element_seed = rest
         index = int(index)
@@ -360,11 +387,4 @@ def make_dataset(
         outputs = tf.numpy_function(load, inputs, out_types, name="klseg_load")
         return set_shapes(outputs)
 
-    # The references and their seeds are drawn before any image is loaded,
-    # so skipping them is cheap and leaves the rest of the stream unchanged.
-    references = tf.data.Dataset.zip(examples, seeds)
-    if skip:
-        references = references.skip(int(skip))
-    dataset = references.map(load_map, num_parallel_calls=parallel, deterministic=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return load_map

@@ -162,10 +162,24 @@ def _road_edges(y, horizon, vanish_x, top_half, left, right, s):
 
 def _render_mask(layout, size):
     """Paints class indices far to near; returns the mask and part maps."""
-    s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     mask = np.full((size, size), SKY, dtype=np.uint8)
-    parts = {
+    parts = _empty_parts(size)
+    grid = (yy, xx, float(size))
+    _mask_buildings(mask, parts, layout, grid)
+    _mask_ground_and_road(mask, parts, layout, grid)
+    for index, (kind, base, x, extent) in enumerate(layout["objects"]):
+        if kind == "tree":
+            _mask_tree(mask, parts, base, x, extent, grid)
+        else:
+            _mask_car(mask, parts, index, base, x, extent, grid)
+    parts["lane"] &= mask == ROAD
+    return mask, parts
+
+
+def _empty_parts(size):
+    """The part maps of a scene before anything is painted."""
+    return {
         "building_id": np.full((size, size), -1, dtype=np.int16),
         "window": np.zeros((size, size), dtype=bool),
         "roof": np.zeros((size, size), dtype=bool),
@@ -176,6 +190,11 @@ def _render_mask(layout, size):
         "trunk": np.zeros((size, size), dtype=bool),
         "lane": np.zeros((size, size), dtype=bool),
     }
+
+
+def _mask_buildings(mask, parts, layout, grid):
+    """Buildings on the horizon (gable roofs, a window grid)."""
+    yy, xx, _ = grid
     horizon = layout["horizon"]
     for index, (x0, x1, top, roof) in enumerate(layout["buildings"]):
         body = (xx >= x0) & (xx < x1) & (yy >= top) & (yy < horizon + 1)
@@ -196,19 +215,17 @@ def _render_mask(layout, size):
         win &= ((xx - x0) % column) > column * 0.45
         win &= (yy < horizon - floor * 0.5) & (xx > x0 + 1) & (xx < x1 - 1)
         parts["window"] |= win
+
+
+def _mask_ground_and_road(mask, parts, layout, grid):
+    """Ground below the horizon, the road on it and its dashed centre line."""
+    yy, xx, s = grid
+    horizon = layout["horizon"]
     ground = yy >= horizon
     mask[ground] = GROUND
     parts["building_id"][ground] = -1
     parts["window"] &= ~ground
-    left, right = _road_edges(
-        yy,
-        horizon,
-        layout["vanish_x"],
-        layout["road_top_half"],
-        layout["road_left"],
-        layout["road_right"],
-        s,
-    )
+    left, right = _layout_road_edges(yy, layout, s)
     road = ground & (xx >= left) & (xx < right)
     mask[road] = ROAD
     centre = 0.5 * (left + right)
@@ -216,55 +233,64 @@ def _render_mask(layout, size):
     lane_half = 0.004 * s + 0.012 * s * depth
     dash = (np.maximum(yy - horizon, 0.0) ** 0.6 % 3.0) < 1.5
     parts["lane"] = road & (np.abs(xx - centre) < lane_half) & dash
-    for index, (kind, base, x, extent) in enumerate(layout["objects"]):
-        if kind == "tree":
-            radius = extent
-            trunk_h = radius * 0.8
-            trunk_w = max(radius * 0.3, 1.5)
-            trunk = (
-                (np.abs(xx - x) < trunk_w / 2) & (yy < base) & (yy >= base - trunk_h)
-            )
-            cy = base - trunk_h - radius * 0.7
-            crown = ((xx - x) / radius) ** 2 + ((yy - cy) / (radius * 1.1)) ** 2 < 1
-            mask[trunk | crown] = TREE
-            parts["trunk"] = (parts["trunk"] | trunk) & ~crown
-            for key in ("car_glass", "car_wheel", "car_light"):
-                parts[key] &= ~(trunk | crown)
-        else:
-            width = extent
-            height = width * 0.42
-            top = base - height
-            body_top = top + height * 0.45
-            body = (np.abs(xx - x) < width / 2) & (yy >= body_top) & (yy < base)
-            # rounded corners
-            corner = height * 0.2
-            cx = np.clip(xx, x - width / 2 + corner, x + width / 2 - corner)
-            cy = np.clip(yy, body_top + corner, base - corner)
-            body &= (xx - cx) ** 2 + (yy - cy) ** 2 <= corner**2 + 0.25
-            cabin_half = width * 0.32 * (0.65 + 0.35 * (yy - top) / (body_top - top))
-            cabin = (np.abs(xx - x) < cabin_half) & (yy >= top) & (yy < body_top)
-            wheel_r = height * 0.22
-            wheels = np.zeros_like(body)
-            for side in (-1, 1):
-                wx = x + side * width * 0.3
-                wheels |= (xx - wx) ** 2 + (
-                    yy - (base - wheel_r * 0.6)
-                ) ** 2 < wheel_r**2
-            region = body | cabin | wheels
-            mask[region] = CAR
-            for key in ("car_glass", "car_wheel", "car_light", "trunk"):
-                parts[key] &= ~region
-            parts["car_id"][region] = index
-            parts["car_glass"] |= cabin & (np.abs(xx - x) < cabin_half - 0.8)
-            parts["car_glass"] &= yy >= top + 0.8
-            parts["car_wheel"] |= wheels & ~body | (wheels & (yy > base - wheel_r))
-            light = (
-                body & (yy >= body_top + height * 0.1) & (yy < body_top + height * 0.3)
-            )
-            light &= np.abs(np.abs(xx - x) - width * 0.38) < width * 0.07
-            parts["car_light"] |= light
-    parts["lane"] &= mask == ROAD
-    return mask, parts
+
+
+def _layout_road_edges(yy, layout, s):
+    return _road_edges(
+        yy,
+        layout["horizon"],
+        layout["vanish_x"],
+        layout["road_top_half"],
+        layout["road_left"],
+        layout["road_right"],
+        s,
+    )
+
+
+def _mask_tree(mask, parts, base, x, radius, grid):
+    """A trunk standing on ``base`` under a round crown."""
+    yy, xx, _ = grid
+    trunk_h = radius * 0.8
+    trunk_w = max(radius * 0.3, 1.5)
+    trunk = (np.abs(xx - x) < trunk_w / 2) & (yy < base) & (yy >= base - trunk_h)
+    cy = base - trunk_h - radius * 0.7
+    crown = ((xx - x) / radius) ** 2 + ((yy - cy) / (radius * 1.1)) ** 2 < 1
+    mask[trunk | crown] = TREE
+    parts["trunk"] = (parts["trunk"] | trunk) & ~crown
+    for key in ("car_glass", "car_wheel", "car_light"):
+        parts[key] &= ~(trunk | crown)
+
+
+def _mask_car(mask, parts, index, base, x, width, grid):
+    """A car body with rounded corners, a cabin, wheels and head lights."""
+    yy, xx, _ = grid
+    height = width * 0.42
+    top = base - height
+    body_top = top + height * 0.45
+    body = (np.abs(xx - x) < width / 2) & (yy >= body_top) & (yy < base)
+    # rounded corners
+    corner = height * 0.2
+    cx = np.clip(xx, x - width / 2 + corner, x + width / 2 - corner)
+    cy = np.clip(yy, body_top + corner, base - corner)
+    body &= (xx - cx) ** 2 + (yy - cy) ** 2 <= corner**2 + 0.25
+    cabin_half = width * 0.32 * (0.65 + 0.35 * (yy - top) / (body_top - top))
+    cabin = (np.abs(xx - x) < cabin_half) & (yy >= top) & (yy < body_top)
+    wheel_r = height * 0.22
+    wheels = np.zeros_like(body)
+    for side in (-1, 1):
+        wx = x + side * width * 0.3
+        wheels |= (xx - wx) ** 2 + (yy - (base - wheel_r * 0.6)) ** 2 < wheel_r**2
+    region = body | cabin | wheels
+    mask[region] = CAR
+    for key in ("car_glass", "car_wheel", "car_light", "trunk"):
+        parts[key] &= ~region
+    parts["car_id"][region] = index
+    parts["car_glass"] |= cabin & (np.abs(xx - x) < cabin_half - 0.8)
+    parts["car_glass"] &= yy >= top + 0.8
+    parts["car_wheel"] |= wheels & ~body | (wheels & (yy > base - wheel_r))
+    light = body & (yy >= body_top + height * 0.1) & (yy < body_top + height * 0.3)
+    light &= np.abs(np.abs(xx - x) - width * 0.38) < width * 0.07
+    parts["car_light"] |= light
 
 
 # --------------------------------------------------------------------------
@@ -358,9 +384,20 @@ def _paint_source(rng, mask, parts, layout, size):
 
 
 def _paint_target(rng, mask, parts, layout, size):
-    s = float(size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     img = np.zeros((size, size, 3), dtype=np.float32)
+    grid = (yy, xx, float(size))
+    # Each step draws from ``rng`` in turn: their order is the image.
+    _target_sky_and_ground(rng, img, mask, layout, grid)
+    _target_road(rng, img, mask, layout, grid)
+    _target_buildings(rng, img, mask, parts, layout, grid)
+    _target_trees_and_cars(rng, img, mask, parts, size)
+    return _target_camera(rng, img, grid)
+
+
+def _target_sky_and_ground(rng, img, mask, layout, grid):
+    yy, xx, s = grid
+    size = img.shape[0]
     horizon = layout["horizon"]
 
     # sky: deep blue at the top to lilac at the horizon, with cloud bands
@@ -379,20 +416,15 @@ def _paint_target(rng, mask, parts, layout, size):
     sel = mask == GROUND
     img[sel] = ground[sel]
 
-    # road: dark, cracked, yellow edge lines, no centre dashes
+
+def _target_road(rng, img, mask, layout, grid):
+    """Dark, cracked, yellow edge lines, no centre dashes."""
+    yy, xx, s = grid
     tar = _jitter(rng, (88, 82, 90), 8)
-    cracks = (np.abs(_smooth_noise(rng, size, 10)) < 0.06)[..., None]
+    cracks = (np.abs(_smooth_noise(rng, img.shape[0], 10)) < 0.06)[..., None]
     road = tar - cracks * 25.0
-    left, right = _road_edges(
-        yy,
-        horizon,
-        layout["vanish_x"],
-        layout["road_top_half"],
-        layout["road_left"],
-        layout["road_right"],
-        s,
-    )
-    depth = np.clip((yy - horizon) / (s - horizon), 0, 1)
+    left, right = _layout_road_edges(yy, layout, s)
+    depth = np.clip((yy - layout["horizon"]) / (s - layout["horizon"]), 0, 1)
     edge_w = 0.004 * s + 0.012 * s * depth
     edge = (np.abs(xx - left - 2 * edge_w) < edge_w) | (
         np.abs(xx - right + 2 * edge_w) < edge_w
@@ -401,18 +433,24 @@ def _paint_target(rng, mask, parts, layout, size):
     img[sel] = road[sel]
     img[sel & edge] = _jitter(rng, (220, 190, 40), 10)
 
-    # buildings: sky-blue concrete with floor stripes and lit windows
+
+def _target_buildings(rng, img, mask, parts, layout, grid):
+    """Sky-blue concrete with floor stripes and lit windows."""
+    yy = grid[0]
+    size = img.shape[0]
     concrete = [(125, 160, 205), (150, 175, 200), (105, 135, 180)]
     for index, (_x0, _x1, top_y, _roof) in enumerate(layout["buildings"]):
         colour = _jitter(rng, concrete[rng.integers(len(concrete))], 10)
         sel = (parts["building_id"] == index) & (mask == BUILDING)
-        floor = max((horizon - top_y) / 6.0, 2.0)
+        floor = max((layout["horizon"] - top_y) / 6.0, 2.0)
         stripes = (((yy - top_y) % floor) < floor * 0.3)[..., None]
         img[sel] = (colour - stripes * 35.0)[sel]
     lit = parts["window"] & (mask == BUILDING) & (rng.random((size, size)) < 0.5)
     img[lit] = _jitter(rng, (250, 225, 120), 8)
     img[parts["roof"] & (mask == BUILDING)] = _jitter(rng, (80, 90, 110), 8)
 
+
+def _target_trees_and_cars(rng, img, mask, parts, size):
     # trees: autumn crowns in brick reds, speckled; dark trunks
     crown = _jitter(rng, (160, 50, 40), 12)
     speckle = (rng.random((size, size, 1)) < 0.25) * np.array([50, 45, 10], np.float32)
@@ -430,8 +468,11 @@ def _paint_target(rng, mask, parts, layout, size):
     img[parts["car_wheel"] & car] = _jitter(rng, (15, 15, 20), 4)
     img[parts["car_light"] & car] = _jitter(rng, (255, 250, 210), 5)
 
-    # camera: blur, directional lighting, vignette, colour cast, gamma, noise
-    img = 0.5 * img + 0.5 * _box_blur(img, max(1, size // 96))
+
+def _target_camera(rng, img, grid):
+    """Blur, directional lighting, vignette, colour cast, gamma, noise."""
+    yy, xx, s = grid
+    img = 0.5 * img + 0.5 * _box_blur(img, max(1, img.shape[0] // 96))
     direction = rng.uniform(0, 2 * np.pi)
     ramp = ((xx - s / 2) * np.cos(direction) + (yy - s / 2) * np.sin(direction)) / s
     light = 0.9 + 0.4 * ramp
@@ -588,6 +629,37 @@ def write_benchmark(
     ):
         _check_positive(name, value, minimum=0)
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    staging = make_temp_dir(output_dir.parent, ".synth-")
+    plan = [
+        ("source", "train", num_train, True),
+        ("source", "val", num_val, True),
+        ("source", "unlabeled", num_unlabeled, False),
+        ("target", "train", num_target_train, True),
+        ("target", "val", num_val, True),
+        ("target", "unlabeled", num_unlabeled, False),
+    ]
+    for domain, split, count, labelled in plan:
+        _write_split(
+            staging / domain / split, domain, split, count, labelled, image_size, seed
+        )
+    info = {
+        "class_names": list(CLASS_NAMES),
+        "num_classes": NUM_CLASSES,
+        "ignore_value": IGNORE_VALUE,
+        "palette": PALETTE.tolist(),
+        "image_size": image_size,
+        "seed": seed,
+    }
+    (staging / "classes.json").write_text(json.dumps(info, indent=2) + "\n")
+    if output_dir.exists():
+        _remove_tree(output_dir)
+    os.replace(staging, output_dir)
+    return output_dir
+
+
+def _check_output_dir(output_dir, overwrite):
+    """An empty or absent folder, or (with ``overwrite``) an earlier benchmark."""
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(
@@ -603,39 +675,20 @@ def write_benchmark(
                 f"({', '.join(foreign[:4])}); overwrite=True replaces only an "
                 "earlier benchmark. Choose another folder."
             )
-    staging = make_temp_dir(output_dir.parent, ".synth-")
-    plan = [
-        ("source", "train", num_train, True),
-        ("source", "val", num_val, True),
-        ("source", "unlabeled", num_unlabeled, False),
-        ("target", "train", num_target_train, True),
-        ("target", "val", num_val, True),
-        ("target", "unlabeled", num_unlabeled, False),
-    ]
-    for domain, split, count, labelled in plan:
-        images, masks = _generate(domain, count, image_size, seed, split)
-        image_dir = staging / domain / split / "images"
-        image_dir.mkdir(parents=True)
+
+
+def _write_split(folder, domain, split, count, labelled, image_size, seed):
+    """``folder/images/`` (and ``folder/masks/`` when ``labelled``) as PNGs."""
+    images, masks = _generate(domain, count, image_size, seed, split)
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True)
+    if labelled:
+        mask_dir = folder / "masks"
+        mask_dir.mkdir()
+    for index in range(count):
+        write_png(image_dir / f"{index:06d}.png", images[index])
         if labelled:
-            mask_dir = staging / domain / split / "masks"
-            mask_dir.mkdir()
-        for index in range(count):
-            write_png(image_dir / f"{index:06d}.png", images[index])
-            if labelled:
-                write_png(mask_dir / f"{index:06d}.png", masks[index])
-    info = {
-        "class_names": list(CLASS_NAMES),
-        "num_classes": NUM_CLASSES,
-        "ignore_value": IGNORE_VALUE,
-        "palette": PALETTE.tolist(),
-        "image_size": image_size,
-        "seed": seed,
-    }
-    (staging / "classes.json").write_text(json.dumps(info, indent=2) + "\n")
-    if output_dir.exists():
-        _remove_tree(output_dir)
-    os.replace(staging, output_dir)
-    return output_dir
+            write_png(mask_dir / f"{index:06d}.png", masks[index])
 
 
 def _remove_tree(path):

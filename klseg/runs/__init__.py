@@ -13,50 +13,43 @@ function here; a Python user can do the same::
 The engine, one module per role (each imports only the ones listed before
 it, and the klseg library):
 
-- ``config``: the config objects, their choices and defaults (standard
-  library only);
+- ``configs``: the config objects (standard library only; their choices
+  and defaults come from ``klseg.registry``), with ``checks`` (the field
+  checks) and ``hub`` (``keras-hub:`` model specs);
 - ``results``: what the jobs return, and the printed tables;
 - ``folder``: the one output-folder policy (markers; klseg replaces only
   what it wrote; inputs are never outputs);
 - ``checkpoint``: the one checkpoint format (resume);
 - ``runtime``: strategies, precision, optimizer, interrupts;
-- ``inputs``: the one model loader and the checked data loading;
-- ``evaluation``: every score through ``klseg.evaluation``;
+- ``inputs``: the one model loader (reading, building, what a ``.keras``
+  file records) and the checked data loading;
+- ``streams``: the seeded training streams (labelled, unlabelled, mixed,
+  source-domain), the evaluation streams, the steps per epoch and the
+  resume skip;
+- ``scoring``: every score through ``klseg.evaluation``;
+- ``reports``: the run report and the sections the jobs share (curves,
+  overlays, confusion matrices, settings);
 - ``callbacks``: the Keras callbacks of a run (NaN stop, interrupts,
   checkpoints, TensorBoard scalars);
-- ``fit``: the fit sequence shared by ``train`` and ``finetune``;
-- ``teacher``: the EMA teacher of a fine-tuning run with the consistency
+- ``fit``: the fit sequence shared by ``train``, ``finetune`` and
+  ``distill`` (the run context, compile and restore, ``model.fit``, the
+  run's summary);
+- ``classmaps``: the class change of a fine-tuning run;
+- ``mean_teacher``: the EMA teacher of a fine-tuning run with the consistency
   term (its unlabelled stream, the validation of both models, their scores);
-- the jobs: ``train``, ``finetune`` (with ``classmaps``), ``sweep``, ``distill``,
-  ``evaluate``, ``predict``, ``export``, ``synth``, ``demo``.
+- the jobs, each a short list of steps on the engine (settings, models,
+  streams, fit, scores, report): ``train``, ``finetune``, ``sweep``,
+  ``distill``, ``evaluate``, ``predict``, ``export``, ``synth``, ``demo``.
 
-Importing ``klseg.runs`` loads only ``config`` and ``results``; the jobs
-(which import Keras) load on first use.
+Importing ``klseg.runs`` loads none of them: the names below (the
+configs, the results, the jobs, which import Keras) and the modules
+(``klseg.runs.configs``, ...) load on first use, so the command line can
+import an engine module such as ``klseg.runs.hub`` on its own.
 """
 
 import importlib
 import sys
 import types
-
-from klseg.runs.configs import (
-    DemoConfig,
-    DistillConfig,
-    EvaluateConfig,
-    ExportConfig,
-    FinetuneConfig,
-    PredictConfig,
-    SynthConfig,
-    TrainConfig,
-)
-from klseg.runs.results import (
-    DemoResult,
-    PathResult,
-    PredictResult,
-    RunResult,
-    SweepResult,
-    format_domain_table,
-    format_metrics,
-)
 
 __all__ = [
     "DemoConfig",
@@ -89,7 +82,29 @@ __all__ = [
     "train",
 ]
 
+_CONFIGS = (
+    "DemoConfig",
+    "DistillConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "PredictConfig",
+    "SynthConfig",
+    "TrainConfig",
+)
+_RESULTS = (
+    "DemoResult",
+    "PathResult",
+    "PredictResult",
+    "RunResult",
+    "SweepResult",
+    "format_domain_table",
+    "format_metrics",
+)
+
 _LAZY = {
+    **{name: ("klseg.runs.configs", name) for name in _CONFIGS},
+    **{name: ("klseg.runs.results", name) for name in _RESULTS},
     "RunFolder": ("klseg.runs.folder", "RunFolder"),
     "demo": ("klseg.runs.demo", "demo"),
     "distill": ("klseg.runs.distill", "distill"),
@@ -115,6 +130,13 @@ def __getattr__(name):
         value = getattr(importlib.import_module(module), attribute)
         globals()[name] = value
         return value
+    if not name.startswith("_"):
+        # A module of the package (``runs.configs``), imported on first use.
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'klseg.runs' has no attribute {name!r}")
 
 

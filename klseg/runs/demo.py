@@ -10,7 +10,7 @@ from klseg.runs.configs import ExportConfig, FinetuneConfig, SynthConfig, TrainC
 from klseg.runs.export import export
 from klseg.runs.finetune import finetune_one
 from klseg.runs.fit import say
-from klseg.runs.folder import OutputFolder
+from klseg.runs.folder import OutputFolder, holds_folders
 from klseg.runs.inputs import load_model
 from klseg.runs.results import DemoResult, pct
 from klseg.runs.scoring import predict_classes
@@ -20,6 +20,7 @@ from klseg.runs.train import train
 __all__ = ["demo"]
 
 
+@holds_folders
 def demo(cfg):
     """Train a source model, fine-tune it without and with the KL term.
 
@@ -44,6 +45,36 @@ def demo(cfg):
     step = functools.partial(say, cfg.verbose)
     data_dir = out / "data"
     step(f"[1/5] Writing the two-domain benchmark to {data_dir}")
+    _write_data(cfg, settings, data_dir)
+    step("[2/5] Training the source model on the source domain")
+    source_run = _train_source(cfg, settings, data_dir, out)
+    plain, kl = _finetune_both(cfg, settings, data_dir, out, source_run, step)
+    step("[5/5] Writing the report and the SavedModel export")
+    weight = settings["kl_weight"]
+    table = _domain_table(plain, kl, weight)
+    export_path = export(
+        ExportConfig(model=str(kl.model_path), output=str(out / "export"))
+    ).path
+    seconds = time.time() - started
+    write_json(
+        out / "metrics.json",
+        {
+            "mean_iou": table,
+            "forgetting": {
+                "plain fine-tuning": plain.metrics.get("forgetting"),
+                "KL fine-tuning": kl.metrics.get("forgetting"),
+            },
+            "settings": settings,
+            "seconds": round(seconds, 1),
+        },
+    )
+    _write_demo_report(
+        out, table, settings, seconds, [source_run, plain, kl], data_dir, weight
+    )
+    return DemoResult(out, table, seconds, export_path)
+
+
+def _write_data(cfg, settings, data_dir):
     synth_data(
         SynthConfig(
             output=str(data_dir),
@@ -56,15 +87,21 @@ def demo(cfg):
             seed=cfg.seed,
         )
     )
-    common = {
+
+
+def _common(cfg, settings):
+    """The settings the source run and both fine-tuning runs share."""
+    return {
         "image_size": settings["image_size"],
         "batch_size": settings["batch_size"],
         "augment": "light",
         "seed": cfg.seed,
         "verbose": cfg.verbose,
     }
-    step("[2/5] Training the source model on the source domain")
-    source_run = train(
+
+
+def _train_source(cfg, settings, data_dir, out):
+    return train(
         TrainConfig(
             data=str(data_dir / "source" / "train"),
             val_data=str(data_dir / "source" / "val"),
@@ -74,9 +111,13 @@ def demo(cfg):
             depth=settings["depth"],
             epochs=settings["source_epochs"],
             learning_rate=settings["source_learning_rate"],
-            **common,
+            **_common(cfg, settings),
         )
     )
+
+
+def _finetune_both(cfg, settings, data_dir, out, source_run, step):
+    """Fine-tune without the KL term, then with it; returns both runs."""
     tuning = {
         "source": str(source_run.model_path),
         "data": str(data_dir / "target" / "train"),
@@ -85,7 +126,7 @@ def demo(cfg):
         "epochs": settings["finetune_epochs"],
         "learning_rate": settings["finetune_learning_rate"],
         "temperature": settings["temperature"],
-        **{**common, "batch_size": settings["finetune_batch_size"]},
+        **{**_common(cfg, settings), "batch_size": settings["finetune_batch_size"]},
     }
     strategy, _ = runtime.make_strategy("default")
     step("[3/5] Fine-tuning on the target domain without the KL term")
@@ -110,9 +151,13 @@ def demo(cfg):
         None,
         baseline=plain.metrics["source_model"],
     )
-    step("[5/5] Writing the report and the SavedModel export")
+    return plain, kl
+
+
+def _domain_table(plain, kl, weight):
+    """Both domains' validation mIoU of the three models."""
     baseline = plain.metrics["source_model"]
-    table = {
+    return {
         "source model": {d: baseline[d]["mean_iou"] for d in ("source", "target")},
         "plain fine-tuning": {
             d: plain.metrics[d]["mean_iou"] for d in ("source", "target")
@@ -121,26 +166,6 @@ def demo(cfg):
             d: kl.metrics[d]["mean_iou"] for d in ("source", "target")
         },
     }
-    export_path = export(
-        ExportConfig(model=str(kl.model_path), output=str(out / "export"))
-    ).path
-    seconds = time.time() - started
-    write_json(
-        out / "metrics.json",
-        {
-            "mean_iou": table,
-            "forgetting": {
-                "plain fine-tuning": plain.metrics.get("forgetting"),
-                "KL fine-tuning": kl.metrics.get("forgetting"),
-            },
-            "settings": settings,
-            "seconds": round(seconds, 1),
-        },
-    )
-    _write_demo_report(
-        out, table, settings, seconds, [source_run, plain, kl], data_dir, weight
-    )
-    return DemoResult(out, table, seconds, export_path)
 
 
 def _demo_overlays(out, runs_, data_dir, image_size, weight):

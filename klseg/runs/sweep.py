@@ -16,9 +16,13 @@ from pathlib import Path
 
 from klseg.files import write_json
 from klseg.runs.configs import RESUMABLE_CHANGES
-from klseg.runs.finetune import finetune_one, input_paths
 from klseg.runs.fit import say
-from klseg.runs.folder import RunFolder, check_inputs_not_outputs, open_run
+from klseg.runs.folder import (
+    RunFolder,
+    check_inputs_not_outputs,
+    holds_folders,
+    open_run,
+)
 from klseg.runs.results import RunResult, SweepResult, pct
 
 __all__ = ["finished_run", "sweep"]
@@ -54,23 +58,75 @@ def _label(kl, cons, varies):
     return " ".join(parts)
 
 
-def sweep(cfg, strategy, is_chief, callbacks):
-    """Fine-tune once per setting into ``OUTPUT/kl_W/`` (...); see the module."""
-    from klseg import report
+@holds_folders
+def sweep(cfg, strategy, is_chief, callbacks, *, run_one, input_paths):
+    """Fine-tune once per setting into ``OUTPUT/kl_W/`` (...); see the module.
 
+    Args:
+        cfg: the sweep's ``FinetuneConfig`` (a list of weights).
+        strategy, is_chief, callbacks: passed to ``run_one``.
+        run_one: ``run_one(cfg, strategy, is_chief, callbacks, baseline=...)``
+            fine-tunes one setting and returns its :class:`RunResult`.
+        input_paths: ``input_paths(cfg)``, the folders and files the runs
+            read (none of them may be the output).
+
+    Returns:
+        A :class:`SweepResult`.
+    """
     started = time.time()
     check_inputs_not_outputs({"output": cfg.output}, input_paths(cfg))
-    top = None
-    if is_chief:
-        top, _ = open_run(
-            cfg,
-            kind="sweep",
-            ignore=RESUMABLE_CHANGES,
-            say=lambda message: say(cfg.verbose, message),
-            abandoned=_abandoned_sweep,
-        )
-    results, baseline = {}, None
+    top = _open_sweep(cfg) if is_chief else None
     varies = _varies(cfg)
+
+    def run(one, baseline):
+        return run_one(one, strategy, is_chief, callbacks, baseline=baseline)
+
+    results, baseline = _run_settings(cfg, varies, run)
+    table = _table(results, varies)
+    # SweepResult.runs: by KL weight, by consistency weight, or by the pair.
+    key = {(True, False): 0, (False, True): 1}.get(varies)
+    runs = {
+        (kl, cons)[key] if key is not None else (kl, cons): r
+        for kl, cons, r in results.values()
+    }
+    if not is_chief:
+        return SweepResult(Path(cfg.output), runs, table, None)
+    reference = None
+    if baseline and "source" in baseline and "target" in baseline:
+        reference = {d: baseline[d]["mean_iou"] for d in ("source", "target")}
+    plot = _plot(table, top, reference)
+    write_json(
+        top.metrics,
+        {
+            "runs": {row["folder"]: row for row in table},
+            "source_model": baseline,
+            "seconds": round(time.time() - started, 1),
+        },
+    )
+    _write_report(top, table, reference, plot, varies)
+    return SweepResult(top.path, runs, table, plot)
+
+
+def _open_sweep(cfg):
+    """The sweep's own folder (the chief's), claimed or reopened."""
+    top, _ = open_run(
+        cfg,
+        kind="sweep",
+        ignore=RESUMABLE_CHANGES,
+        say=lambda message: say(cfg.verbose, message),
+        abandoned=_abandoned_sweep,
+    )
+    return top
+
+
+def _run_settings(cfg, varies, run):
+    """Each setting's run, in order; a finished one is kept on resume.
+
+    Returns:
+        ``({folder: (kl, cons, result)}, baseline)``: the baseline is the
+        source model's scores (measured by the first run, passed to the next).
+    """
+    results, baseline = {}, None
     for kl, cons in _settings(cfg):
         name = _weight_folder(kl, cons, varies)
         sub = Path(cfg.output) / name
@@ -93,10 +149,15 @@ def sweep(cfg, strategy, is_chief, callbacks):
             result = done
         else:
             say(cfg.verbose, f"\n=== {what} ({sub}) ===")
-            result = finetune_one(one, strategy, is_chief, callbacks, baseline=baseline)
+            result = run(one, baseline)
         baseline = result.metrics.get("source_model")
         results[name] = (kl, cons, result)
-    table = [
+    return results, baseline
+
+
+def _table(results, varies):
+    """One row per setting: its weights, folder, label and both mIoUs."""
+    return [
         {
             "kl_weight": r.metrics.get("kl_weight", kl),
             **({} if cons is None else {"consistency_weight": cons}),
@@ -108,30 +169,20 @@ def sweep(cfg, strategy, is_chief, callbacks):
         }
         for name, (kl, cons, r) in results.items()
     ]
-    # SweepResult.runs: by KL weight, by consistency weight, or by the pair.
-    key = {(True, False): 0, (False, True): 1}.get(varies)
-    results = {
-        (kl, cons)[key] if key is not None else (kl, cons): r
-        for kl, cons, r in results.values()
-    }
-    if not is_chief:
-        return SweepResult(Path(cfg.output), results, table, None)
-    reference = None
-    if baseline and "source" in baseline and "target" in baseline:
-        reference = {d: baseline[d]["mean_iou"] for d in ("source", "target")}
-    plot = None
-    if all(row["source"] is not None for row in table):
-        plot = report.plot_tradeoff(
-            table, top.path / "tradeoff.png", reference=reference
-        )
-    write_json(
-        top.metrics,
-        {
-            "runs": {row["folder"]: row for row in table},
-            "source_model": baseline,
-            "seconds": round(time.time() - started, 1),
-        },
-    )
+
+
+def _plot(table, top, reference):
+    """The trade-off plot, when every run measured the source domain."""
+    from klseg import report
+
+    if not all(row["source"] is not None for row in table):
+        return None
+    return report.plot_tradeoff(table, top.path / "tradeoff.png", reference=reference)
+
+
+def _write_report(top, table, reference, plot, varies):
+    from klseg import report
+
     rows = [
         (
             f"[{row['label']}]({row['folder']}/report.md)",
@@ -170,7 +221,6 @@ def sweep(cfg, strategy, is_chief, callbacks):
         (False, True): "Consistency-weight sweep",
     }.get(varies, "KL- and consistency-weight grid")
     report.write_report(top.report, title=title, sections=sections)
-    return SweepResult(top.path, results, table, plot)
 
 
 def finished_run(path, epochs):

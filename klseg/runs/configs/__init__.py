@@ -1,7 +1,8 @@
 """The config objects of the jobs, their choices and defaults.
 
-Standard library only: the command line reads its choices and defaults from
-here (and from :mod:`klseg.registry`) without importing Keras or TensorFlow.
+Standard library only; their choices and the defaults the command line shows
+in ``--help`` are defined in :mod:`klseg.registry`, which the command line
+reads without importing these modules (the commands build the configs).
 
 - :mod:`klseg.runs.configs.training`: the training jobs (``train``,
   ``finetune``, ``distill``) and the options they share;

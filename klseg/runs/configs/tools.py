@@ -2,14 +2,22 @@
 synth and demo.
 
 Standard library only, like :mod:`klseg.runs.configs` (which re-exports
-them): the command line reads their choices and defaults without importing
-Keras or TensorFlow.
+them); their choices and the defaults the command line shows come from
+:mod:`klseg.registry`.
 """
 
 import dataclasses
 
 from klseg import inference
-from klseg.registry import EXPORT_FORMATS, QUANTIZATIONS
+from klseg.registry import (
+    DEMO_DEFAULTS,
+    EVALUATE_DEFAULTS,
+    EXPORT_DEFAULTS,
+    EXPORT_FORMATS,
+    PREDICT_DEFAULTS,
+    QUANTIZATIONS,
+    SYNTH_DEFAULTS,
+)
 from klseg.runs.checks import (
     check_choice,
     check_flag,
@@ -48,8 +56,8 @@ class EvaluateConfig(inference.InferenceOptions):
     model: object = None
     data: str | None = None
     image_size: int | tuple | None = None
-    batch_size: int = 8
-    ignore_value: int = 255
+    batch_size: int = EVALUATE_DEFAULTS["batch_size"]
+    ignore_value: int = EVALUATE_DEFAULTS["ignore_value"]
     class_map: str | None = None
     output: str | None = None
     plot: str | None = None
@@ -86,8 +94,8 @@ class PredictConfig(inference.InferenceOptions):
     model: object = None
     images: str | None = None
     output: str | None = None
-    overlay: bool = True
-    alpha: float = 0.5
+    overlay: bool = PREDICT_DEFAULTS["overlay"]
+    alpha: float = PREDICT_DEFAULTS["alpha"]
     image_size: int | tuple | None = None
     overwrite: bool = False
     verbose: int = 1
@@ -125,8 +133,8 @@ class ExportConfig:
 
     model: object = None
     output: str | None = None
-    format: str = "saved_model"
-    quantize: str = "none"
+    format: str = EXPORT_DEFAULTS["format"]
+    quantize: str = EXPORT_DEFAULTS["quantize"]
     image_size: int | tuple | None = None
     representative_data: str | None = None
     overwrite: bool = False
@@ -166,12 +174,12 @@ class SynthConfig:
     """Options of :func:`synth_data` (``klseg data synth``)."""
 
     output: str | None = None
-    image_size: int = 64
-    num_train: int = 160
-    num_val: int = 64
-    num_unlabeled: int = 160
+    image_size: int = SYNTH_DEFAULTS["image_size"]
+    num_train: int = SYNTH_DEFAULTS["num_train"]
+    num_val: int = SYNTH_DEFAULTS["num_val"]
+    num_unlabeled: int = SYNTH_DEFAULTS["num_unlabeled"]
     num_target_train: int | None = None
-    seed: int = 0
+    seed: int = SYNTH_DEFAULTS["seed"]
     overwrite: bool = False
 
     def __post_init__(self):
@@ -243,14 +251,14 @@ class DemoConfig:
         verbose: 0 for no progress bars.
     """
 
-    output: str = "klseg-demo"
+    output: str = DEMO_DEFAULTS["output"]
     quick: bool = False
     image_size: int | tuple | None = None
     num_train: int | None = None
     source_epochs: int | None = None
     finetune_epochs: int | None = None
     kl_weight: float | None = None
-    seed: int = 0
+    seed: int = DEMO_DEFAULTS["seed"]
     overwrite: bool = False
     verbose: int = 1
 

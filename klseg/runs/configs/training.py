@@ -1,24 +1,36 @@
 """Config objects of the jobs, their choices and defaults.
 
-Standard library only: the command line reads its choices and defaults from
-here (and from :mod:`klseg.registry`) without importing Keras or TensorFlow.
-Every field is checked when the object is made: a value of the wrong type,
-a non-finite or out-of-range number or an unknown choice raises
-``klseg.errors.InvalidArgumentError`` naming the field and the value.
+Standard library only. The choices and the defaults the command line shows
+come from :mod:`klseg.registry` (re-exported here), so that the command line
+reads them without importing this module. Every field is checked when the
+object is made: a value of the wrong type, a non-finite or out-of-range
+number or an unknown choice raises ``klseg.errors.InvalidArgumentError``
+naming the field and the value.
 """
 
 import dataclasses
 import math
 
 from klseg.registry import (
+    AUGMENT,
     BACKBONES,
+    DEFAULT_LEARNING_RATE,
+    DISTILL_DEFAULTS,
     DISTILL_KL_TYPES,
     DISTILL_KL_WEIGHT,
     DISTILL_TEMPERATURE,
     EXPORT_FORMATS,
+    FINETUNE_DEFAULTS,
+    KL_INPUTS,
+    MIXED_PRECISION,
     MODELS,
     QUANTIZATIONS,
+    RUN_DEFAULTS,
+    SOURCE_PREDICTIONS,
+    STRATEGIES,
+    STUDENT_BN,
     TEMPERATURE_RANGE,
+    TRAIN_DEFAULTS,
 )
 from klseg.registry import MIX_MODES as CONSISTENCY_MIX
 from klseg.runs.checks import (
@@ -60,15 +72,6 @@ __all__ = [
     "TrainConfig",
 ]
 
-STRATEGIES = ("default", "mirrored", "multi-worker")
-MIXED_PRECISION = ("off", "auto", "float16", "bfloat16")
-AUGMENT = ("none", "light", "strong")
-KL_INPUTS = ("auto", "target", "source", "both")
-STUDENT_BN = ("trainable", "frozen", "synchronized")
-SOURCE_PREDICTIONS = ("auto", "live", "stored")
-#: Adam learning rate of each job when none is given.
-DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4}
-
 # Fields that do not change what a run computes: a resumed run may differ
 # from the saved config in these.
 RESUMABLE_CHANGES = frozenset(
@@ -92,19 +95,19 @@ class _RunOptions:
     output: str | None = None
     image_size: int | tuple | None = None
     crop_size: int | tuple | None = None
-    epochs: int = 20
+    epochs: int = RUN_DEFAULTS["epochs"]
     steps_per_epoch: int | None = None
-    val_every: int = 1
-    batch_size: int = 8
+    val_every: int = RUN_DEFAULTS["val_every"]
+    batch_size: int = RUN_DEFAULTS["batch_size"]
     learning_rate: float | None = None
-    augment: str = "light"
-    ignore_value: int = 255
+    augment: str = RUN_DEFAULTS["augment"]
+    ignore_value: int = RUN_DEFAULTS["ignore_value"]
     class_map: str | None = None
-    monitor: str = "auto"
-    seed: int = 0
-    strategy: str = "default"
-    jit: bool = False
-    mixed_precision: str = "off"
+    monitor: str = RUN_DEFAULTS["monitor"]
+    seed: int = RUN_DEFAULTS["seed"]
+    strategy: str = RUN_DEFAULTS["strategy"]
+    jit: bool = RUN_DEFAULTS["jit"]
+    mixed_precision: str = RUN_DEFAULTS["mixed_precision"]
     resume: bool = False
     overwrite: bool = False
     verbose: int = 1
@@ -199,7 +202,7 @@ class TrainConfig(_RunOptions):
 
     data: str | None = None
     val_data: str | None = None
-    model: str = "unet"
+    model: str = TRAIN_DEFAULTS["model"]
     backbone: str | None = None
     base_filters: int | None = None
     depth: int | None = None
@@ -301,16 +304,16 @@ class FinetuneConfig(_RunOptions):
     source_images: str | None = None
     kl_weight: tuple | float | None = None
     temperature: float | None = None
-    kl_inputs: str = "auto"
-    student_bn: str = "trainable"
-    source_predictions: str = "auto"
+    kl_inputs: str = FINETUNE_DEFAULTS["kl_inputs"]
+    student_bn: str = FINETUNE_DEFAULTS["student_bn"]
+    source_predictions: str = FINETUNE_DEFAULTS["source_predictions"]
     class_names: tuple | None = None
     source_class_map: str | None = None
     consistency_weight: tuple | float | None = None
-    ema_decay: float = 0.99
-    consistency_threshold: float = 0.9
-    consistency_rampup: int = 0
-    consistency_mix: str = "classmix"
+    ema_decay: float = FINETUNE_DEFAULTS["ema_decay"]
+    consistency_threshold: float = FINETUNE_DEFAULTS["consistency_threshold"]
+    consistency_rampup: int = FINETUNE_DEFAULTS["consistency_rampup"]
+    consistency_mix: str = FINETUNE_DEFAULTS["consistency_mix"]
 
     def __post_init__(self):
         self._check_run_options()
@@ -446,7 +449,7 @@ class DistillConfig(_RunOptions):
     """
 
     teacher: str | None = None
-    model: str = "unet"
+    model: str = DISTILL_DEFAULTS["model"]
     backbone: str | None = None
     base_filters: int | None = None
     depth: int | None = None
@@ -454,9 +457,9 @@ class DistillConfig(_RunOptions):
     data: str | None = None
     unlabeled_data: str | None = None
     val_data: str | None = None
-    kl_weight: float = DISTILL_KL_WEIGHT
+    kl_weight: float = DISTILL_DEFAULTS["kl_weight"]
     temperature: float | None = None
-    kl_type: str = "pixel"
+    kl_type: str = DISTILL_DEFAULTS["kl_type"]
 
     def __post_init__(self):
         self._check_run_options()
