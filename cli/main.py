@@ -16,17 +16,82 @@ data, missing or incompatible files) with status 1, an interrupted run with
 130; none of them prints a traceback.
 """
 
+import importlib
+
 import click
 
 from klseg._version import __version__
 
-from .tools import data, demo, evaluate, export, predict
-from .training import distill, finetune, train
+__all__ = ["COMMANDS", "cli", "main"]
 
-__all__ = ["cli", "main"]
+#: ``{name: (module, attribute, short help)}`` of the commands. A command's
+#: module is imported only when that command runs or shows its help, so
+#: ``klseg --help`` builds none of their options; the short help is the one
+#: the command's docstring gives (a test checks they agree).
+COMMANDS = {
+    "data": ("klseg.cli.tools", "data", "Data sets."),
+    "demo": (
+        "klseg.cli.tools",
+        "demo",
+        "Show the method end to end on built-in two-domain data.",
+    ),
+    "distill": (
+        "klseg.cli.training",
+        "distill",
+        "Distil a teacher model into a smaller student model.",
+    ),
+    "evaluate": (
+        "klseg.cli.tools",
+        "evaluate",
+        "Evaluate a model: mean IoU, pixel accuracy, per-class IoU, precision",
+    ),
+    "export": (
+        "klseg.cli.tools",
+        "export",
+        "Export a model for serving: SavedModel, LiteRT (TFLite) or ONNX.",
+    ),
+    "finetune": (
+        "klseg.cli.training",
+        "finetune",
+        "Fine-tune a source model on a target domain with a KL term.",
+    ),
+    "predict": (
+        "klseg.cli.tools",
+        "predict",
+        "Predict class masks for a folder of images.",
+    ),
+    "train": (
+        "klseg.cli.training",
+        "train",
+        "Train a segmentation model from scratch (a source model).",
+    ),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose commands load on first use (click's documented
+    pattern for lazily loaded subcommands)."""
+
+    def list_commands(self, ctx):
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in COMMANDS:
+            module, attribute, _ = COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [
+            (name, click.utils.make_default_short_help(COMMANDS[name][2], limit))
+            for name in self.list_commands(ctx)
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="klseg")
 def cli():
     """Stable KL-divergence tools for semantic segmentation.
@@ -35,10 +100,6 @@ def cli():
     keeps it close to the source model, evaluate both domains, predict,
     export a SavedModel. `klseg demo` runs all of it on built-in data.
     """
-
-
-for _command in (train, finetune, distill, evaluate, predict, export, data, demo):
-    cli.add_command(_command)
 
 
 def main():
