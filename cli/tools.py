@@ -37,7 +37,12 @@ __all__ = ["data", "demo", "evaluate", "export", "predict", "synth"]
 @click.command()
 @config_option
 @click.option("--model", type=PATH, help="Model file (.keras).")
-@click.option("--data", type=PATH, help="Labelled folder (images/ + masks/).")
+@click.option(
+    "--data",
+    type=PATH,
+    help="Labelled folder (images/ + masks/), tfds:NAME:SPLIT or a data set spec "
+    "(cityscapes:PATH:val, ...: docs/data.md).",
+)
 @click.option(
     "--image-size",
     type=ImageSize(minimum=8),
@@ -92,7 +97,12 @@ def evaluate(ctx, **_):
 @click.command()
 @config_option
 @click.option("--model", type=PATH, help="Model file (.keras).")
-@click.option("--images", type=PATH, help="Folder of images (or its images/).")
+@click.option(
+    "--images",
+    type=PATH,
+    help="Folder of images (or its images/), or a data set spec "
+    "(cityscapes:PATH:val: the split's images).",
+)
 @click.option("--output", "-o", type=PATH, help="Folder for masks/ and overlays/.")
 @default_option(
     PREDICT_DEFAULTS,

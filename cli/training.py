@@ -92,9 +92,16 @@ def _architecture_options(who=""):
 @click.command()
 @config_option
 @click.option(
-    "--data", type=PATH, help="Training folder (images/ + masks/) or tfds:NAME."
+    "--data",
+    type=PATH,
+    help="Training folder (images/ + masks/), tfds:NAME or a data set spec "
+    "(cityscapes:PATH, gta5:PATH, ...: docs/data.md).",
 )
-@click.option("--val-data", type=PATH, help="Validation folder or tfds:NAME:SPLIT.")
+@click.option(
+    "--val-data",
+    type=PATH,
+    help="Validation folder, tfds:NAME:SPLIT or a data set spec (cityscapes:PATH:val).",
+)
 @default_option(
     TRAIN_DEFAULTS,
     "--model",
