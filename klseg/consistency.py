@@ -33,14 +33,9 @@ from keras import ops
 from klseg import losses as klseg_losses
 from klseg import registry
 from klseg.errors import InvalidArgumentError
-from klseg.finetune import (
-    KLRegularizedModel,
-    _global_sum,
-    _num_replicas,
-    _replica_context,
-    _unpack,
-)
-from klseg.ops import TEMPERATURE_RANGE
+from klseg.finetune import KLRegularizedModel, unpack_inputs
+from klseg.ops import check_temperature
+from klseg.replicas import global_sum, num_replicas, replica_context
 
 __all__ = [
     "MIX_MODES",
@@ -90,11 +85,11 @@ def _normal(batch, tail, seed):
 
 
 def _rows(draw, batch, tail, seed, **kwargs):
-    replicas = _num_replicas()
+    replicas = num_replicas()
     if replicas == 1:
         return draw((batch, *tail), seed=seed, **kwargs)
     values = draw((batch * replicas, *tail), seed=seed, **kwargs)
-    replica = ops.cast(_replica_context().replica_id_in_sync_group, "int32")
+    replica = ops.cast(replica_context().replica_id_in_sync_group, "int32")
     return ops.take(values, replica * batch + ops.arange(batch, dtype="int32"), axis=0)
 
 
@@ -471,8 +466,7 @@ class MeanTeacherModel(KLRegularizedModel):
         _number(consistency_weight, "consistency_weight", 0, math.inf)
         _number(ema_decay, "ema_decay", 0, 1, high_open=True)
         _number(consistency_threshold, "consistency_threshold", 0, 1)
-        low, high = TEMPERATURE_RANGE
-        _number(consistency_temperature, "consistency_temperature", low, high)
+        check_temperature(consistency_temperature, name="consistency_temperature")
         _number(consistency_rampup, "consistency_rampup", 0, math.inf, integer=True)
         _check_mix(mix)
         if not isinstance(photometric, bool):
@@ -522,14 +516,14 @@ class MeanTeacherModel(KLRegularizedModel):
     def _update_teacher(self):
         """EMA step and step counter; returns the steps done before this one."""
         decay = self.ema_decay
-        replicas = _num_replicas()
+        replicas = num_replicas()
         for student, ema in self._ema_pairs:
             value = ops.stop_gradient(ops.cast(student.value, "float32"))
             if replicas > 1 and not student.trainable:
                 # Non-trainable weights (BatchNorm moving statistics) may
                 # differ between replicas: average them so every replica's
                 # teacher stays the same.
-                value = _global_sum(value) / float(replicas)
+                value = global_sum(value) / float(replicas)
             new = decay * ops.cast(ema.value, "float32") + (1.0 - decay) * value
             ema.assign(ops.cast(new, ema.dtype))
         # A copy of the value: a TensorFlow variable would read the new one.
@@ -570,7 +564,7 @@ class MeanTeacherModel(KLRegularizedModel):
         self.teacher_confidence_tracker.update_state(
             ops.mean(weak_confidence), sample_weight=count
         )
-        return local_sum / ops.maximum(_global_sum(count), 1.0)
+        return local_sum / ops.maximum(global_sum(count), 1.0)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -585,7 +579,7 @@ class MeanTeacherModel(KLRegularizedModel):
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
         step = self._update_teacher() if training else None
-        unlabeled = _unpack(x)["unlabeled_images"]
+        unlabeled = unpack_inputs(x)["unlabeled_images"]
         if unlabeled is None:
             return total
         term = self._consistency_term(unlabeled, training)

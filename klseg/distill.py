@@ -40,7 +40,8 @@ from klseg import losses as klseg_losses
 from klseg import models as klseg_models
 from klseg import registry
 from klseg.errors import InvalidArgumentError
-from klseg.finetune import KLRegularizedModel, _global_sum
+from klseg.finetune import KLRegularizedModel
+from klseg.replicas import global_sum
 
 __all__ = [
     "DEFAULT_KL_TYPE",
@@ -312,7 +313,7 @@ class DistillationModel(KLRegularizedModel):
         self.kl_loss_tracker.update_state(
             local_sum / ops.maximum(count, 1.0), sample_weight=count
         )
-        return local_sum / ops.maximum(_global_sum(count), 1.0)
+        return local_sum / ops.maximum(global_sum(count), 1.0)
 
     # -- saving -----------------------------------------------------------
 

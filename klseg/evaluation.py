@@ -1,10 +1,11 @@
 """The one evaluation path: confusion counts, then every score from them.
 
-Per-epoch validation, ``klseg evaluate``, ``klseg.finetune.evaluate_domains``
-and the reports all count a ``(C, C)`` confusion matrix (rows: truth,
-columns: prediction) over the whole data set in 64-bit integers, together
-with the summed cross-entropy, and derive the scores from those counts alone
-with :func:`scores`:
+Per-epoch validation, ``klseg evaluate``, the scores per domain of
+fine-tuning (:func:`evaluate_each`, :func:`evaluate_domains` and the
+:class:`DomainEvaluation` callback) and the reports all count a ``(C, C)``
+confusion matrix (rows: truth, columns: prediction) over the whole data set
+in 64-bit integers, together with the summed cross-entropy, and derive the
+scores from those counts alone with :func:`scores`:
 
 - ``IoU_c = TP_c / (TP_c + FP_c + FN_c)``;
 - a class that appears neither in the masks nor in the predictions (empty
@@ -37,9 +38,24 @@ metrics do.
 NumPy and ``keras.ops`` only: it runs on every Keras backend.
 """
 
+import keras
 import numpy as np
+from keras import ops
 
-__all__ = ["ConfusionCounts", "evaluate", "iterate_batches", "scores"]
+from klseg import models as klseg_models
+from klseg import progress
+from klseg.class_maps import apply_class_map, map_labels, standardize_class_map
+from klseg.errors import InvalidArgumentError
+
+__all__ = [
+    "ConfusionCounts",
+    "DomainEvaluation",
+    "evaluate",
+    "evaluate_domains",
+    "evaluate_each",
+    "iterate_batches",
+    "scores",
+]
 
 
 def iterate_batches(data, batch_size=8):
@@ -228,18 +244,287 @@ def evaluate(
     Returns:
         The :func:`scores` dict with ``"num_images"``.
     """
-    import keras
-
-    from klseg.models import predict_logits
-
-    forward = forward or (lambda images: predict_logits(model, images))
+    forward = forward or (lambda images: klseg_models.predict_logits(model, images))
     counts = ConfusionCounts(num_classes, ignore_value)
     if label_map is not None and not callable(label_map):
         table = np.asarray(label_map)
         label_map = lambda masks: table[np.asarray(masks).astype(np.int64)]  # noqa: E731
     for images, masks in iterate_batches(data, batch_size):
-        logits = keras.ops.convert_to_numpy(forward(images))
+        logits = ops.convert_to_numpy(forward(images))
         if label_map is not None:
             masks = label_map(masks)
         counts.update(masks, logits)
     return counts.result(class_names)
+
+
+def evaluate_each(
+    model,
+    datasets,
+    *,
+    num_classes,
+    ignore_value=255,
+    class_names=None,
+    forward=None,
+    label_maps=None,
+    batch_size=8,
+    progress_label=None,
+):
+    """:func:`evaluate` on each domain of ``{domain: data}``: every score.
+
+    The one loop over domains: :func:`evaluate_domains` (fine-tuning's flat
+    scores and the forgetting) and the run layer's scores per domain both
+    go through it.
+
+    Args:
+        model: as for :func:`evaluate`.
+        datasets: dict ``{domain: data}``, each ``data`` as for
+            :func:`evaluate`.
+        num_classes: number of classes of the (mapped) predictions.
+        ignore_value: mask value left out. Defaults to 255.
+        class_names: names for the per-class scores. Defaults to ``class_i``.
+        forward: ``images -> logits``, shared by every domain. Defaults to
+            :func:`klseg.models.predict_logits`.
+        label_maps: dict ``{domain: label_map}`` (see :func:`evaluate`) for
+            the domains whose masks are mapped first. Defaults to None.
+        batch_size: batch size for array pairs. Defaults to 8.
+        progress_label: what a progress bar says while a dataset (not an
+            array pair) is scored. Defaults to None (no bar).
+
+    Returns:
+        dict ``{domain: the scores dict of evaluate}``, in the order of
+        ``datasets``.
+    """
+    label_maps = label_maps or {}
+    results = {}
+    for domain, data in datasets.items():
+        if progress_label is not None and not isinstance(data, (tuple, list)):
+            data = progress.iterate(data, label=progress_label)
+        results[domain] = evaluate(
+            model,
+            data,
+            num_classes=num_classes,
+            ignore_value=ignore_value,
+            class_names=class_names,
+            forward=forward,
+            label_map=label_maps.get(domain),
+            batch_size=batch_size,
+        )
+    return results
+
+
+# Both domains' scores of fine-tuning ----------------------------------------
+
+#: Scores ``evaluate_domains`` can report per domain.
+_DOMAIN_SCORES = ("loss", "mean_iou", "pixel_accuracy")
+
+#: What ``evaluate_domains`` reads from a fine-tuning wrapper
+#: (``klseg.finetune.KLRegularizedModel`` and its subclasses); a model with
+#: all of them is taken for one.
+_WRAPPER_ATTRIBUTES = ("student", "source", "class_map", "ignore_class")
+
+
+def _domain_key(domain, score):
+    return f"{domain}_{score}" if domain else score
+
+
+def _check_scores(scores):
+    for score in scores:
+        if score not in _DOMAIN_SCORES:
+            raise InvalidArgumentError(
+                f"`scores` must hold names from {_DOMAIN_SCORES}. "
+                f"Received: scores={scores!r}"
+            )
+
+
+def _domain_class_map(class_map, source_model, num_classes):
+    """``class_map`` standardised against the source model's classes."""
+    if class_map is None:
+        return None
+    if source_model is not None:
+        num_source = klseg_models.check_segmentation_model(source_model, "source_model")
+    elif isinstance(class_map, dict):
+        num_source = max(int(k) for k in class_map) + 1
+    else:
+        num_source = len(class_map)
+    return standardize_class_map(class_map, num_source, num_classes)
+
+
+def _source_baseline(
+    source_model, data, class_map, num_classes, ignore_class, label_map, batch_size
+):
+    """Mean IoU of the source model, its predictions mapped by ``class_map``."""
+
+    def mapped(images):
+        logits = ops.cast(klseg_models.predict_logits(source_model, images), "float32")
+        log_probs = ops.log_softmax(logits, axis=-1)
+        return apply_class_map(log_probs, class_map, num_classes)
+
+    return evaluate(
+        source_model,
+        data,
+        num_classes=num_classes,
+        ignore_value=ignore_class,
+        forward=mapped,
+        label_map=label_map,
+        batch_size=batch_size,
+    )["mean_iou"]
+
+
+def evaluate_domains(
+    model,
+    datasets,
+    *,
+    source_model=None,
+    class_map=None,
+    ignore_class=None,
+    batch_size=8,
+    source_baseline=None,
+    scores=("mean_iou",),
+    forward=None,
+):
+    """Scores of the student on each domain, and the forgetting.
+
+    Every score comes from one confusion matrix per domain
+    (:func:`evaluate_each`, :func:`evaluate`): exact over the whole data
+    set, independent of the batch size, with the documented rule for a
+    class absent from masks and predictions (left out of the mean).
+
+    Args:
+        model: a ``klseg.finetune.KLRegularizedModel`` (its student is
+            scored) or a plain segmentation model.
+        datasets: dict ``{domain: data}``, ``data`` a ``tf.data.Dataset``
+            (or any iterable) of ``(images or {"images": ...}, masks)``
+            batches, or an ``(images, masks)`` pair of arrays. Domain
+            ``"source"`` masks are in the source model's classes and are
+            mapped with ``class_map``.
+        source_model: the source model, to compute the baseline. Defaults to
+            ``model.source`` for a ``KLRegularizedModel``.
+        class_map: source-to-target class map. Defaults to the wrapper's.
+        ignore_class: mask value to ignore. Defaults to the wrapper's, or
+            255.
+        batch_size: batch size for array inputs. Defaults to 8.
+        source_baseline: the source model's mean IoU on ``datasets["source"]``
+            if already known (skips recomputing it).
+        scores: which of ``"loss"``, ``"mean_iou"``, ``"pixel_accuracy"`` to
+            report. Defaults to ``("mean_iou",)``.
+        forward: ``images -> logits`` of the student. Defaults to
+            :func:`klseg.models.predict_logits`.
+
+    Returns:
+        dict with ``"<domain>_<score>"`` per domain and score (fractions
+        0..1; an empty domain name gives ``"<score>"``) and, when a
+        ``"source"`` domain and a source model are available,
+        ``"source_model_mean_iou"`` (the baseline) and ``"forgetting"`` =
+        baseline - student source mean IoU.
+    """
+    _check_scores(scores)
+    student = getattr(model, "student", model)
+    if all(hasattr(model, name) for name in _WRAPPER_ATTRIBUTES):
+        source_model = source_model if source_model is not None else model.source
+        class_map = class_map if class_map is not None else model.class_map
+        ignore_class = model.ignore_class if ignore_class is None else ignore_class
+    ignore_class = 255 if ignore_class is None else ignore_class
+    num_classes = klseg_models.check_segmentation_model(student, "student")
+    class_map = _domain_class_map(class_map, source_model, num_classes)
+
+    def label_map(masks):
+        return map_labels(masks, class_map, ignore_class=ignore_class)
+
+    found = evaluate_each(
+        student,
+        datasets,
+        num_classes=num_classes,
+        ignore_value=ignore_class,
+        forward=forward,
+        label_maps={"source": label_map} if class_map else None,
+        batch_size=batch_size,
+    )
+    results = {
+        _domain_key(domain, score): found[domain][score]
+        for domain in found
+        for score in scores
+    }
+    if "source" in datasets and (
+        source_model is not None or source_baseline is not None
+    ):
+        if source_baseline is None:
+            source_baseline = _source_baseline(
+                source_model,
+                datasets["source"],
+                class_map,
+                num_classes,
+                ignore_class,
+                label_map if class_map else None,
+                batch_size,
+            )
+        results["source_model_mean_iou"] = float(source_baseline)
+        results["forgetting"] = float(source_baseline) - results.get(
+            "source_mean_iou",
+            float("nan"),
+        )
+    return results
+
+
+class DomainEvaluation(keras.callbacks.Callback):
+    """Adds each domain's validation scores and the forgetting to the logs.
+
+    At the end of every epoch this runs ``evaluate_domains`` and writes
+    ``val_<domain>_<score>`` for each domain and score and
+    ``val_forgetting`` into the epoch logs, so they appear in ``History``
+    and in every later callback (CSVLogger, checkpoints monitoring them,
+    ...). The source model's score, computed once (at the first epoch end)
+    unless given, is kept as ``source_baseline``.
+
+    Args:
+        datasets: as for ``evaluate_domains``; re-iterated every epoch.
+        source_model, class_map, ignore_class, batch_size, scores, forward:
+            as for ``evaluate_domains``.
+        source_baseline: the source model's source-domain mean IoU, if
+            known. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        datasets,
+        *,
+        source_model=None,
+        class_map=None,
+        ignore_class=None,
+        batch_size=8,
+        scores=("mean_iou",),
+        forward=None,
+        source_baseline=None,
+    ):
+        super().__init__()
+        self.datasets = {k: v for k, v in dict(datasets).items() if v is not None}
+        self.source_model = source_model
+        self.class_map = class_map
+        self.ignore_class = ignore_class
+        self.batch_size = batch_size
+        self.scores = tuple(scores)
+        self.forward = forward
+        self.source_baseline = source_baseline
+        self.history = []
+
+    def _evaluate(self):
+        return evaluate_domains(
+            self.model,
+            self.datasets,
+            source_model=self.source_model,
+            class_map=self.class_map,
+            ignore_class=self.ignore_class,
+            batch_size=self.batch_size,
+            source_baseline=self.source_baseline,
+            scores=self.scores,
+            forward=self.forward,
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self._evaluate()
+        if "source_model_mean_iou" in results:
+            self.source_baseline = results["source_model_mean_iou"]
+        self.history.append(results)
+        if logs is not None:
+            for key, value in results.items():
+                if key != "source_model_mean_iou":
+                    logs[f"val_{key}"] = value

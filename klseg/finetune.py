@@ -4,14 +4,8 @@ A model trained on a *source* domain is fine-tuned on a few labelled (and
 possibly more unlabelled) images of a *target* domain. Plain fine-tuning
 adapts to the target and forgets the source. ``KLRegularizedModel`` adds a
 per-pixel KL divergence between the frozen source model's predictions and
-the student's (Learning without Forgetting, applied per pixel):
-
-    loss = task_loss(y, student(target images))              [labelled pixels]
-         + kl_weight * T^2 * mean_pixels KL(softmax(z_src / T) || softmax(z / T))
-
-where ``z_src`` are the source model's logits (inference mode, no gradient),
-``z`` the student's on the same images and ``T`` the temperature. The KL
-term sees the images chosen by ``kl_inputs``:
+the student's (Learning without Forgetting, applied per pixel; the class
+docstring gives the loss) on the images chosen by ``kl_inputs``:
 
 - ``"target"``: the target images of the batch, labelled and unlabelled
   (classic LwF; needs no source data). The student also learns to imitate
@@ -22,26 +16,41 @@ term sees the images chosen by ``kl_inputs``:
   source behaviour on source inputs and is free on target inputs.
 - ``"both"``: the union of the two.
 
-The source model's predictions come from the live model, or from stored
-probabilities computed once with ``store_source_predictions`` (float16)
-and fed as ``x["source_probs"]`` (for ``x["images"]``) and/or
-``x["source_images_probs"]`` (for ``x["source_images"]``).
+The source model's predictions come from the live model, or from float16
+probabilities stored once (``store_source_predictions``) and fed as
+``x["source_probs"]`` and/or ``x["source_images_probs"]``.
+
+Class maps, stored source predictions and the scores per domain live in
+``klseg.class_maps``, ``klseg.source_predictions`` and ``klseg.evaluation``;
+their names are importable from here too.
 
 Everything here uses ``keras.ops`` only and runs on the TensorFlow and JAX
 backends.
 """
 
-import os
-
 import keras
-import numpy as np
 from keras import ops
 
 from klseg import losses as klseg_losses
 from klseg import models as klseg_models
-from klseg import progress, registry
-from klseg.errors import InvalidArgumentError, ResourceError
-from klseg.ops import LOG_TINY, TEMPERATURE_RANGE, safe_log
+from klseg import registry
+from klseg.class_maps import (
+    apply_class_map,
+    make_class_map,
+    map_labels,
+    map_log_probs,
+    standardize_class_map,
+)
+from klseg.errors import InvalidArgumentError
+from klseg.evaluation import DomainEvaluation, evaluate_domains
+from klseg.ops import check_temperature, safe_log
+from klseg.replicas import global_sum, num_replicas
+from klseg.source_predictions import (
+    available_memory_bytes,
+    estimate_predictions_bytes,
+    format_bytes,
+    store_source_predictions,
+)
 
 __all__ = [
     "DEFAULT_KL_INPUTS",
@@ -59,6 +68,7 @@ __all__ = [
     "map_log_probs",
     "pair_batches",
     "store_source_predictions",
+    "unpack_inputs",
 ]
 
 #: Default images for the KL term (see docs/finetune.md for the measurement).
@@ -69,7 +79,7 @@ DEFAULT_KL_WEIGHT = registry.FINETUNE_KL_WEIGHT
 DEFAULT_TEMPERATURE = registry.FINETUNE_TEMPERATURE
 
 _KL_INPUTS = ("target", "source", "both")
-_BN_POLICIES = ("trainable", "frozen", "synchronized")
+_BN_POLICIES = registry.STUDENT_BN
 _INPUT_KEYS = (
     "images",
     "source_images",
@@ -92,6 +102,26 @@ def _check_input_sizes(student, source):
                 f"{name}: student input shape {a}, source input shape {b}. "
                 "Build both for the same image size (or for None x None)."
             )
+
+
+def _check_models(student, source):
+    """(student classes, source classes) of two valid, distinct models."""
+    if student is source:
+        raise InvalidArgumentError(
+            "`student` and `source` are the same model object; fine-tune "
+            "a copy: student = keras.models.clone_model(source); "
+            "student.set_weights(source.get_weights())."
+        )
+    num_target = klseg_models.check_segmentation_model(student, "student")
+    num_source = klseg_models.check_segmentation_model(source, "source")
+    _check_input_sizes(student, source)
+    if not student.trainable_weights:
+        raise InvalidArgumentError(
+            "The student model has no trainable weights (a copy of a "
+            "frozen model keeps its trainable=False flags). Use "
+            "klseg.finetune.clone_student(source) to make the student."
+        )
+    return num_target, num_source
 
 
 def _retype_config(config, policy):
@@ -159,191 +189,13 @@ def clone_student(source, *, class_names=None, name=None, dtype_policy=None):
     return student
 
 
-# Class maps ---------------------------------------------------------------
-
-
-def _standardize_class_map(class_map, num_source, num_target):
-    """Returns a tuple (one target index or -1 per source class), or None."""
-    if class_map is None:
-        if num_source != num_target:
-            raise InvalidArgumentError(
-                f"The source model predicts {num_source} classes and the "
-                f"student {num_target}; pass `class_map` to say where each "
-                "source class goes (see klseg.finetune.make_class_map). "
-                "Received: class_map=None"
-            )
-        return None
-    if isinstance(class_map, dict):
-        unknown = [k for k in class_map if not 0 <= int(k) < num_source]
-        if unknown:
-            raise InvalidArgumentError(
-                f"`class_map` keys must be source class indices in [0, "
-                f"{num_source}). Received: class_map={class_map}"
-            )
-        class_map = [
-            class_map.get(s, class_map.get(str(s), -1)) for s in range(num_source)
-        ]
-    class_map = [-1 if t is None else int(t) for t in class_map]
-    if len(class_map) != num_source:
-        raise InvalidArgumentError(
-            f"`class_map` must give one target class (or None to drop) per "
-            f"source class ({num_source}). Received: class_map={class_map}"
-        )
-    bad = [t for t in class_map if not -1 <= t < num_target]
-    if bad:
-        raise InvalidArgumentError(
-            f"`class_map` values must be target class indices in [0, "
-            f"{num_target}) or None (drop). Received: class_map={class_map}"
-        )
-    if all(t == -1 for t in class_map):
-        raise InvalidArgumentError(
-            f"`class_map` drops every source class. Received: class_map={class_map}"
-        )
-    return tuple(class_map)
-
-
-def make_class_map(source_class_names, target_class_names, *, merge=None, drop=()):
-    """Build a ``class_map`` from class names.
-
-    A source class whose name is a target class name maps to it; ``merge``
-    maps other source names to target names (their probabilities are summed
-    into the target class); names in ``drop`` are dropped (the remaining
-    probabilities are renormalised).
-
-    Args:
-        source_class_names: names of the source model's classes, in order.
-        target_class_names: names of the student's classes, in order.
-        merge: dict ``{source name: target name}``. Defaults to None.
-        drop: source names to drop. Defaults to ().
-
-    Returns:
-        A list with one target index (or None for dropped) per source class.
-
-    Raises:
-        InvalidArgumentError: for unknown names, or a source class that is
-            neither a target class nor merged nor dropped.
-
-    Example:
-
-    >>> make_class_map(["bg", "car", "truck", "sky"], ["bg", "vehicle"],
-    ...                merge={"car": "vehicle", "truck": "vehicle"},
-    ...                drop=["sky"])
-    [0, 1, 1, None]
-    """
-    source = [str(n) for n in source_class_names]
-    target = [str(n) for n in target_class_names]
-    merge = dict(merge or {})
-    drop = set(drop)
-    for name in list(merge) + list(drop):
-        if name not in source:
-            raise InvalidArgumentError(
-                f"'{name}' is not a source class. Source classes: {source}"
-            )
-    for name in merge.values():
-        if name not in target:
-            raise InvalidArgumentError(
-                f"'{name}' is not a target class. Target classes: {target}"
-            )
-    class_map = []
-    unmapped = []
-    for name in source:
-        if name in drop:
-            class_map.append(None)
-        elif name in merge:
-            class_map.append(target.index(merge[name]))
-        elif name in target:
-            class_map.append(target.index(name))
-        else:
-            unmapped.append(name)
-    if unmapped:
-        raise InvalidArgumentError(
-            f"Source classes {unmapped} are not target classes; merge them "
-            "into a target class (merge={name: target}) or drop them "
-            f"(drop=[...]). Target classes: {target}"
-        )
-    return class_map
-
-
-def map_labels(masks, class_map, *, ignore_class=255):
-    """Map integer source-class masks to target classes (numpy).
-
-    Dropped classes (and ``ignore_class``) become ``ignore_class``.
-
-    Args:
-        masks: integer array of source class indices.
-        class_map: as accepted by ``KLRegularizedModel`` (None = identity).
-        ignore_class: the ignore value. Defaults to 255.
-
-    Returns:
-        An int32 array of the same shape.
-    """
-    masks = np.asarray(masks)
-    if class_map is None:
-        return masks.astype("int32")
-    if isinstance(class_map, dict):
-        size = max(int(k) for k in class_map) + 1
-        class_map = [class_map.get(s, None) for s in range(size)]
-    table = np.full(max(256, len(class_map), int(ignore_class) + 1), ignore_class)
-    for s, t in enumerate(class_map):
-        table[s] = ignore_class if t is None or t < 0 else t
-    out = np.full(masks.shape, ignore_class, dtype="int32")
-    valid = (masks >= 0) & (masks < len(class_map)) & (masks != ignore_class)
-    out[valid] = table[masks[valid]]
-    return out
-
-
-def map_log_probs(log_probs, class_map, num_target):
-    """Source-class log-probabilities to target-class log-scores.
-
-    Merged source classes get ``log(sum of their probabilities)``; dropped
-    classes are left out, so the result is renormalised by a ``log_softmax``
-    (as the KL term does) or compared by ``argmax``; a target class that no
-    source class maps to gets ``LOG_TINY`` (probability 0). This is how
-    ``KLRegularizedModel`` maps the source model's predictions.
-
-    Args:
-        log_probs: (..., num_source) log-probabilities.
-        class_map: one target index (or None / -1 to drop) per source class,
-            e.g. from ``make_class_map``; None is the identity.
-        num_target: number of target classes.
-
-    Returns:
-        (..., num_target) log-scores.
-    """
-    if class_map is not None:
-        class_map = _standardize_class_map(
-            class_map, int(log_probs.shape[-1]), num_target
-        )
-    return _apply_class_map(log_probs, class_map, num_target)
-
-
-def _apply_class_map(log_probs, class_map, num_target):
-    """Merge (logsumexp) or drop source classes; returns target log-scores.
-
-    Merged classes get ``log(sum of probabilities)``; dropped classes are
-    left out (the KL loss renormalises with ``log_softmax``); a target class
-    that no source class maps to gets ``LOG_TINY`` (zero probability).
-    """
-    if class_map is None:
-        return log_probs
-    columns = []
-    for t in range(num_target):
-        sources = [s for s, m in enumerate(class_map) if m == t]
-        if not sources:
-            columns.append(ops.full_like(log_probs[..., :1], LOG_TINY))
-        elif len(sources) == 1:
-            columns.append(log_probs[..., sources[0] : sources[0] + 1])
-        else:
-            picked = ops.take(log_probs, np.asarray(sources, "int32"), axis=-1)
-            columns.append(ops.logsumexp(picked, axis=-1, keepdims=True))
-    return ops.concatenate(columns, axis=-1)
-
-
 # Inputs -------------------------------------------------------------------
 
 
-def _unpack(x):
-    """Returns a dict with the known keys (None where absent).
+def unpack_inputs(x):
+    """``x`` (images, or a dict of them) as a dict with every input key
+    (None where absent); ``InvalidArgumentError`` for an unknown key, a dict
+    without ``"images"``, or a list or tuple.
 
     ``"unlabeled_images"`` is read by ``klseg.consistency.MeanTeacherModel``
     only; ``KLRegularizedModel.call`` rejects it.
@@ -370,15 +222,11 @@ def _unpack(x):
     return {**dict.fromkeys(_INPUT_KEYS), "images": x}
 
 
-def _static_hw(t):
-    shape = tuple(t.shape)
-    return shape[1:3] if len(shape) == 4 else None
-
-
 def _check_same_size(images, other, what):
-    a, b = _static_hw(images), _static_hw(other)
-    if a is None or b is None:
+    a, b = tuple(images.shape), tuple(other.shape)
+    if len(a) != 4 or len(b) != 4:
         return
+    a, b = a[1:3], b[1:3]
     if any(x is not None and y is not None and x != y for x, y in zip(a, b)):
         raise InvalidArgumentError(
             f"'{what}' must have the same height and width as 'images': "
@@ -402,6 +250,11 @@ def pair_batches(target_batch, source_batch):
 
     Returns:
         ``(x_dict, masks)``.
+
+    Example:
+
+    >>> pair_batches(("target", "masks"), ({"images": "source"}, "unused"))
+    ({'images': 'target', 'source_images': 'source'}, 'masks')
     """
     x, y = target_batch[0], target_batch[1]
     xs = source_batch[0]
@@ -418,38 +271,6 @@ def pair_batches(target_batch, source_batch):
 # The wrapper --------------------------------------------------------------
 
 
-def _replica_context():
-    """The ``tf.distribute`` replica context of a multi-replica step, or None.
-
-    Only the TensorFlow backend splits a step over replicas that each run
-    ``compute_loss`` on their share of the batch; on JAX a distributed step
-    computes on the whole (sharded) batch, so sums are already global.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
-
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return None
-    return context
-
-
-def _global_sum(value):
-    """Sum of ``value`` over the replicas of a ``tf.distribute`` step."""
-    context = _replica_context()
-    if context is None:
-        return value
-    import tensorflow as tf
-
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-
-def _num_replicas():
-    context = _replica_context()
-    return 1 if context is None else int(context.num_replicas_in_sync)
-
-
 def _labelled_pixels(y, num_classes, ignore_class):
     """float32 number of pixels of ``y`` that carry a label."""
     y = ops.convert_to_tensor(y)
@@ -459,6 +280,40 @@ def _labelled_pixels(y, num_classes, ignore_class):
         labels = ops.cast(y, "int32")
         valid = (labels >= 0) & (labels < num_classes) & (labels != ignore_class)
     return ops.sum(ops.cast(valid, "float32"))
+
+
+def _check_settings(kl_weight, temperature, kl_inputs, student_bn):
+    """``InvalidArgumentError`` for a setting of the wrapper out of range."""
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)):
+        raise InvalidArgumentError(
+            f"`kl_weight` must be a number >= 0. Received: kl_weight={kl_weight!r}"
+        )
+    if not kl_weight >= 0:
+        raise InvalidArgumentError(
+            f"`kl_weight` must be >= 0. Received: kl_weight={kl_weight!r}"
+        )
+    check_temperature(temperature)
+    if kl_inputs not in _KL_INPUTS:
+        raise InvalidArgumentError(
+            f"`kl_inputs` must be one of {_KL_INPUTS}. "
+            f"Received: kl_inputs={kl_inputs!r}"
+        )
+    if student_bn not in _BN_POLICIES:
+        raise InvalidArgumentError(
+            f"`student_bn` must be one of {_BN_POLICIES}. "
+            f"Received: student_bn={student_bn!r}"
+        )
+
+
+def _set_student_bn(student, policy):
+    """Apply ``student_bn`` to the student's BatchNorm layers."""
+    synchronized = policy == "synchronized" and keras.backend.backend() == "tensorflow"
+    for layer in student._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if policy == "frozen":
+                layer.trainable = False
+            elif synchronized:
+                layer.synchronized = True
 
 
 @keras.saving.register_keras_serializable(package="klseg")
@@ -597,49 +452,8 @@ class KLRegularizedModel(keras.Model):
         # images stay uint8, float16 stored probabilities become float32).
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if student is source:
-            raise InvalidArgumentError(
-                "`student` and `source` are the same model object; fine-tune "
-                "a copy: student = keras.models.clone_model(source); "
-                "student.set_weights(source.get_weights())."
-            )
-        num_target = klseg_models.check_segmentation_model(student, "student")
-        num_source = klseg_models.check_segmentation_model(source, "source")
-        _check_input_sizes(student, source)
-        if not student.trainable_weights:
-            raise InvalidArgumentError(
-                "The student model has no trainable weights (a copy of a "
-                "frozen model keeps its trainable=False flags). Use "
-                "klseg.finetune.clone_student(source) to make the student."
-            )
-        if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)):
-            raise InvalidArgumentError(
-                f"`kl_weight` must be a number >= 0. Received: kl_weight={kl_weight!r}"
-            )
-        if not kl_weight >= 0:
-            raise InvalidArgumentError(
-                f"`kl_weight` must be >= 0. Received: kl_weight={kl_weight!r}"
-            )
-        low, high = TEMPERATURE_RANGE
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not low <= temperature <= high
-        ):
-            raise InvalidArgumentError(
-                f"`temperature` must be a number in [{low:g}, {high:g}]. "
-                f"Received: temperature={temperature!r}"
-            )
-        if kl_inputs not in _KL_INPUTS:
-            raise InvalidArgumentError(
-                f"`kl_inputs` must be one of {_KL_INPUTS}. "
-                f"Received: kl_inputs={kl_inputs!r}"
-            )
-        if student_bn not in _BN_POLICIES:
-            raise InvalidArgumentError(
-                f"`student_bn` must be one of {_BN_POLICIES}. "
-                f"Received: student_bn={student_bn!r}"
-            )
+        num_target, num_source = _check_models(student, source)
+        _check_settings(kl_weight, temperature, kl_inputs, student_bn)
         self.kl_weight = float(kl_weight)
         self.temperature = float(temperature)
         self.kl_inputs = kl_inputs
@@ -647,29 +461,14 @@ class KLRegularizedModel(keras.Model):
         self.ignore_class = int(ignore_class)
         self.num_classes = num_target
         self.num_source_classes = num_source
-        self.class_map = _standardize_class_map(class_map, num_source, num_target)
-        if self.class_map is not None and self.class_map == tuple(range(num_target)):
+        self.class_map = standardize_class_map(class_map, num_source, num_target)
+        if self.class_map == tuple(range(num_target)):  # the identity
             self.class_map = None
 
         self.student = student
         self.source = source
         self.source.trainable = False
-        if student_bn == "frozen":
-            for layer in student._flatten_layers(include_self=False):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.trainable = False
-
-        if student_bn == "synchronized" and keras.backend.backend() == "tensorflow":
-            for layer in student._flatten_layers(include_self=False):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.synchronized = True
-
-        self.kl_loss_fn = klseg_losses.KLDivergence(
-            from_logits=True,
-            target="logits",
-            temperature=self.temperature,
-            name="kl_divergence",
-        )
+        _set_student_bn(student, student_bn)
         # Pixel-weighted epoch means (Mean with the pixel count as weight).
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
@@ -691,7 +490,7 @@ class KLRegularizedModel(keras.Model):
     _uses_unlabeled_images = False
 
     def call(self, x, training=None):
-        parts = _unpack(x)
+        parts = unpack_inputs(x)
         if parts["unlabeled_images"] is not None and not self._uses_unlabeled_images:
             raise InvalidArgumentError(
                 f"{type(self).__name__} has no term for 'unlabeled_images'; use "
@@ -727,7 +526,7 @@ class KLRegularizedModel(keras.Model):
         else:
             logits = self.source(images, training=False)
             log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
-        log_probs = _apply_class_map(log_probs, self.class_map, self.num_classes)
+        log_probs = apply_class_map(log_probs, self.class_map, self.num_classes)
         return ops.stop_gradient(log_probs), has_prediction
 
     def _check_stored(self, images, stored):
@@ -797,8 +596,8 @@ class KLRegularizedModel(keras.Model):
         if y is None:
             return task, task, None, extra
         count = _labelled_pixels(y, self.num_classes, self.ignore_class)
-        local_mean = task * _num_replicas()
-        global_count = _global_sum(ops.stop_gradient(count))
+        local_mean = task * num_replicas()
+        global_count = global_sum(ops.stop_gradient(count))
         term = local_mean * count / ops.maximum(global_count, 1.0)
         return term, local_mean, count, extra
 
@@ -811,7 +610,7 @@ class KLRegularizedModel(keras.Model):
         the replicas' values add up to the loss of the global batch (Keras
         sums the replicas' gradients); on one device it is the loss.
         """
-        parts = _unpack(x)
+        parts = unpack_inputs(x)
         n = ops.shape(parts["images"])[0]
         task, task_mean, count, extra = self._task_term(
             x, y, y_pred[:n], sample_weight, training
@@ -848,7 +647,7 @@ class KLRegularizedModel(keras.Model):
         self.kl_loss_tracker.update_state(
             local_sum / ops.maximum(count, 1.0), sample_weight=count
         )
-        return local_sum / ops.maximum(_global_sum(count), 1.0)
+        return local_sum / ops.maximum(global_sum(count), 1.0)
 
     def get_metrics_result(self):
         """The metrics, with ``loss`` = ``task_loss + kl_weight * kl_loss``.
@@ -868,13 +667,13 @@ class KLRegularizedModel(keras.Model):
         return results
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        n = ops.shape(_unpack(x)["images"])[0]
+        n = ops.shape(unpack_inputs(x)["images"])[0]
         return super().compute_metrics(x, y, y_pred[:n], sample_weight=sample_weight)
 
     # -- saving -----------------------------------------------------------
 
     def get_config(self):
-        config = {
+        return {
             "name": self.name,
             "trainable": self.trainable,
             "student": keras.saving.serialize_keras_object(self.student),
@@ -890,7 +689,6 @@ class KLRegularizedModel(keras.Model):
             "student_bn": self.student_bn,
             "ignore_class": self.ignore_class,
         }
-        return config
 
     @classmethod
     def from_config(cls, config):
@@ -898,312 +696,3 @@ class KLRegularizedModel(keras.Model):
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
         config["source"] = keras.saving.deserialize_keras_object(config["source"])
         return cls(**config)
-
-
-# Stored predictions -------------------------------------------------------
-
-
-def estimate_predictions_bytes(num_images, height, width, num_classes):
-    """Bytes needed to store source probabilities in float16."""
-    return int(num_images) * int(height) * int(width) * int(num_classes) * 2
-
-
-def available_memory_bytes():
-    """MemAvailable from /proc/meminfo, or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def format_bytes(n):
-    """``n`` bytes as text in binary units (``"1.5 MiB"``)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-
-
-def store_source_predictions(
-    source,
-    images,
-    *,
-    batch_size=16,
-    max_bytes=None,
-    memory_fraction=0.5,
-    verbose=1,
-):
-    """Compute the source model's probabilities once, stored as float16.
-
-    The memory needed (``N * H * W * C * 2`` bytes) is estimated and checked
-    before any work: it must fit in ``max_bytes``, by default
-    ``memory_fraction`` of the memory available now. Feed the result to
-    ``klseg.data.make_dataset(split, extra_maps={"source_probs": probs},
-    ...)`` so that it moves with the geometric augmentation the student
-    sees (colour augmentation does not touch it: the stored predictions are
-    those of the un-augmented colours), and give the batches to
-    ``KLRegularizedModel`` as ``x["source_probs"]`` (or, for source-domain
-    images, as ``x["source_images_probs"]``, see ``pair_batches``).
-
-    float16 keeps about three significant digits; probabilities below about
-    6e-8 are stored as 0 (a zero-probability class, which the KL loss
-    handles exactly).
-
-    Args:
-        source: the source model (per-pixel logits).
-        images: uint8 (or float 0..255) array ``(N, H, W, 3)``.
-        batch_size: images per forward pass. Defaults to 16.
-        max_bytes: memory budget in bytes for the result. Defaults to
-            ``memory_fraction`` of the available memory.
-        memory_fraction: share of the available memory the result may use
-            when ``max_bytes`` is None. Defaults to 0.5.
-        verbose: 1 prints the estimate and a progress bar. Defaults to 1.
-
-    Returns:
-        float16 numpy array ``(N, H, W, C_source)`` of probabilities.
-
-    Raises:
-        ResourceError: before any work, when the result would not fit.
-        ModelError: for a model that does not output per-pixel logits.
-    """
-    num_classes = klseg_models.check_segmentation_model(source, "source")
-    shape = tuple(np.shape(images))
-    if len(shape) != 4 or shape[-1] != 3:
-        raise InvalidArgumentError(
-            f"`images` must be an array of shape (N, H, W, 3). Received: shape={shape}"
-        )
-    n, h, w = shape[:3]
-    needed = estimate_predictions_bytes(n, h, w, num_classes)
-    if max_bytes is None:
-        available = available_memory_bytes()
-        budget = None if available is None else int(available * memory_fraction)
-        where = f"{memory_fraction:.0%} of the available memory"
-    else:
-        budget = int(max_bytes)
-        where = "max_bytes"
-    if verbose:
-        print(
-            f"Stored source predictions: {n} images x {h}x{w} x {num_classes} "
-            f"classes in float16 = {format_bytes(needed)}"
-            + ("" if budget is None else f" (budget {format_bytes(budget)})")
-        )
-    if budget is not None and needed > budget:
-        raise ResourceError(
-            f"Storing source predictions needs {format_bytes(needed)} "
-            f"({n} images x {h}x{w} x {num_classes} classes x 2 bytes), more "
-            f"than {where} ({format_bytes(budget)}). Use fewer or smaller "
-            "images, or run the source model live (no stored predictions)."
-        )
-    out = np.empty((n, h, w, num_classes), dtype="float16")
-    with progress.Progress(
-        n, "Storing source predictions", unit="image", verbose=verbose
-    ) as shown:
-        for start in range(0, n, batch_size):
-            batch = np.asarray(images[start : start + batch_size])
-            logits = klseg_models.predict_logits(source, batch)
-            probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
-            out[start : start + len(batch)] = ops.convert_to_numpy(probs).astype(
-                "float16"
-            )
-            shown.update(len(batch))
-    return out
-
-
-# Both domains' scores -----------------------------------------------------
-
-#: Scores ``evaluate_domains`` can report per domain.
-_DOMAIN_SCORES = ("loss", "mean_iou", "pixel_accuracy")
-
-
-def _domain_key(domain, score):
-    return f"{domain}_{score}" if domain else score
-
-
-def evaluate_domains(
-    model,
-    datasets,
-    *,
-    source_model=None,
-    class_map=None,
-    ignore_class=None,
-    batch_size=8,
-    source_baseline=None,
-    scores=("mean_iou",),
-    forward=None,
-):
-    """Scores of the student on each domain, and the forgetting.
-
-    Every score comes from one confusion matrix per domain
-    (:func:`klseg.evaluation.evaluate`): exact over the whole data set,
-    independent of the batch size, with the documented rule for a class
-    absent from masks and predictions (left out of the mean).
-
-    Args:
-        model: a ``KLRegularizedModel`` (its student is scored) or a plain
-            segmentation model.
-        datasets: dict ``{domain: data}``, ``data`` a ``tf.data.Dataset``
-            (or any iterable) of ``(images or {"images": ...}, masks)``
-            batches, or an ``(images, masks)`` pair of arrays. Domain
-            ``"source"`` masks are in the source model's classes and are
-            mapped with ``class_map``.
-        source_model: the source model, to compute the baseline. Defaults to
-            ``model.source`` for a ``KLRegularizedModel``.
-        class_map: source-to-target class map. Defaults to the wrapper's.
-        ignore_class: mask value to ignore. Defaults to the wrapper's, or
-            255.
-        batch_size: batch size for array inputs. Defaults to 8.
-        source_baseline: the source model's mean IoU on ``datasets["source"]``
-            if already known (skips recomputing it).
-        scores: which of ``"loss"``, ``"mean_iou"``, ``"pixel_accuracy"`` to
-            report. Defaults to ``("mean_iou",)``.
-        forward: ``images -> logits`` of the student. Defaults to
-            :func:`klseg.models.predict_logits`.
-
-    Returns:
-        dict with ``"<domain>_<score>"`` per domain and score (fractions
-        0..1; an empty domain name gives ``"<score>"``) and, when a
-        ``"source"`` domain and a source model are available,
-        ``"source_model_mean_iou"`` (the baseline) and ``"forgetting"`` =
-        baseline - student source mean IoU.
-    """
-    from klseg import evaluation
-
-    for score in scores:
-        if score not in _DOMAIN_SCORES:
-            raise InvalidArgumentError(
-                f"`scores` must hold names from {_DOMAIN_SCORES}. "
-                f"Received: scores={scores!r}"
-            )
-    student = getattr(model, "student", model)
-    if isinstance(model, KLRegularizedModel):
-        source_model = source_model if source_model is not None else model.source
-        class_map = class_map if class_map is not None else model.class_map
-        ignore_class = model.ignore_class if ignore_class is None else ignore_class
-    ignore_class = 255 if ignore_class is None else ignore_class
-    num_classes = klseg_models.check_segmentation_model(student, "student")
-    if class_map is not None:
-        if source_model is not None:
-            num_source = klseg_models.check_segmentation_model(
-                source_model, "source_model"
-            )
-        elif isinstance(class_map, dict):
-            num_source = max(int(k) for k in class_map) + 1
-        else:
-            num_source = len(class_map)
-        class_map = _standardize_class_map(class_map, num_source, num_classes)
-
-    def label_map(masks):
-        return map_labels(masks, class_map, ignore_class=ignore_class)
-
-    results = {}
-    for domain, data in datasets.items():
-        found = evaluation.evaluate(
-            student,
-            data,
-            num_classes=num_classes,
-            ignore_value=ignore_class,
-            forward=forward,
-            label_map=label_map if domain == "source" and class_map else None,
-            batch_size=batch_size,
-        )
-        for score in scores:
-            results[_domain_key(domain, score)] = found[score]
-    if "source" in datasets and (
-        source_model is not None or source_baseline is not None
-    ):
-        if source_baseline is None:
-
-            def mapped(images):
-                logits = ops.cast(
-                    klseg_models.predict_logits(source_model, images), "float32"
-                )
-                log_probs = ops.log_softmax(logits, axis=-1)
-                return _apply_class_map(log_probs, class_map, num_classes)
-
-            source_baseline = evaluation.evaluate(
-                source_model,
-                datasets["source"],
-                num_classes=num_classes,
-                ignore_value=ignore_class,
-                forward=mapped,
-                label_map=label_map if class_map else None,
-                batch_size=batch_size,
-            )["mean_iou"]
-        results["source_model_mean_iou"] = float(source_baseline)
-        results["forgetting"] = float(source_baseline) - results.get(
-            "source_mean_iou",
-            float("nan"),
-        )
-    return results
-
-
-class DomainEvaluation(keras.callbacks.Callback):
-    """Adds each domain's validation scores and the forgetting to the logs.
-
-    At the end of every epoch this runs ``evaluate_domains`` and writes
-    ``val_<domain>_<score>`` for each domain and score and
-    ``val_forgetting`` into the epoch logs, so they appear in ``History``
-    and in every later callback (CSVLogger, checkpoints monitoring them,
-    ...). The source model's score, computed once (at the first epoch end)
-    unless given, is kept as ``source_baseline``.
-
-    Args:
-        datasets: as for ``evaluate_domains``; re-iterated every epoch.
-        source_model, class_map, ignore_class, batch_size, scores, forward:
-            as for ``evaluate_domains``.
-        source_baseline: the source model's source-domain mean IoU, if
-            known. Defaults to None.
-    """
-
-    def __init__(
-        self,
-        datasets,
-        *,
-        source_model=None,
-        class_map=None,
-        ignore_class=None,
-        batch_size=8,
-        scores=("mean_iou",),
-        forward=None,
-        source_baseline=None,
-    ):
-        super().__init__()
-        self.datasets = {k: v for k, v in dict(datasets).items() if v is not None}
-        self.source_model = source_model
-        self.class_map = class_map
-        self.ignore_class = ignore_class
-        self.batch_size = batch_size
-        self.scores = tuple(scores)
-        self.forward = forward
-        self.source_baseline = source_baseline
-        self.history = []
-
-    def _evaluate(self):
-        return evaluate_domains(
-            self.model,
-            self.datasets,
-            source_model=self.source_model,
-            class_map=self.class_map,
-            ignore_class=self.ignore_class,
-            batch_size=self.batch_size,
-            source_baseline=self.source_baseline,
-            scores=self.scores,
-            forward=self.forward,
-        )
-
-    def on_epoch_end(self, epoch, logs=None):
-        results = self._evaluate()
-        if "source_model_mean_iou" in results:
-            self.source_baseline = results["source_model_mean_iou"]
-        self.history.append(results)
-        if logs is not None:
-            for key, value in results.items():
-                if key != "source_model_mean_iou":
-                    logs[f"val_{key}"] = value

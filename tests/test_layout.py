@@ -131,12 +131,30 @@ def test_one_evaluation_path():
     # no second confusion-matrix computation remains.
     sources = {
         p: p.read_text(encoding="utf-8")
-        for p in [*_modules(PACKAGE / "runs"), PACKAGE / "finetune.py"]
+        for p in [
+            *_modules(PACKAGE / "runs"),
+            *(PACKAGE / f"{n}.py" for n in ("finetune", "consistency", "distill")),
+        ]
     }
     counting = [p.name for p, text in sources.items() if "np.bincount" in text]
     assert counting == []
-    assert "klseg.evaluation" in sources[PACKAGE / "runs" / "scoring.py"]
-    assert "evaluation.evaluate(" in sources[PACKAGE / "finetune.py"]
+    assert "evaluation.evaluate_each(" in sources[PACKAGE / "runs" / "scoring.py"]
+    # Every per-domain score (the run layer's and KLRegularizedModel's) goes
+    # through evaluate_each, which calls evaluate once per domain.
+    library = (PACKAGE / "evaluation.py").read_text(encoding="utf-8")
+    tree = ast.parse(library)
+    each = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef) and n.name == "evaluate_each"
+    )
+    assert "evaluate(" in ast.get_source_segment(library, each)
+    domains = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.FunctionDef) and n.name == "evaluate_domains"
+    )
+    assert "evaluate_each(" in ast.get_source_segment(library, domains)
 
 
 def test_run_temperature_range_is_the_losses_range():
