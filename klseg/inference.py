@@ -64,6 +64,7 @@ __all__ = [
     "PAD_MODES",
     "TTA_MODES",
     "InferenceOptions",
+    "check_size_multiple",
     "check_tile_size",
     "predict_classes",
     "predict_probabilities",
@@ -129,7 +130,23 @@ def check_tile_size(tile_size, size_multiple=1, *, name="tile_size"):
         )
     if min(size) < 1:
         _fail(f"{name} must be positive. Received: {name}={_show_size(size)}")
-    bad = [s for s in size if s % size_multiple]
+    check_size_multiple(size, size_multiple, name=name, shown=_show_size(size))
+    return size
+
+
+def check_size_multiple(size, size_multiple, *, name, shown):
+    """Refuse a ``(height, width)`` with a side that is no multiple of the
+    model's size multiple, naming ``name``, the nearest valid sides and the
+    value received (written ``shown``).
+
+    Raises:
+        ValueError: (``InvalidArgumentError``) for the first such side.
+
+    Example:
+
+    >>> check_size_multiple((64, 96), 32, name="tile_size", shown="64x96")
+    """
+    bad = [side for side in size if side % size_multiple]
     if bad:
         side = bad[0]
         lower = max(size_multiple, side // size_multiple * size_multiple)
@@ -137,9 +154,8 @@ def check_tile_size(tile_size, size_multiple=1, *, name="tile_size"):
         _fail(
             f"{name} must be a multiple of the model's size multiple "
             f"{size_multiple} in height and width; the nearest valid sizes for "
-            f"{side} are {lower} and {upper}. Received: {name}={_show_size(size)}"
+            f"{side} are {lower} and {upper}. Received: {name}={shown}"
         )
-    return size
 
 
 def _check_overlap(tile_overlap):

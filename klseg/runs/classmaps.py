@@ -19,6 +19,7 @@ __all__ = [
     "changes_classes",
     "class_map_names",
     "label_lut",
+    "map_masks",
     "mapped_forward",
     "read_source_class_map",
     "target_classes",
@@ -98,6 +99,15 @@ def label_lut(class_map, ignore_value):
     from klseg import finetune as ft
 
     return ft.map_labels(np.arange(256), class_map, ignore_class=ignore_value)
+
+
+def map_masks(dataset, class_map, ignore_value):
+    """``dataset``'s ``(images, masks)`` batches with the masks mapped from
+    the source model's classes into the target classes."""
+    import tensorflow as tf
+
+    lut = tf.constant(label_lut(class_map, ignore_value), tf.int32)
+    return dataset.map(lambda images, masks: (images, tf.gather(lut, masks)))
 
 
 def mapped_forward(source, class_map, num_classes):

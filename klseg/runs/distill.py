@@ -1,32 +1,31 @@
 """``klseg distill``: train a smaller student from a teacher's predictions."""
 
 import contextlib
-import json
+import dataclasses
 import math
 import statistics
 import time
-import zipfile
 from pathlib import Path
 
 from klseg import errors
-from klseg.files import yaml_text
-from klseg.runs import hub, inputs, runtime
+from klseg.runs import hub, inputs, runtime, streams
 from klseg.runs.callbacks import validation
-from klseg.runs.checks import check_crop_fits, fail, size_text
+from klseg.runs.checks import fail, size_text
 from klseg.runs.configs import DEFAULT_LEARNING_RATE
-from klseg.runs.finetune import _mix_unlabeled
 from klseg.runs.fit import (
-    curves_section,
-    examples_drawn,
+    RunContext,
+    best_model,
+    compile_model,
     finish,
     fit,
     in_run_folder,
+    run_summary,
     say,
 )
 from klseg.runs.folder import check_inputs_not_outputs
+from klseg.runs.reports import RunReport
 from klseg.runs.results import pct
-from klseg.runs.scoring import domain_metrics, first_batch, predict_classes
-from klseg.runs.train import _model_kwargs
+from klseg.runs.scoring import domain_metrics, first_batch
 
 __all__ = ["distill", "images_per_second"]
 
@@ -63,7 +62,7 @@ def distill(cfg, *, callbacks=None):
     check_inputs_not_outputs(
         {"output": cfg.output},
         {
-            "teacher": None if _is_hub(cfg.teacher) else cfg.teacher,
+            "teacher": None if hub.is_hub_spec(cfg.teacher) else cfg.teacher,
             "data": cfg.data,
             "unlabeled_data": cfg.unlabeled_data,
             "val_data": cfg.val_data,
@@ -73,8 +72,8 @@ def distill(cfg, *, callbacks=None):
     if isinstance(cfg.teacher, (str, Path)):
         # A missing file or preset folder fails here, before any work.
         inputs.check_model_file(cfg.teacher)
-        if not _is_hub(cfg.teacher):
-            _check_num_classes(cfg, _archive_num_classes(cfg.teacher))
+        if not hub.is_hub_spec(cfg.teacher):
+            _check_num_classes(cfg, inputs.archive_num_classes(cfg.teacher))
     # Every data set is read and checked before the run folder is touched.
     splits = {
         "data": inputs.load_split(cfg.data, cfg),
@@ -84,43 +83,25 @@ def distill(cfg, *, callbacks=None):
         splits["unlabeled_data"] = inputs.load_split(
             cfg.unlabeled_data, cfg, require_masks=False
         )
-    image_size = _training_size(cfg, splits["data"])
+    # Without --image-size, the teacher's training size, else the images' size.
+    image_size = inputs.default_image_size(cfg, splits["data"], cfg.teacher)
     strategy, is_chief = runtime.make_strategy(cfg.strategy)
 
     def job(run, checkpoint):
-        return _distill(
-            cfg, strategy, run, checkpoint, callbacks, started, splits, image_size
+        ctx = RunContext(
+            cfg=cfg,
+            run=run,
+            checkpoint=checkpoint,
+            strategy=strategy,
+            callbacks=callbacks,
+            started=started,
+            learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATE["train"],
+            splits=splits,
+            image_size=image_size,
         )
+        return _distill(ctx)
 
     return in_run_folder(cfg, job, is_chief=is_chief)
-
-
-def _is_hub(value):
-    return hub.is_hub_spec(value)
-
-
-def _archive_num_classes(path):
-    """The class count of a ``.keras`` file's ``ClassLogits`` head, read from
-    the archive's ``config.json`` without Keras; None where not found."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "ClassLogits":
-                config = node.get("config") or {}
-                names = config.get("class_names")
-                found.append(config.get("num_classes") or (names and len(names)))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    with contextlib.suppress(Exception):
-        with zipfile.ZipFile(path) as archive:
-            walk(json.loads(archive.read("config.json")))
-    counts = [c for c in found if isinstance(c, int) and c > 0]
-    return counts[-1] if counts else None
 
 
 def _check_num_classes(cfg, teacher_classes):
@@ -134,34 +115,12 @@ def _check_num_classes(cfg, teacher_classes):
     )
 
 
-def _training_size(cfg, split):
-    """``cfg.image_size``, else the teacher's training size, else the size of
-    the training images (one for all)."""
-    size = cfg.image_size
-    if size is None and not _is_hub(cfg.teacher):
-        model = None if isinstance(cfg.teacher, (str, Path)) else cfg.teacher
-        size = inputs.run_image_size(cfg.teacher, model)
-    if size is None:
-        size = inputs.data_image_size(split)
-    if cfg.crop_size is not None:
-        check_crop_fits(cfg.crop_size, size)
-    return size
-
-
 def _class_names(model, count):
     from klseg import models
 
     with contextlib.suppress(errors.KlsegError):
         return models.get_class_names(model)
     return [f"class_{i}" for i in range(count)]
-
-
-def _build_student(cfg, num_classes, names):
-    from klseg import models
-
-    if _is_hub(cfg.model):
-        return hub.load_segmenter(cfg.model, num_classes=num_classes, class_names=names)
-    return models.build(cfg.model, **_model_kwargs(cfg, num_classes, names))
 
 
 def images_per_second(model, images, *, batch_size=8, repeats=3):
@@ -190,6 +149,127 @@ def images_per_second(model, images, *, batch_size=8, repeats=3):
     return len(images) / max(statistics.median(times), 1e-9)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Models:
+    """The models of a distillation run."""
+
+    teacher: object
+    student: object
+    model: object  # the DistillationModel that trains the student
+    num_classes: int
+    names: list
+
+
+def _distill(ctx):
+    """Settings, models, streams, fit, scores, report."""
+    import keras
+
+    cfg = ctx.cfg
+    keras.utils.set_random_seed(cfg.seed)
+    with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
+        nets = _models(ctx, policy)
+        train_ds, steps = _training_stream(ctx)
+        val_ds = streams.evaluation_stream(cfg, ctx.splits["val_data"], ctx.image_size)
+        monitor = "val_mean_iou" if cfg.monitor == "auto" else cfg.monitor
+        say(
+            cfg.verbose,
+            f"Distilling {cfg.teacher} ({nets.teacher.count_params():,} parameters) "
+            f"into {cfg.model} ({nets.student.count_params():,} parameters) on "
+            f"{cfg.data}: kl_type={cfg.kl_type}, kl_weight={cfg.kl_weight:g}, "
+            f"temperature={cfg.resolved_temperature:g}, {steps} steps/epoch, "
+            f"{cfg.epochs} epochs -> {ctx.run.path}",
+        )
+        final_state = fit(
+            ctx,
+            nets.model,
+            save_model=nets.student,
+            train_ds=train_ds,
+            steps=steps,
+            validation=validation(
+                {"": val_ds}, eval_model=nets.student, ignore_value=cfg.ignore_value
+            ),
+            monitor=monitor,
+        )
+    best = best_model(ctx.run, nets.student)
+    scores, summaries = _scores(ctx, nets, best, val_ds)
+    image_size = ctx.image_size
+    result_metrics = {
+        **summaries,
+        "val": scores["student"],
+        "kl_weight": cfg.kl_weight,
+        "temperature": cfg.resolved_temperature,
+        "kl_type": cfg.kl_type,
+        "image_size": list(image_size) if isinstance(image_size, tuple) else image_size,
+        **run_summary(ctx, final_state, monitor),
+    }
+    _write_report(ctx, nets, best, val_ds, result_metrics, scores)
+    return finish(ctx.run, cfg, result_metrics)
+
+
+def _models(ctx, policy):
+    """The teacher (checked against the data), the new student, and the
+    distillation model that trains it, compiled (and restored)."""
+    from klseg import models
+    from klseg.distill import DistillationModel
+
+    cfg = ctx.cfg
+    with ctx.strategy.scope():
+        teacher = inputs.load_model(cfg.teacher)
+        num_classes, multiple = inputs.model_info(teacher, cfg.teacher)
+        _check_num_classes(cfg, num_classes)
+        names = _class_names(teacher, num_classes)
+        for key in ("data", "val_data"):
+            inputs.check_labels(
+                ctx.splits[key],
+                num_classes,
+                "--" + key.replace("_", "-"),
+                f"The teacher {cfg.teacher} predicts {num_classes} classes: "
+                "map the mask values with --class-map.",
+            )
+        student = inputs.build_model(cfg, num_classes, names)
+        with contextlib.suppress(errors.KlsegError):
+            multiple = math.lcm(multiple, models.size_multiple(student))
+        inputs.check_image_size(ctx.image_size, multiple)
+        inputs.check_crop_size(cfg.crop_size, ctx.image_size, multiple)
+        with contextlib.suppress(errors.KlsegError):
+            models.set_training_size(student, ctx.image_size)
+        model = DistillationModel(
+            student,
+            teacher,
+            kl_weight=cfg.kl_weight,
+            temperature=cfg.resolved_temperature,
+            kl_type=cfg.kl_type,
+            # Several replicas train as one device would.
+            student_bn="trainable" if cfg.strategy == "default" else "synchronized",
+            ignore_class=cfg.ignore_value,
+        )
+        compile_model(ctx, model, policy, num_classes=num_classes)
+    return _Models(teacher, student, model, num_classes, names)
+
+
+def _training_stream(ctx):
+    """``(stream, steps per epoch)``: the labelled images, mixed with the
+    unlabelled ones when the KL term is on."""
+    cfg, splits = ctx.cfg, ctx.splits
+    # Unlabelled images feed the KL term only.
+    mixes = "unlabeled_data" in splits and cfg.kl_weight > 0
+    if "unlabeled_data" in splits and not mixes:
+        say(
+            cfg.verbose,
+            f"Note: unlabeled_data ({cfg.unlabeled_data}) is not used: "
+            "unlabelled images only feed the KL term, and kl_weight=0.",
+        )
+    images = streams.images_per_epoch(
+        splits, cfg.batch_size, unlabeled="mixed" if mixes else None
+    )
+    steps = streams.steps_per_epoch(cfg, images)
+    # A resumed run starts every stream where the checkpointed epoch left
+    # it: the same batches, in the same order, with the same augmentation.
+    drawn = streams.examples_drawn(ctx.state, steps, cfg.batch_size)
+    made = streams.TrainingStreams(cfg, splits, ctx.image_size, skip=drawn)
+    return (made.mixed() if mixes else made.stream("data")), steps
+
+
 def _summary(scores, model, speed):
     return {
         "mean_iou": scores["mean_iou"],
@@ -199,169 +279,32 @@ def _summary(scores, model, speed):
     }
 
 
-def _distill(cfg, strategy, run, checkpoint, callbacks, started, splits, image_size):
-    import keras
-
-    from klseg import data, losses, metrics, models
-    from klseg.distill import DistillationModel
-
-    state = checkpoint[1] if checkpoint else None
-    keras.utils.set_random_seed(cfg.seed)
-    learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["train"]
-    temperature = cfg.resolved_temperature
-    batch = cfg.batch_size
-    with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
-        with strategy.scope():
-            teacher = inputs.load_model(cfg.teacher)
-            num_classes, multiple = inputs.model_info(teacher, cfg.teacher)
-            _check_num_classes(cfg, num_classes)
-            names = _class_names(teacher, num_classes)
-            for key in ("data", "val_data"):
-                inputs.check_labels(
-                    splits[key],
-                    num_classes,
-                    "--" + key.replace("_", "-"),
-                    f"The teacher {cfg.teacher} predicts {num_classes} classes: "
-                    "map the mask values with --class-map.",
-                )
-            student = _build_student(cfg, num_classes, names)
-            with contextlib.suppress(errors.KlsegError):
-                multiple = math.lcm(multiple, models.size_multiple(student))
-            inputs.check_image_size(image_size, multiple)
-            inputs.check_crop_size(cfg.crop_size, image_size, multiple)
-            with contextlib.suppress(errors.KlsegError):
-                models.set_training_size(student, image_size)
-            model = DistillationModel(
-                student,
-                teacher,
-                kl_weight=cfg.kl_weight,
-                temperature=temperature,
-                kl_type=cfg.kl_type,
-                # Several replicas train as one device would.
-                student_bn="trainable" if cfg.strategy == "default" else "synchronized",
-                ignore_class=cfg.ignore_value,
-            )
-            optimizer = runtime.make_optimizer(learning_rate, policy)
-            model.compile(
-                optimizer=optimizer,
-                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
-                metrics=[
-                    metrics.MeanIoU(num_classes, ignore_class=cfg.ignore_value),
-                    metrics.PixelAccuracy(ignore_class=cfg.ignore_value),
-                ],
-                jit_compile=runtime.jit_setting(cfg),
-            )
-            if checkpoint:
-                from klseg.runs.checkpoint import restore_checkpoint
-
-                restore_checkpoint(checkpoint[0], model, optimizer)
-
-        def train_stream(key, skip):
-            split = splits[key]
-            return data.make_dataset(
-                split,
-                batch_size=batch,
-                image_size=image_size,
-                crop_size=cfg.crop_size,
-                augment=cfg.augment,
-                shuffle=True,
-                seed=cfg.seed + (1 if key == "unlabeled_data" else 0),
-                repeat=True,
-                drop_remainder=True,
-                ignore_value=cfg.ignore_value,
-                cache=inputs.cache_in_memory(split, image_size),
-                skip=skip,
-            )
-
-        n_labeled = inputs.num_images(splits["data"]) or batch
-        n_total = n_labeled
-        # Unlabelled images feed the KL term only.
-        mixes = "unlabeled_data" in splits and cfg.kl_weight > 0
-        if "unlabeled_data" in splits and not mixes:
-            say(
-                cfg.verbose,
-                f"Note: unlabeled_data ({cfg.unlabeled_data}) is not used: "
-                "unlabelled images only feed the KL term, and kl_weight=0.",
-            )
-        if mixes:
-            n_total += inputs.num_images(splits["unlabeled_data"]) or batch
-        steps = cfg.steps_per_epoch or max(1, math.ceil(n_total / batch))
-        # A resumed run starts every stream where the checkpointed epoch left
-        # it: the same batches, in the same order, with the same augmentation.
-        drawn = examples_drawn(state, steps, batch)
-        if mixes:
-            train_ds = _mix_unlabeled(
-                train_stream, n_labeled, n_total - n_labeled, batch, cfg.seed, drawn
-            )
-        else:
-            train_ds = train_stream("data", drawn)
-        val_ds = runtime.distribute_options(
-            data.make_dataset(
-                splits["val_data"],
-                batch_size=batch,
-                image_size=image_size,
-                ignore_value=cfg.ignore_value,
-                cache=inputs.cache_in_memory(splits["val_data"], image_size),
-            )
-        )
-        monitor = "val_mean_iou" if cfg.monitor == "auto" else cfg.monitor
-        say(
-            cfg.verbose,
-            f"Distilling {cfg.teacher} ({teacher.count_params():,} parameters) "
-            f"into {cfg.model} ({student.count_params():,} parameters) on "
-            f"{cfg.data}: kl_type={cfg.kl_type}, kl_weight={cfg.kl_weight:g}, "
-            f"temperature={temperature:g}, {steps} steps/epoch, {cfg.epochs} "
-            f"epochs -> {run.path}",
-        )
-        final_state = fit(
-            run=run,
-            checkpoint=checkpoint,
-            model=model,
-            save_model=student,
-            train_ds=runtime.distribute_options(train_ds),
-            steps=steps,
-            validation=validation(
-                {"": val_ds}, eval_model=student, ignore_value=cfg.ignore_value
-            ),
-            cfg=cfg,
-            monitor=monitor,
-            callbacks=callbacks,
-            learning_rate=learning_rate,
-        )
-    best = inputs.load_model(run.model) if run.model.exists() else student
+def _scores(ctx, nets, best, val_ds):
+    """``(scores, summaries)`` of the teacher and the best student: their
+    scores on the validation data, and ``metrics.json``'s summary of each
+    (with parameters and inference throughput)."""
+    cfg = ctx.cfg
+    roles = (("teacher", nets.teacher), ("student", best))
     scores = {
         role: domain_metrics(
-            net, {"val": val_ds}, num_classes, cfg.ignore_value, names
+            net, {"val": val_ds}, nets.num_classes, cfg.ignore_value, nets.names
         )["val"]
-        for role, net in (("teacher", teacher), ("student", best))
+        for role, net in roles
     }
     # Throughput on (up to 64) validation images at the training size.
     val_images, _ = first_batch(val_ds, 64)
     speed = {
-        role: images_per_second(net, val_images, batch_size=batch)
-        for role, net in (("teacher", teacher), ("student", best))
+        role: images_per_second(net, val_images, batch_size=cfg.batch_size)
+        for role, net in roles
     }
-    result_metrics = {
-        "teacher": _summary(scores["teacher"], teacher, speed["teacher"]),
-        "student": _summary(scores["student"], best, speed["student"]),
-        "val": scores["student"],
-        "kl_weight": cfg.kl_weight,
-        "temperature": temperature,
-        "kl_type": cfg.kl_type,
-        "image_size": list(image_size) if isinstance(image_size, tuple) else image_size,
-        "best_epoch": (final_state or {}).get("best_epoch"),
-        "epochs": cfg.epochs,
-        "monitor": monitor,
-        "seconds": round(time.time() - started, 1),
-    }
-    _write_report(run, cfg, (teacher, best), val_ds, names, result_metrics, scores)
-    return finish(run, cfg, result_metrics)
+    summaries = {role: _summary(scores[role], net, speed[role]) for role, net in roles}
+    return scores, summaries
 
 
-def _write_report(run, cfg, nets, val_ds, names, metrics, scores):
+def _comparison(cfg, metrics, scores):
+    """The "Teacher and student" section's table and text."""
     from klseg import report
 
-    teacher, student = nets
     rows = [
         (
             f"{role} ({what})",
@@ -373,7 +316,7 @@ def _write_report(run, cfg, nets, val_ds, names, metrics, scores):
         for role, what in (("teacher", cfg.teacher), ("student", cfg.model))
     ]
     ratio = metrics["student"]["parameters"] / max(metrics["teacher"]["parameters"], 1)
-    text = report.markdown_table(
+    return report.markdown_table(
         ["model", "mIoU", "pixel accuracy", "parameters", "images/s"], rows
     ) + (
         f"\n\nValidation data `{cfg.val_data}` ({scores['student']['num_images']} "
@@ -384,31 +327,26 @@ def _write_report(run, cfg, nets, val_ds, names, metrics, scores):
         f"kl_type={metrics['kl_type']}, kl_weight={metrics['kl_weight']:g}, "
         f"temperature={metrics['temperature']:g}."
     )
-    sections = [("Teacher and student", text)]
-    curves = curves_section(run)
-    if curves:
-        sections.append(curves)
-    images, masks = first_batch(val_ds, 3)
-    for role, net in (("teacher", teacher), ("student", student)):
-        path = report.plot_overlays(
-            images,
-            predict_classes(net, images),
-            run.plots / f"overlays_{role}.png",
-            masks=masks,
-            class_names=names,
-            ignore_value=cfg.ignore_value,
+
+
+def _write_report(ctx, nets, student, val_ds, metrics, scores):
+    run, cfg = ctx.run, ctx.cfg
+    out = RunReport(run, cfg, names=nets.names)
+    out.add(("Teacher and student", _comparison(cfg, metrics, scores)))
+    out.add_curves()
+    batch = first_batch(val_ds, 3)
+    for role, net in (("teacher", nets.teacher), ("student", student)):
+        out.add_overlays(
+            net,
+            batch,
+            file=f"overlays_{role}.png",
+            heading=f"Predictions of the {role}",
             title=f"{role} on validation images",
         )
-        sections.append((f"Predictions of the {role}", path))
     for role in ("student", "teacher"):
-        sections.append(
-            report.confusion_section(
-                scores[role],
-                run.plots / f"confusion_{role}.png",
-                heading=f"Confusion matrix of the {role} on the validation images",
-            )
+        out.add_confusion(
+            scores[role],
+            name=role,
+            heading=f"Confusion matrix of the {role} on the validation images",
         )
-    sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
-    report.write_report(
-        run.report, title=f"Distillation run {run.path.name}", sections=sections
-    )
+    out.write(f"Distillation run {run.path.name}")

@@ -1,24 +1,25 @@
 """``klseg finetune``: fine-tune a source model on a target domain with the KL term."""
 
-import math
+import dataclasses
 import time
-from pathlib import Path
 
-from klseg.files import yaml_text
-from klseg.runs import classmaps, inputs, mean_teacher, runtime
-from klseg.runs.checks import check_crop_fits
+from klseg.runs import classmaps, inputs, mean_teacher, runtime, streams
 from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
-    curves_section,
-    examples_drawn,
+    RunContext,
+    best_model,
+    compile_model,
     finish,
     fit,
     in_run_folder,
+    run_summary,
     say,
 )
 from klseg.runs.folder import check_inputs_not_outputs
+from klseg.runs.reports import RunReport
 from klseg.runs.results import pct
-from klseg.runs.scoring import domain_metrics, first_batch, predict_classes
+from klseg.runs.scoring import domain_metrics, first_batch
+from klseg.runs.sweep import sweep
 
 __all__ = ["finetune", "finetune_one", "input_paths"]
 
@@ -49,9 +50,14 @@ def finetune(cfg, *, callbacks=None):
     """
     strategy, is_chief = runtime.make_strategy(cfg.strategy)
     if cfg.is_sweep:
-        from klseg.runs.sweep import sweep
-
-        return sweep(cfg, strategy, is_chief, callbacks)
+        return sweep(
+            cfg,
+            strategy,
+            is_chief,
+            callbacks,
+            run_one=finetune_one,
+            input_paths=input_paths,
+        )
     return finetune_one(cfg, strategy, is_chief, callbacks)
 
 
@@ -80,17 +86,18 @@ def finetune_one(cfg, strategy, is_chief, callbacks, baseline=None):
     image_size = training_size(cfg, splits["data"])
 
     def job(run, checkpoint):
-        return _finetune(
-            cfg,
-            strategy,
-            run,
-            checkpoint,
-            callbacks,
-            baseline,
-            started,
-            splits,
+        ctx = RunContext(
+            cfg=cfg,
+            run=run,
+            checkpoint=checkpoint,
+            strategy=strategy,
+            callbacks=callbacks,
+            started=started,
+            learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATE["finetune"],
+            splits=splits,
             image_size=image_size,
         )
+        return _finetune(ctx, baseline)
 
     return in_run_folder(cfg, job, is_chief=is_chief)
 
@@ -99,15 +106,7 @@ def training_size(cfg, split):
     """``cfg.image_size``, else the source model's training size (recorded in
     the model, else in its run's config.yaml), else the size of the target
     training images (one for all)."""
-    size = cfg.image_size
-    if size is None:
-        model = None if isinstance(cfg.source, (str, Path)) else cfg.source
-        size = inputs.run_image_size(cfg.source, model)
-    if size is None:
-        size = inputs.data_image_size(split)
-    if cfg.crop_size is not None:
-        check_crop_fits(cfg.crop_size, size)
-    return size
+    return inputs.default_image_size(cfg, split, cfg.source)
 
 
 def _load_inputs(cfg):
@@ -176,40 +175,6 @@ def _prediction_counts(cfg, splits, kl_inputs, kl_weight):
     return {key: inputs.num_images(splits[key]) for key in keys if key in splits}
 
 
-def _mix_unlabeled(stream, n_labeled, n_unlabeled, batch_size, seed, skip):
-    """One stream of batches drawing images from both sets in proportion.
-
-    Whether each example comes from the labelled or the unlabelled set is
-    drawn from a seeded stream of its own, so a resumed run can count how
-    many of the first ``skip`` examples each set gave and start both sets
-    there: the batches that follow are those of the uninterrupted run.
-    ``stream(key, skip)`` makes the stream of one set.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    total = n_labeled + n_unlabeled
-
-    def choices():
-        return tf.data.Dataset.random(seed=seed).map(
-            lambda r: tf.cast(r % total >= n_labeled, tf.int64)
-        )
-
-    from_unlabeled = 0
-    if skip:
-        from_unlabeled = int(
-            choices().take(skip).reduce(np.int64(0), lambda count, c: count + c)
-        )
-    mixed = tf.data.Dataset.choose_from_datasets(
-        [
-            stream("data", skip - from_unlabeled).unbatch(),
-            stream("unlabeled_data", from_unlabeled).unbatch(),
-        ],
-        choices().skip(skip),
-    )
-    return mixed.batch(batch_size, drop_remainder=True).prefetch(2)
-
-
 def resolve_source_predictions(mode, counts, image_size, num_classes, augment):
     """``("live" | "stored", reason)`` for ``--source-predictions``.
 
@@ -269,16 +234,121 @@ def _stored_maps(source, split, image_size, verbose):
     }
 
 
-def _finetune(
-    cfg, strategy, run, checkpoint, callbacks, baseline, started, splits, *, image_size
-):
-    import keras
-
-    from klseg import data, losses, metrics, models
+def _stored_maps(source, split, image_size, verbose):
+    from klseg import data
     from klseg import finetune as ft
 
-    state = checkpoint[1] if checkpoint else None
+    images, _ = data.load_arrays(split, image_size)
+    return {
+        "source_probs": ft.store_source_predictions(source, images, verbose=verbose)
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The KL and consistency settings of a run, defaults resolved."""
+
+    kl_inputs: str
+    kl_weight: float
+    temperature: float
+    consistency: dict | None
+
+    @property
+    def kl_on_target(self):
+        return self.kl_inputs in ("target", "both") and self.kl_weight > 0
+
+    @property
+    def kl_on_source(self):
+        return self.kl_inputs in ("source", "both") and self.kl_weight > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Models:
+    """The models of a fine-tuning run."""
+
+    source: object
+    model: object  # the training wrapper around the student
+    names: list  # the target classes
+    class_map: object  # source class -> target class, or None
+    num_source_classes: int
+
+    @property
+    def num_classes(self):
+        return len(self.names)
+
+
+def _finetune(ctx, baseline):
+    """Settings, models, streams, baseline, fit, scores, report."""
+    import keras
+
+    cfg = ctx.cfg
     keras.utils.set_random_seed(cfg.seed)
+    plan = _settings(cfg)
+    with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
+        nets = _models(ctx, plan, policy)
+        stored = _source_predictions(ctx, plan, nets)
+        train_ds, steps = _training_stream(ctx, plan, nets.source, stored)
+        domains, source_forward = _evaluation_streams(ctx, nets)
+        if baseline is None:
+            baseline = domain_metrics(
+                nets.source,
+                domains,
+                nets.num_classes,
+                cfg.ignore_value,
+                nets.names,
+                forward=source_forward,
+            )
+        monitor = _monitor(cfg, plan)
+        # With the consistency term model.keras holds the EMA teacher and
+        # both models are validated.
+        check, saved = mean_teacher.validation_of(
+            nets.model,
+            domains,
+            ignore_value=cfg.ignore_value,
+            baseline=(baseline.get("source") or {}).get("mean_iou"),
+        )
+        say(
+            cfg.verbose,
+            f"Fine-tuning {cfg.source} on {cfg.data}: kl_weight={plan.kl_weight:g}, "
+            f"temperature={plan.temperature:g}, kl_inputs={plan.kl_inputs}, "
+            f"{mean_teacher.describe(plan.consistency)}{steps} steps/epoch, "
+            f"{cfg.epochs} epochs -> {ctx.run.path}",
+        )
+        final_state = fit(
+            ctx,
+            nets.model,
+            save_model=saved,
+            train_ds=train_ds,
+            steps=steps,
+            validation=check,
+            monitor=monitor,
+        )
+    best = best_model(ctx.run, saved)
+    after = domain_metrics(
+        best, domains, nets.num_classes, cfg.ignore_value, nets.names
+    )
+    result_metrics = _result_metrics(
+        ctx,
+        plan,
+        nets,
+        {**after, "source_model": baseline},
+        run_summary(ctx, final_state, monitor),
+    )
+    _write_report(ctx, best, domains, nets.names, result_metrics)
+    return finish(ctx.run, cfg, result_metrics)
+
+
+def _monitor(cfg, plan):
+    """``cfg.monitor``; "auto" picks the target-domain mIoU of the saved model."""
+    if cfg.monitor != "auto":
+        return cfg.monitor
+    return mean_teacher.EMA_MONITOR if plan.consistency else "val_target_mean_iou"
+
+
+def _settings(cfg):
+    """The run's :class:`_Settings`; says what the unlabelled images feed."""
+    from klseg import finetune as ft
+
     kl_inputs = _resolve_kl_inputs(cfg)
     kl_weight = cfg.kl_weight[0] if cfg.kl_weight else ft.DEFAULT_KL_WEIGHT
     consistency = mean_teacher.settings(cfg)
@@ -293,247 +363,196 @@ def _finetune(
             f"kl_weight={kl_weight:g}).",
         )
     temperature = cfg.temperature or ft.DEFAULT_TEMPERATURE
-    learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["finetune"]
-    batch = cfg.batch_size
+    return _Settings(kl_inputs, kl_weight, temperature, consistency)
+
+
+def _models(ctx, plan, policy):
+    """The source model (checked against the sizes and the data), the
+    student cloned from it for the target classes, and the training wrapper
+    around both, compiled (and restored)."""
+    from klseg import finetune as ft
+    from klseg import models
+
+    cfg, splits, image_size = ctx.cfg, ctx.splits, ctx.image_size
     changes = classmaps.changes_classes(cfg)
-    with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
-        with strategy.scope():
-            source = inputs.load_model(cfg.source)
-            num_source_classes, multiple = inputs.model_info(source, cfg.source)
-            inputs.check_image_size(image_size, multiple)
-            inputs.check_crop_size(cfg.crop_size, image_size, multiple)
-            names, class_map = classmaps.target_classes(
-                cfg, splits, models.get_class_names(source)
-            )
-            num_classes = len(names)
-            _check_classes(
-                splits, cfg, num_classes, num_source_classes if changes else None
-            )
-            student = ft.clone_student(
-                source,
-                class_names=names if class_map is not None else None,
-                name=source.name,
-                dtype_policy=policy,
-            )
-            models.set_training_size(student, image_size)
-            model = mean_teacher.make_model(
-                cfg,
-                student,
-                source,
-                kl_weight=kl_weight,
-                temperature=temperature,
-                kl_inputs=kl_inputs,
-                class_map=class_map,
-                student_bn=cfg.student_bn,
-                ignore_class=cfg.ignore_value,
-            )
-            optimizer = runtime.make_optimizer(learning_rate, policy)
-            model.compile(
-                optimizer=optimizer,
-                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
-                metrics=[
-                    metrics.MeanIoU(
-                        num_classes,
-                        ignore_class=cfg.ignore_value,
-                        name="target_mean_iou",
-                    ),
-                ],
-                jit_compile=runtime.jit_setting(cfg),
-            )
-            if checkpoint:
-                from klseg.runs.checkpoint import restore_checkpoint
-
-                restore_checkpoint(checkpoint[0], model, optimizer)
-        predictions, why = resolve_source_predictions(
-            cfg.source_predictions,
-            _prediction_counts(cfg, splits, kl_inputs, kl_weight),
-            image_size,
-            num_source_classes,
-            cfg.augment,
+    with ctx.strategy.scope():
+        source = inputs.load_model(cfg.source)
+        num_source_classes, multiple = inputs.model_info(source, cfg.source)
+        inputs.check_image_size(image_size, multiple)
+        inputs.check_crop_size(cfg.crop_size, image_size, multiple)
+        names, class_map = classmaps.target_classes(
+            cfg, splits, models.get_class_names(source)
         )
-        stored = predictions == "stored" and kl_weight > 0
-        if kl_weight > 0:
-            say(cfg.verbose, f"Source predictions: {predictions} ({why}).")
-
-        def train_stream(split, seed, maps=None, skip=0):
-            return data.make_dataset(
-                split,
-                batch_size=batch,
-                image_size=image_size,
-                crop_size=cfg.crop_size,
-                augment=cfg.augment,
-                shuffle=True,
-                seed=seed,
-                repeat=True,
-                drop_remainder=True,
-                ignore_value=cfg.ignore_value,
-                extra_maps=maps,
-                cache=inputs.cache_in_memory(split, image_size),
-                skip=skip,
-            )
-
-        seed = cfg.seed
-        n_labeled = inputs.num_images(splits["data"]) or batch
-        n_total = n_labeled
-        uses_target = kl_inputs in ("target", "both") and kl_weight > 0
-        # With the consistency term the unlabelled images come in a stream of
-        # their own (klseg.runs.mean_teacher), else they mix into the KL's batches.
-        mixes = "unlabeled_data" in splits and uses_target and not consistency
-        if mixes:
-            n_total += inputs.num_images(splits["unlabeled_data"]) or batch
-        elif consistency:
-            n_unlabeled = inputs.num_images(splits["unlabeled_data"]) or batch
-            n_total = max(n_labeled, n_unlabeled)
-        steps = cfg.steps_per_epoch or max(1, math.ceil(n_total / batch))
-        # A resumed run starts every stream where the checkpointed epoch left
-        # it: the same batches, in the same order, with the same augmentation.
-        drawn = examples_drawn(state, steps, batch)
-
-        def maps_for(key):
-            if not stored:
-                return None
-            return _stored_maps(source, splits[key], image_size, cfg.verbose)
-
-        streams = {"data": seed, "unlabeled_data": seed + 1}
-
-        def target_stream(key, skip):
-            maps = maps_for(key) if uses_target else None
-            return train_stream(splits[key], streams[key], maps, skip)
-
-        # Unlabelled target images only feed the KL term on target images.
-        if mixes:
-            train_ds = _mix_unlabeled(
-                target_stream, n_labeled, n_total - n_labeled, batch, seed, drawn
-            )
-        else:
-            train_ds = target_stream("data", drawn)
-        if consistency:
-            unlabeled = train_stream(
-                splits["unlabeled_data"], streams["unlabeled_data"], skip=drawn
-            )
-            train_ds = mean_teacher.with_unlabeled(train_ds, unlabeled)
-        if kl_weight > 0 and kl_inputs in ("source", "both"):
-            import tensorflow as tf
-
-            source_ds = train_stream(
-                splits["source_images"],
-                seed + 2,
-                maps_for("source_images"),
-                skip=drawn,
-            )
-            train_ds = tf.data.Dataset.zip((train_ds, source_ds)).map(ft.pair_batches)
-
-        def eval_stream(split):
-            if split is None:
-                return None
-            return runtime.distribute_options(
-                data.make_dataset(
-                    split,
-                    batch_size=batch,
-                    image_size=image_size,
-                    ignore_value=cfg.ignore_value,
-                    cache=inputs.cache_in_memory(split, image_size),
-                )
-            )
-
-        val_ds = eval_stream(splits["val_data"])
-        source_val_ds = eval_stream(splits.get("source_val_data"))
-        source_forward = None
-        if class_map is not None:
-            # Score in the target classes: source-domain masks mapped, the
-            # source model's probabilities merged / dropped as the KL sees them.
-            source_forward = classmaps.mapped_forward(source, class_map, num_classes)
-            if source_val_ds is not None:
-                import tensorflow as tf
-
-                lut = tf.constant(
-                    classmaps.label_lut(class_map, cfg.ignore_value), tf.int32
-                )
-                source_val_ds = source_val_ds.map(
-                    lambda images, masks: (images, tf.gather(lut, masks))
-                )
-        domains = {"target": val_ds, "source": source_val_ds}
-        if baseline is None:
-            baseline = domain_metrics(
-                source,
-                domains,
-                num_classes,
-                cfg.ignore_value,
-                names,
-                forward=source_forward,
-            )
-        monitor = cfg.monitor
-        if monitor == "auto":
-            monitor = mean_teacher.EMA_MONITOR if consistency else "val_target_mean_iou"
-        # With the consistency term model.keras holds the EMA teacher and
-        # both models are validated.
-        check, saved = mean_teacher.validation_of(
-            model,
-            domains,
-            ignore_value=cfg.ignore_value,
-            baseline=(baseline.get("source") or {}).get("mean_iou"),
+        _check_classes(splits, cfg, len(names), num_source_classes if changes else None)
+        student = ft.clone_student(
+            source,
+            class_names=names if class_map is not None else None,
+            name=source.name,
+            dtype_policy=policy,
         )
-        say(
-            cfg.verbose,
-            f"Fine-tuning {cfg.source} on {cfg.data}: kl_weight={kl_weight:g}, "
-            f"temperature={temperature:g}, kl_inputs={kl_inputs}, "
-            f"{mean_teacher.describe(consistency)}{steps} steps/epoch, "
-            f"{cfg.epochs} epochs -> {run.path}",
+        models.set_training_size(student, image_size)
+        model = mean_teacher.make_model(
+            cfg,
+            student,
+            source,
+            kl_weight=plan.kl_weight,
+            temperature=plan.temperature,
+            kl_inputs=plan.kl_inputs,
+            class_map=class_map,
+            student_bn=cfg.student_bn,
+            ignore_class=cfg.ignore_value,
         )
-        final_state = fit(
-            run=run,
-            checkpoint=checkpoint,
-            model=model,
-            save_model=saved,
-            train_ds=runtime.distribute_options(train_ds),
-            steps=steps,
-            validation=check,
-            cfg=cfg,
-            monitor=monitor,
-            callbacks=callbacks,
-            learning_rate=learning_rate,
+        compile_model(
+            ctx, model, policy, num_classes=len(names), scores=("target_mean_iou",)
         )
-    best = inputs.load_model(run.model) if run.model.exists() else saved
-    after = domain_metrics(best, domains, num_classes, cfg.ignore_value, names)
-    result_metrics = {
-        **after,
-        "source_model": baseline,
-        "kl_weight": kl_weight,
-        "temperature": temperature,
-        "kl_inputs": kl_inputs,
-        "saved_model": "ema_teacher" if consistency else "student",
+    return _Models(source, model, names, class_map, num_source_classes)
+
+
+def _source_predictions(ctx, plan, nets):
+    """Whether the KL term reads stored source predictions (the run says
+    which, and why)."""
+    cfg = ctx.cfg
+    predictions, why = resolve_source_predictions(
+        cfg.source_predictions,
+        _prediction_counts(cfg, ctx.splits, plan.kl_inputs, plan.kl_weight),
+        ctx.image_size,
+        nets.num_source_classes,
+        cfg.augment,
+    )
+    if plan.kl_weight > 0:
+        say(cfg.verbose, f"Source predictions: {predictions} ({why}).")
+    return predictions == "stored" and plan.kl_weight > 0
+
+
+def _training_stream(ctx, plan, source, stored):
+    """``(stream, steps per epoch)``: labelled target batches; unlabelled
+    target images mixed in for the KL term or, with the consistency term,
+    beside them; source-domain batches paired for the KL term on them."""
+    cfg, splits = ctx.cfg, ctx.splits
+    # With the consistency term the unlabelled images come in a stream of
+    # their own (klseg.runs.mean_teacher), else they mix into the KL's batches.
+    mixes = "unlabeled_data" in splits and plan.kl_on_target and not plan.consistency
+    unlabeled = "mixed" if mixes else "paired" if plan.consistency else None
+    steps = streams.steps_per_epoch(
+        cfg, streams.images_per_epoch(splits, cfg.batch_size, unlabeled=unlabeled)
+    )
+    # A resumed run starts every stream where the checkpointed epoch left
+    # it: the same batches, in the same order, with the same augmentation.
+    drawn = streams.examples_drawn(ctx.state, steps, cfg.batch_size)
+    made = streams.TrainingStreams(cfg, splits, ctx.image_size, skip=drawn)
+
+    def maps(key):
+        if not stored:
+            return None
+        return _stored_maps(source, splits[key], ctx.image_size, cfg.verbose)
+
+    # Unlabelled target images only feed the KL term on target images.
+    target_maps = maps if plan.kl_on_target else None
+    if mixes:
+        train_ds = made.mixed(target_maps)
+    else:
+        train_ds = made.stream("data", target_maps("data") if target_maps else None)
+    if plan.consistency:
+        train_ds = mean_teacher.with_unlabeled(train_ds, made.stream("unlabeled_data"))
+    if plan.kl_on_source:
+        source_ds = made.stream("source_images", maps("source_images"))
+        train_ds = streams.with_source_images(train_ds, source_ds)
+    return train_ds, steps
+
+
+def _evaluation_streams(ctx, nets):
+    """``({"target": stream, "source": stream or None}, forward)``: with a
+    class change, source-domain masks and the source model's predictions
+    (``forward``, else None) are scored in the target classes, merged or
+    dropped as the KL term sees them."""
+    cfg, splits, size = ctx.cfg, ctx.splits, ctx.image_size
+    val_ds = streams.evaluation_stream(cfg, splits["val_data"], size)
+    source_val_ds = streams.evaluation_stream(cfg, splits.get("source_val_data"), size)
+    source_forward = None
+    if nets.class_map is not None:
+        source_forward = classmaps.mapped_forward(
+            nets.source, nets.class_map, nets.num_classes
+        )
+        if source_val_ds is not None:
+            source_val_ds = classmaps.map_masks(
+                source_val_ds, nets.class_map, cfg.ignore_value
+            )
+    return {"target": val_ds, "source": source_val_ds}, source_forward
+
+
+def _result_metrics(ctx, plan, nets, scores, summary):
+    """``metrics.json``: the scores after and before (``source_model``), the
+    settings, the run's summary, the forgetting, the consistency."""
+    from klseg import models
+
+    result = {
+        **scores,
+        "kl_weight": plan.kl_weight,
+        "temperature": plan.temperature,
+        "kl_inputs": plan.kl_inputs,
+        "saved_model": "ema_teacher" if plan.consistency else "student",
         "class_map": classmaps.class_map_names(
-            models.get_class_names(source), names, class_map
+            models.get_class_names(nets.source), nets.names, nets.class_map
         ),
-        "best_epoch": (final_state or {}).get("best_epoch"),
-        "epochs": cfg.epochs,
-        "monitor": monitor,
-        "seconds": round(time.time() - started, 1),
+        **summary,
     }
-    if "source" in after and "source" in baseline:
-        result_metrics["forgetting"] = (
-            baseline["source"]["mean_iou"] - after["source"]["mean_iou"]
+    baseline = scores["source_model"]
+    if "source" in scores and "source" in baseline:
+        result["forgetting"] = (
+            baseline["source"]["mean_iou"] - scores["source"]["mean_iou"]
         )
-    if consistency:
-        result_metrics["consistency"] = consistency
-        result_metrics["last_epoch"] = mean_teacher.last_epoch_scores(run.history)
-    _write_report(run, cfg, best, domains, names, result_metrics)
-    return finish(run, cfg, result_metrics)
+    if plan.consistency:
+        result["consistency"] = plan.consistency
+        result["last_epoch"] = mean_teacher.last_epoch_scores(ctx.run.history)
+    return result
 
 
-def _write_report(run, cfg, model, domains, names, metrics):
+def _write_report(ctx, model, domains, names, metrics):
     from klseg import report
 
-    sections = []
+    run = ctx.run
+    table = _miou_table(metrics)
+    out = RunReport(run, ctx.cfg, names=names)
+    out.add(("Result", _result_text(table, metrics)))
+    out.add(mean_teacher.report_section(metrics, pct))
+    bars = report.plot_domain_miou(table, run.plots / "domains.png")
+    out.add(("Mean IoU before and after", bars))
+    out.add_curves()
+    for domain, ds in domains.items():
+        if ds is not None:
+            out.add_overlays(
+                model,
+                first_batch(ds, 3),
+                file=f"overlays_{domain}.png",
+                heading=f"Predictions on {domain}-domain images",
+                title=f"{domain}-domain validation images",
+            )
+    for domain in ("target", "source"):
+        if domain in metrics:
+            out.add_confusion(
+                metrics[domain],
+                name=domain,
+                heading=f"Confusion matrix on {domain}-domain images",
+            )
+    out.write(f"Fine-tuning run {run.path.name}")
+
+
+def _miou_table(metrics):
+    """``{model: {domain: mIoU}}`` of the source model and the saved one."""
     label = f"fine-tuned (kl_weight={metrics['kl_weight']:g})"
     if metrics.get("consistency"):
         label = f"EMA teacher (kl_weight={metrics['kl_weight']:g})"
-    table = {
+    return {
         "source model": {d: m["mean_iou"] for d, m in metrics["source_model"].items()},
         label: {
             d: metrics[d]["mean_iou"] for d in ("source", "target") if d in metrics
         },
     }
+
+
+def _result_text(table, metrics):
+    from klseg import report
+
     rows = [
         (name, pct(row.get("source")), pct(row.get("target")))
         for name, row in table.items()
@@ -544,39 +563,4 @@ def _write_report(run, cfg, model, domains, names, metrics):
             f"\n\nForgetting (source mIoU lost): "
             f"{100 * metrics['forgetting']:.1f} points."
         )
-    sections.append(("Result", text))
-    both = mean_teacher.report_section(metrics, pct)
-    if both:
-        sections.append(both)
-    bars = report.plot_domain_miou(table, run.plots / "domains.png")
-    sections.append(("Mean IoU before and after", bars))
-    curves = curves_section(run)
-    if curves:
-        sections.append(curves)
-    for domain, ds in domains.items():
-        if ds is None:
-            continue
-        images, masks = first_batch(ds, 3)
-        path = report.plot_overlays(
-            images,
-            predict_classes(model, images),
-            run.plots / f"overlays_{domain}.png",
-            masks=masks,
-            class_names=names,
-            ignore_value=cfg.ignore_value,
-            title=f"{domain}-domain validation images",
-        )
-        sections.append((f"Predictions on {domain}-domain images", path))
-    for domain in ("target", "source"):
-        if domain in metrics:
-            sections.append(
-                report.confusion_section(
-                    metrics[domain],
-                    run.plots / f"confusion_{domain}.png",
-                    heading=f"Confusion matrix on {domain}-domain images",
-                )
-            )
-    sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
-    report.write_report(
-        run.report, title=f"Fine-tuning run {run.path.name}", sections=sections
-    )
+    return text

@@ -1,33 +1,45 @@
-"""The fit sequence shared by ``train`` and ``finetune``.
+"""The fit sequence shared by the training jobs (``train``, ``finetune``,
+``distill``).
 
 :func:`in_run_folder` opens the run folder (new, reused or resumed, by the
-policy of :mod:`klseg.runs.folder`) and runs the job in it.
+policy of :mod:`klseg.runs.folder`) and runs the job in it, which sees the
+run as a :class:`RunContext`. :func:`compile_model` compiles the job's model
+with the task's loss and metrics and restores a resumed run's checkpoint.
 :func:`fit` runs ``model.fit`` with klseg's callbacks in their order: the
 interrupt check, validation, the non-finite-loss stop, the history file,
 checkpoints and the best model, TensorBoard scalars, then the caller's. An
 epoch that diverges or is interrupted writes none of the files after it; the
 history row comes before the checkpoint so that a resumed run never misses
 the row of a checkpointed epoch (it drops rows past the checkpoint).
+:func:`best_model`, :func:`run_summary` and :func:`finish` close the run.
 """
 
+import dataclasses
 import shutil
 import tempfile
+import time
 
 from klseg import errors, progress
 from klseg.files import write_json
 from klseg.runs import callbacks as cb
-from klseg.runs import runtime
-from klseg.runs.checkpoint import truncate_history
+from klseg.runs import inputs, runtime
+from klseg.runs.checkpoint import restore_checkpoint, truncate_history
 from klseg.runs.configs import RESUMABLE_CHANGES
-from klseg.runs.folder import RunFolder, open_run
+from klseg.runs.folder import RunFolder, holds_folders, open_run
+from klseg.runs.reports import curves_section
 from klseg.runs.results import RunResult
+from klseg.runs.streams import examples_drawn
 
 __all__ = [
+    "RunContext",
+    "best_model",
+    "compile_model",
     "curves_section",
     "examples_drawn",
     "finish",
     "fit",
     "in_run_folder",
+    "run_summary",
     "say",
 ]
 
@@ -37,10 +49,12 @@ def say(verbose, message):
         print(message, flush=True)
 
 
+@holds_folders
 def in_run_folder(cfg, job, *, is_chief=True):
     """Run ``job(run, checkpoint)`` in the prepared run folder.
 
-    Workers of a multi-worker run other than the chief write to a private
+    The run folder is locked until the job returns or raises. Workers of a
+    multi-worker run other than the chief take no lock and write to a private
     temporary folder that is removed at the end: the chief alone writes
     ``cfg.output``.
     """
@@ -59,17 +73,69 @@ def in_run_folder(cfg, job, *, is_chief=True):
         return job(run, checkpoint)
 
 
-def examples_drawn(state, steps, batch_size):
-    """Training examples the checkpointed epochs took from their stream.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunContext:
+    """One training run, as the steps of its job see it.
 
-    A resumed run skips them, so that its batches are those the
-    uninterrupted run would have drawn. The count uses the steps per epoch
-    the checkpoint records (the steps those epochs ran), else ``steps``.
+    Attributes:
+        cfg: the job's config.
+        run: the :class:`klseg.runs.folder.RunFolder` written.
+        checkpoint: ``(folder, state)`` of the checkpoint a resumed run
+            starts from, else None.
+        strategy: the ``tf.distribute`` strategy.
+        callbacks: the caller's extra Keras callbacks (run after klseg's).
+        started: ``time.time()`` when the job started.
+        learning_rate: the run's learning rate (the config's, else the
+            job's default).
+        splits: ``{option: split}`` of the data sets read.
+        image_size: the training size.
     """
-    if not state:
-        return 0
-    done = int(state.get("steps_per_epoch") or steps)
-    return int(state["epoch"]) * done * int(batch_size)
+
+    cfg: object
+    run: RunFolder
+    checkpoint: tuple | None
+    strategy: object
+    callbacks: list | None
+    started: float
+    learning_rate: float
+    splits: dict
+    image_size: object
+
+    @property
+    def state(self):
+        """The state of the checkpoint resumed from, else None."""
+        return self.checkpoint[1] if self.checkpoint else None
+
+
+def compile_model(ctx, model, policy, *, num_classes, scores=None):
+    """Compile ``model`` for the run, then restore a resumed run's state.
+
+    The task's defaults: Adam at ``ctx.learning_rate`` (loss-scaled under
+    ``mixed_float16``), :class:`klseg.losses.SparseKLDivergence` and the
+    streaming ``scores`` (names ending in ``mean_iou`` or
+    ``pixel_accuracy``; defaults to ``("mean_iou", "pixel_accuracy")``).
+    Call it inside the strategy's scope.
+    """
+    from klseg import losses, metrics
+
+    cfg = ctx.cfg
+    ignore = cfg.ignore_value
+    optimizer = runtime.make_optimizer(ctx.learning_rate, policy)
+
+    def metric(name):
+        if name.endswith("pixel_accuracy"):
+            return metrics.PixelAccuracy(ignore_class=ignore, name=name)
+        return metrics.MeanIoU(num_classes, ignore_class=ignore, name=name)
+
+    model.compile(
+        optimizer=optimizer,
+        loss=losses.SparseKLDivergence(ignore_class=ignore),
+        metrics=[metric(n) for n in scores or ("mean_iou", "pixel_accuracy")],
+        jit_compile=runtime.jit_setting(cfg),
+    )
+    if ctx.checkpoint:
+        restore_checkpoint(ctx.checkpoint[0], model, optimizer)
+    return optimizer
 
 
 def _divergence_hint(cfg, learning_rate):
@@ -100,30 +166,19 @@ def _after_divergence(run):
     )
 
 
-def fit(
-    *,
-    run,
-    checkpoint,
-    model,
-    save_model,
-    train_ds,
-    steps,
-    validation,
-    cfg,
-    monitor,
-    callbacks,
-    learning_rate,
-):
+def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
     """``model.fit`` with validation, checkpoints, history, logs and resume.
 
+    ``train_ds`` is the training stream (this applies the distribution
+    options). ``save_model`` is the model ``model.keras`` holds.
     ``validation`` is the validation callback (:func:`klseg.runs.callbacks.
     validation`); it runs before the checks and the writers, so the metrics
     it adds to the epoch logs are checked, then reach the history, the
     checkpoint and TensorBoard. It runs after every ``cfg.val_every``-th
     epoch and after the last (:class:`klseg.runs.callbacks.ValidateEvery`);
     the other epochs write a checkpoint and a history row with empty
-    validation cells, and never replace ``model.keras``. ``callbacks`` run
-    after klseg's own.
+    validation cells, and never replace ``model.keras``. The caller's
+    callbacks (``ctx.callbacks``) run after klseg's own.
 
     Returns:
         The state of the last checkpoint (``None`` when no epoch ran).
@@ -133,26 +188,10 @@ def fit(
             weight became NaN or infinite; the message names the epoch and
             the step, what to try, and what the run kept.
     """
-    state = checkpoint[1] if checkpoint else None
+    cfg, run, state = ctx.cfg, ctx.run, ctx.state
+    train_ds = runtime.distribute_options(train_ds)
     initial_epoch = int(state["epoch"]) if state else 0
-    if state is not None:
-        if state.get("monitor") and state["monitor"] != monitor:
-            raise errors.RunError(
-                f"the run in {run.path} picked its best model by "
-                f"{state['monitor']!r}, not {monitor!r}; resume with the same "
-                "--monitor."
-            )
-        truncate_history(run.history, initial_epoch)
-        saved_steps = state.get("steps_per_epoch")
-        if saved_steps is not None and saved_steps != steps:
-            say(
-                cfg.verbose,
-                f"Note: the run in {run.path} had {saved_steps} steps per epoch, "
-                f"now {steps}: its training data changed, so the resumed run "
-                "continues on other batches than the interrupted one would have.",
-            )
-    elif run.history.exists():
-        run.history.unlink()
+    _prepare_history(ctx, monitor, steps)
     validation = cb.ValidateEvery(
         validation, every=cfg.val_every, epochs=cfg.epochs, verbose=cfg.verbose
     )
@@ -163,14 +202,7 @@ def fit(
             "(raise --epochs to train longer).",
         )
         return state
-    if initial_epoch:
-        say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
-    if cfg.val_every > 1:
-        say(
-            cfg.verbose,
-            f"Validating every {cfg.val_every} epochs and after the last one "
-            f"(epoch {cfg.epochs}).",
-        )
+    _say_start(cfg, run, initial_epoch)
     checkpoints = cb.RunCheckpoint(
         run,
         monitor,
@@ -183,11 +215,11 @@ def fit(
     all_callbacks = [
         cb.StopOnInterrupt(),
         validation,
-        cb.StopOnNonFinite(_divergence_hint(cfg, learning_rate), steps=steps),
+        cb.StopOnNonFinite(_divergence_hint(cfg, ctx.learning_rate), steps=steps),
         cb.HistoryFile(run.history, keys=validation.keys),
         checkpoints,
         cb.EpochScalars(run.logs),
-        *list(callbacks or []),
+        *list(ctx.callbacks or []),
     ]
     if cfg.strategy == "multi-worker":
         runtime.multi_worker_fit_fixes(model, train_ds)
@@ -212,6 +244,43 @@ def fit(
     return checkpoints.state
 
 
+def _prepare_history(ctx, monitor, steps):
+    """A resumed run keeps its monitor and the history rows it checkpointed
+    (and says when its steps per epoch changed); a new run starts a new
+    history."""
+    cfg, run, state = ctx.cfg, ctx.run, ctx.state
+    if state is None:
+        if run.history.exists():
+            run.history.unlink()
+        return
+    if state.get("monitor") and state["monitor"] != monitor:
+        raise errors.RunError(
+            f"the run in {run.path} picked its best model by "
+            f"{state['monitor']!r}, not {monitor!r}; resume with the same "
+            "--monitor."
+        )
+    truncate_history(run.history, int(state["epoch"]))
+    saved_steps = state.get("steps_per_epoch")
+    if saved_steps is not None and saved_steps != steps:
+        say(
+            cfg.verbose,
+            f"Note: the run in {run.path} had {saved_steps} steps per epoch, "
+            f"now {steps}: its training data changed, so the resumed run "
+            "continues on other batches than the interrupted one would have.",
+        )
+
+
+def _say_start(cfg, run, initial_epoch):
+    if initial_epoch:
+        say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
+    if cfg.val_every > 1:
+        say(
+            cfg.verbose,
+            f"Validating every {cfg.val_every} epochs and after the last one "
+            f"(epoch {cfg.epochs}).",
+        )
+
+
 def _fit_verbosity(verbose):
     """A progress bar on a terminal; one line per epoch in a log file."""
     import sys
@@ -219,6 +288,21 @@ def _fit_verbosity(verbose):
     if not verbose:
         return 0
     return 1 if sys.stdout.isatty() else 2
+
+
+def best_model(run, fallback):
+    """The model ``model.keras`` holds, else ``fallback`` (no epoch saved one)."""
+    return inputs.load_model(run.model) if run.model.exists() else fallback
+
+
+def run_summary(ctx, final_state, monitor):
+    """The ``metrics.json`` entries every training run ends with."""
+    return {
+        "best_epoch": (final_state or {}).get("best_epoch"),
+        "epochs": ctx.cfg.epochs,
+        "monitor": monitor,
+        "seconds": round(time.time() - ctx.started, 1),
+    }
 
 
 def finish(run, cfg, metrics):
@@ -230,17 +314,4 @@ def finish(run, cfg, metrics):
         metrics=metrics,
         best_epoch=metrics["best_epoch"],
         epochs=cfg.epochs,
-    )
-
-
-def curves_section(run):
-    """The report section with the history's training curves, or None."""
-    from klseg import report
-
-    rows = report.read_history(run.history) if run.history.is_file() else None
-    if not rows:
-        return None
-    return (
-        "Training curves",
-        report.plot_history(rows, run.plots / "training_curves.png"),
     )

@@ -1,11 +1,14 @@
 """The one model loader and the data loading of the jobs, checked up front.
 
 Every job reads its models through :func:`load_model` and
-:func:`model_info` and its data through :func:`load_split`, so every
-command gives the same errors for the same mistakes: a missing or corrupt
-``.keras`` file, a model that is not a klseg segmentation model (or outputs
-probabilities), mask values beyond the model's classes (naming the first
-files that hold them), an image size the model cannot take.
+:func:`model_info`, builds a new one through :func:`build_model`, and reads
+its data through :func:`load_split`, so every command gives the same errors
+for the same mistakes: a missing or corrupt ``.keras`` file, a model that is
+not a klseg segmentation model (or outputs probabilities), mask values
+beyond the model's classes (naming the first files that hold them), an
+image size the model cannot take. What a ``.keras`` file records (its class
+count, its training size) is read from the archive's ``config.json``
+without Keras (:func:`archive_num_classes`, :func:`run_image_size`).
 """
 
 import contextlib
@@ -16,19 +19,24 @@ from pathlib import Path
 import klseg
 from klseg import errors
 from klseg.files import read_yaml
+from klseg.inference import check_size_multiple
 from klseg.runs import hub
-from klseg.runs.checks import check_crop_fits, fail, size_pair, size_text
+from klseg.runs.checks import check_crop_fits, size_pair, size_text
 
 __all__ = [
+    "archive_num_classes",
+    "build_model",
     "cache_in_memory",
     "check_crop_size",
     "check_image_size",
     "check_labels",
     "data_image_size",
     "check_model_file",
+    "default_image_size",
     "load_model",
     "load_split",
     "model_info",
+    "model_kwargs",
     "num_images",
     "run_image_size",
 ]
@@ -61,6 +69,33 @@ def load_model(path_or_model):
         raise errors.ModelError(
             f"cannot load model: not a valid .keras file: {path} ({first})"
         ) from None
+
+
+def build_model(cfg, num_classes, class_names):
+    """A new model ``cfg.model`` for ``num_classes`` classes: a registry
+    model (:func:`model_kwargs`), or a ``keras-hub:`` segmenter."""
+    from klseg import models
+
+    if hub.is_hub_spec(cfg.model):
+        return hub.load_segmenter(
+            cfg.model, num_classes=num_classes, class_names=class_names
+        )
+    return models.build(cfg.model, **model_kwargs(cfg, num_classes, class_names))
+
+
+def model_kwargs(cfg, num_classes, class_names):
+    """The ``klseg.models.build`` arguments a config's options give."""
+    kwargs = {"num_classes": num_classes, "input_shape": (None, None, 3)}
+    if class_names:
+        kwargs["class_names"] = list(class_names)
+    if cfg.backbone:
+        kwargs["backbone"] = cfg.backbone
+    if cfg.model == "unet":
+        if cfg.base_filters:
+            kwargs["base_filters"] = cfg.base_filters
+        if cfg.depth:
+            kwargs["depth"] = cfg.depth
+    return kwargs
 
 
 def check_model_file(path):
@@ -156,16 +191,9 @@ def check_image_size(image_size, multiple, what="--image-size"):
     """Refuse a size (``N`` or ``(H, W)``) with a side that is no multiple
     of the model's size multiple, naming the option, the value and the
     nearest valid sides."""
-    bad = [side for side in size_pair(image_size) if side % multiple]
-    if bad:
-        side = bad[0]
-        lower = max(multiple, side // multiple * multiple)
-        upper = lower + multiple if lower < side else lower
-        fail(
-            f"{what} must be a multiple of the model's size multiple {multiple} "
-            f"in height and width; the nearest valid sizes for {side} are "
-            f"{lower} and {upper}. Received: {what}={size_text(image_size)}"
-        )
+    check_size_multiple(
+        size_pair(image_size), multiple, name=what, shown=size_text(image_size)
+    )
 
 
 def check_crop_size(crop_size, image_size, multiple):
@@ -191,6 +219,21 @@ def data_image_size(split, option="--image-size"):
             f"image; give one with {option} HxW."
         )
     return size[0] if size[0] == size[1] else tuple(size)
+
+
+def default_image_size(cfg, split, model=None):
+    """``cfg.image_size``, else the training size of ``model`` (a model or
+    its path: :func:`run_image_size`), else the size of the images of
+    ``split`` (one for all); a ``cfg.crop_size`` must fit in it."""
+    size = cfg.image_size
+    if size is None and model is not None:
+        loaded = None if isinstance(model, (str, Path)) else model
+        size = run_image_size(model, loaded)
+    if size is None:
+        size = data_image_size(split)
+    if cfg.crop_size is not None:
+        check_crop_fits(cfg.crop_size, size)
+    return size
 
 
 def run_image_size(model_path, model=None):
@@ -221,15 +264,16 @@ def run_image_size(model_path, model=None):
     return None
 
 
-def _archive_training_size(path):
-    """The training size recorded in a ``.keras`` file's ImagePreprocessing
-    layer (read from the archive's ``config.json``, without Keras)."""
+def _archive_layer_configs(path, class_name):
+    """The ``config`` of every ``class_name`` layer in a ``.keras`` file,
+    read from the archive's ``config.json`` without Keras (none where the
+    file cannot be read)."""
     found = []
 
     def walk(node):
         if isinstance(node, dict):
-            if node.get("class_name") == "ImagePreprocessing":
-                found.append((node.get("config") or {}).get("training_size"))
+            if node.get("class_name") == class_name:
+                found.append(node.get("config") or {})
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -239,7 +283,25 @@ def _archive_training_size(path):
     with contextlib.suppress(Exception):
         with zipfile.ZipFile(path) as archive:
             walk(json.loads(archive.read("config.json")))
-    for size in found:
+    return [config for config in found if isinstance(config, dict)]
+
+
+def archive_num_classes(path):
+    """The class count of a ``.keras`` file's ``ClassLogits`` head (its last
+    one), read without Keras; None where not found."""
+    counts = []
+    for config in _archive_layer_configs(path, "ClassLogits"):
+        names = config.get("class_names")
+        counts.append(config.get("num_classes") or (names and len(names)))
+    counts = [c for c in counts if isinstance(c, int) and c > 0]
+    return counts[-1] if counts else None
+
+
+def _archive_training_size(path):
+    """The training size recorded in a ``.keras`` file's ImagePreprocessing
+    layer (read from the archive's ``config.json``, without Keras)."""
+    for config in _archive_layer_configs(path, "ImagePreprocessing"):
+        size = config.get("training_size")
         if (
             isinstance(size, list)
             and len(size) == 2

@@ -114,20 +114,17 @@ def evaluate_model(
 
 
 def domain_metrics(model, datasets, num_classes, ignore_value, names, forward=None):
-    """:func:`evaluate_model` on each ``{domain: dataset}`` that is not None."""
-    forward = forward or inference_function(model)
-    return {
-        domain: evaluate_model(
-            model,
-            ds,
-            num_classes=num_classes,
-            ignore_value=ignore_value,
-            class_names=names,
-            forward=forward,
-        )
-        for domain, ds in datasets.items()
-        if ds is not None
-    }
+    """:func:`evaluate_model` on each ``{domain: dataset}`` that is not None
+    (:func:`klseg.evaluation.evaluate_each`, one ``forward`` for all)."""
+    return evaluation.evaluate_each(
+        model,
+        {domain: ds for domain, ds in datasets.items() if ds is not None},
+        num_classes=num_classes,
+        ignore_value=ignore_value,
+        class_names=names,
+        forward=forward or inference_function(model),
+        progress_label="Scoring",
+    )
 
 
 def first_batch(dataset, n):

@@ -1,24 +1,25 @@
 """``klseg train``: train a segmentation model from scratch into a run folder."""
 
-import math
 import time
 
-from klseg.files import yaml_text
-from klseg.runs import hub, inputs, runtime
+from klseg.runs import hub, inputs, runtime, streams
 from klseg.runs.callbacks import validation
-from klseg.runs.checks import check_crop_fits, size_text
+from klseg.runs.checks import size_text
 from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
-    curves_section,
-    examples_drawn,
+    RunContext,
+    best_model,
+    compile_model,
     finish,
     fit,
     in_run_folder,
+    run_summary,
     say,
 )
 from klseg.runs.folder import check_inputs_not_outputs
+from klseg.runs.reports import RunReport
 from klseg.runs.results import pct
-from klseg.runs.scoring import evaluate_model, first_batch, predict_classes
+from klseg.runs.scoring import evaluate_model, first_batch
 
 __all__ = ["train"]
 
@@ -52,48 +53,37 @@ def train(cfg, *, callbacks=None):
         hub.check_spec(cfg.model)
         hub.import_keras_hub(cfg.model)
     # Every input is read and checked before the run folder is touched.
-    train_split = inputs.load_split(cfg.data, cfg)
-    val_split = inputs.load_split(cfg.val_data, cfg)
-    num_classes, class_names = _resolve_classes(cfg, train_split)
+    splits = {
+        "data": inputs.load_split(cfg.data, cfg),
+        "val_data": inputs.load_split(cfg.val_data, cfg),
+    }
+    classes = _resolve_classes(cfg, splits["data"])
     # Without --image-size, the training images' own size (one for all).
-    image_size = cfg.image_size or inputs.data_image_size(train_split)
-    if cfg.crop_size is not None:
-        check_crop_fits(cfg.crop_size, image_size)
+    image_size = inputs.default_image_size(cfg, splits["data"])
     inputs.check_labels(
-        val_split,
-        num_classes,
+        splits["val_data"],
+        classes[0],
         "--val-data",
-        f"The model has {num_classes} classes (from --data); remap the values "
+        f"The model has {classes[0]} classes (from --data); remap the values "
         "with --class-map, or raise --num-classes.",
     )
     strategy, is_chief = runtime.make_strategy(cfg.strategy)
 
     def job(run, checkpoint):
-        return _train(
-            cfg,
-            strategy,
-            run,
-            checkpoint,
-            callbacks,
-            started,
-            (train_split, val_split, num_classes, class_names, image_size),
+        ctx = RunContext(
+            cfg=cfg,
+            run=run,
+            checkpoint=checkpoint,
+            strategy=strategy,
+            callbacks=callbacks,
+            started=started,
+            learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATE["train"],
+            splits=splits,
+            image_size=image_size,
         )
+        return _train(ctx, *classes)
 
     return in_run_folder(cfg, job, is_chief=is_chief)
-
-
-def _model_kwargs(cfg, num_classes, class_names):
-    kwargs = {"num_classes": num_classes, "input_shape": (None, None, 3)}
-    if class_names:
-        kwargs["class_names"] = list(class_names)
-    if cfg.backbone:
-        kwargs["backbone"] = cfg.backbone
-    if cfg.model == "unet":
-        if cfg.base_filters:
-            kwargs["base_filters"] = cfg.base_filters
-        if cfg.depth:
-            kwargs["depth"] = cfg.depth
-    return kwargs
 
 
 def _resolve_classes(cfg, split):
@@ -119,92 +109,43 @@ def _resolve_classes(cfg, split):
     return int(num_classes), names
 
 
-def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
+def _train(ctx, num_classes, class_names):
+    """Settings, model, streams, fit, scores, report."""
     import keras
 
-    from klseg import data, losses, metrics, models
+    from klseg import models
 
-    train_split, val_split, num_classes, class_names, image_size = prepared
-    state = checkpoint[1] if checkpoint else None
+    cfg = ctx.cfg
     keras.utils.set_random_seed(cfg.seed)
-    learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE["train"]
     with runtime.precision(cfg.mixed_precision, cfg.verbose) as policy:
-        with strategy.scope():
-            if hub.is_hub_spec(cfg.model):
-                model = hub.load_segmenter(
-                    cfg.model, num_classes=num_classes, class_names=class_names
-                )
-            else:
-                model = models.build(
-                    cfg.model, **_model_kwargs(cfg, num_classes, class_names)
-                )
-            multiple = models.size_multiple(model)
-            inputs.check_image_size(image_size, multiple)
-            inputs.check_crop_size(cfg.crop_size, image_size, multiple)
-            models.set_training_size(model, image_size)
-            optimizer = runtime.make_optimizer(learning_rate, policy)
-            model.compile(
-                optimizer=optimizer,
-                loss=losses.SparseKLDivergence(ignore_class=cfg.ignore_value),
-                metrics=[
-                    metrics.MeanIoU(num_classes, ignore_class=cfg.ignore_value),
-                    metrics.PixelAccuracy(ignore_class=cfg.ignore_value),
-                ],
-                jit_compile=runtime.jit_setting(cfg),
-            )
-            if checkpoint:
-                from klseg.runs.checkpoint import restore_checkpoint
-
-                restore_checkpoint(checkpoint[0], model, optimizer)
-        n_train = inputs.num_images(train_split) or cfg.batch_size
-        steps = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))
-        train_ds = data.make_dataset(
-            train_split,
-            batch_size=cfg.batch_size,
-            image_size=image_size,
-            crop_size=cfg.crop_size,
-            augment=cfg.augment,
-            shuffle=True,
-            seed=cfg.seed,
-            repeat=True,
-            drop_remainder=True,
-            ignore_value=cfg.ignore_value,
-            cache=inputs.cache_in_memory(train_split, image_size),
-            # A resumed run continues the stream where its checkpoint left it.
-            skip=examples_drawn(state, steps, cfg.batch_size),
-        )
-        val_ds = data.make_dataset(
-            val_split,
-            batch_size=cfg.batch_size,
-            image_size=image_size,
-            ignore_value=cfg.ignore_value,
-            cache=inputs.cache_in_memory(val_split, image_size),
-        )
-        train_ds = runtime.distribute_options(train_ds)
-        val_ds = runtime.distribute_options(val_ds)
+        model = _model(ctx, num_classes, class_names, policy)
+        n_train = streams.images_per_epoch(ctx.splits, cfg.batch_size)
+        steps = streams.steps_per_epoch(cfg, n_train)
+        # A resumed run continues the stream where its checkpoint left it.
+        drawn = streams.examples_drawn(ctx.state, steps, cfg.batch_size)
+        train_ds = streams.TrainingStreams(
+            cfg, ctx.splits, ctx.image_size, skip=drawn
+        ).stream("data")
+        val_ds = streams.evaluation_stream(cfg, ctx.splits["val_data"], ctx.image_size)
         monitor = "val_mean_iou" if cfg.monitor == "auto" else cfg.monitor
         say(
             cfg.verbose,
             f"Training {cfg.model} ({num_classes} classes) on {cfg.data}: "
             f"{n_train} images, {steps} steps/epoch, {cfg.epochs} epochs "
-            f"-> {run.path}",
+            f"-> {ctx.run.path}",
         )
         final_state = fit(
-            run=run,
-            checkpoint=checkpoint,
-            model=model,
+            ctx,
+            model,
             save_model=model,
             train_ds=train_ds,
             steps=steps,
             validation=validation(
                 {"": val_ds}, eval_model=model, ignore_value=cfg.ignore_value
             ),
-            cfg=cfg,
             monitor=monitor,
-            callbacks=callbacks,
-            learning_rate=learning_rate,
         )
-    best = inputs.load_model(run.model) if run.model.exists() else model
+    best = best_model(ctx.run, model)
     names = models.get_class_names(best)
     val_metrics = evaluate_model(
         best,
@@ -213,36 +154,29 @@ def _train(cfg, strategy, run, checkpoint, callbacks, started, prepared):
         ignore_value=cfg.ignore_value,
         class_names=names,
     )
-    result_metrics = {
-        "val": val_metrics,
-        "best_epoch": (final_state or {}).get("best_epoch"),
-        "epochs": cfg.epochs,
-        "monitor": monitor,
-        "seconds": round(time.time() - started, 1),
-    }
-    _write_report(run, cfg, best, val_ds, names, val_metrics)
-    return finish(run, cfg, result_metrics)
+    result_metrics = {"val": val_metrics, **run_summary(ctx, final_state, monitor)}
+    _write_report(ctx.run, cfg, best, val_ds, names, val_metrics)
+    return finish(ctx.run, cfg, result_metrics)
+
+
+def _model(ctx, num_classes, class_names, policy):
+    """The new model, checked against the sizes, compiled (and restored)."""
+    from klseg import models
+
+    with ctx.strategy.scope():
+        model = inputs.build_model(ctx.cfg, num_classes, class_names)
+        multiple = models.size_multiple(model)
+        inputs.check_image_size(ctx.image_size, multiple)
+        inputs.check_crop_size(ctx.cfg.crop_size, ctx.image_size, multiple)
+        models.set_training_size(model, ctx.image_size)
+        compile_model(ctx, model, policy, num_classes=num_classes)
+    return model
 
 
 def _write_report(run, cfg, model, val_ds, names, val_metrics):
     from klseg import models, report
 
     size = size_text(models.get_training_size(model))
-
-    sections = []
-    curves = curves_section(run)
-    if curves:
-        sections.append(curves)
-    images, masks = first_batch(val_ds, 4)
-    preds = predict_classes(model, images)
-    overlays = report.plot_overlays(
-        images,
-        preds,
-        run.plots / "overlays.png",
-        masks=masks,
-        class_names=names,
-        ignore_value=cfg.ignore_value,
-    )
     table = report.markdown_table(
         ["class", "IoU (%)"],
         [
@@ -256,16 +190,18 @@ def _write_report(run, cfg, model, val_ds, names, val_metrics):
         f"{pct(val_metrics['pixel_accuracy'])} "
         f"({val_metrics['num_images']} images at {size}).\n\n{table}"
     )
-    sections.insert(0, ("Result", summary))
-    sections.append(("Predictions on validation images", overlays))
-    sections.append(
-        report.confusion_section(
-            val_metrics,
-            run.plots / "confusion_val.png",
-            heading="Confusion matrix on the validation images",
-        )
+    out = RunReport(run, cfg, names=names)
+    out.add(("Result", summary))
+    out.add_curves()
+    out.add_overlays(
+        model,
+        first_batch(val_ds, 4),
+        file="overlays.png",
+        heading="Predictions on validation images",
     )
-    sections.append(("Settings", "```yaml\n" + yaml_text(cfg.to_dict()) + "```"))
-    report.write_report(
-        run.report, title=f"Training run {run.path.name}", sections=sections
+    out.add_confusion(
+        val_metrics,
+        name="val",
+        heading="Confusion matrix on the validation images",
     )
+    out.write(f"Training run {run.path.name}")
