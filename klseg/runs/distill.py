@@ -11,14 +11,12 @@ from klseg import errors
 from klseg.runs import hub, inputs, runtime, streams
 from klseg.runs.callbacks import validation
 from klseg.runs.checks import fail, size_text
-from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
-    RunContext,
     best_model,
     compile_model,
     finish,
     fit,
-    in_run_folder,
+    run_in_folder,
     run_summary,
     say,
 )
@@ -87,21 +85,17 @@ def distill(cfg, *, callbacks=None):
     image_size = inputs.default_image_size(cfg, splits["data"], cfg.teacher)
     strategy, is_chief = runtime.make_strategy(cfg.strategy)
 
-    def job(run, checkpoint):
-        ctx = RunContext(
-            cfg=cfg,
-            run=run,
-            checkpoint=checkpoint,
-            strategy=strategy,
-            callbacks=callbacks,
-            started=started,
-            learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATE["train"],
-            splits=splits,
-            image_size=image_size,
-        )
-        return _distill(ctx)
-
-    return in_run_folder(cfg, job, is_chief=is_chief)
+    return run_in_folder(
+        cfg,
+        _distill,
+        job="train",
+        strategy=strategy,
+        is_chief=is_chief,
+        callbacks=callbacks,
+        started=started,
+        splits=splits,
+        image_size=image_size,
+    )
 
 
 def _check_num_classes(cfg, teacher_classes):

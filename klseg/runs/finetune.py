@@ -4,14 +4,12 @@ import dataclasses
 import time
 
 from klseg.runs import classmaps, inputs, mean_teacher, runtime, streams
-from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
-    RunContext,
     best_model,
     compile_model,
     finish,
     fit,
-    in_run_folder,
+    run_in_folder,
     run_summary,
     say,
 )
@@ -85,21 +83,17 @@ def finetune_one(cfg, strategy, is_chief, callbacks, baseline=None):
     splits = _load_inputs(cfg)
     image_size = training_size(cfg, splits["data"])
 
-    def job(run, checkpoint):
-        ctx = RunContext(
-            cfg=cfg,
-            run=run,
-            checkpoint=checkpoint,
-            strategy=strategy,
-            callbacks=callbacks,
-            started=started,
-            learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATE["finetune"],
-            splits=splits,
-            image_size=image_size,
-        )
-        return _finetune(ctx, baseline)
-
-    return in_run_folder(cfg, job, is_chief=is_chief)
+    return run_in_folder(
+        cfg,
+        lambda ctx: _finetune(ctx, baseline),
+        job="finetune",
+        strategy=strategy,
+        is_chief=is_chief,
+        callbacks=callbacks,
+        started=started,
+        splits=splits,
+        image_size=image_size,
+    )
 
 
 def training_size(cfg, split):

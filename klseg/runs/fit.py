@@ -24,7 +24,7 @@ from klseg.files import write_json
 from klseg.runs import callbacks as cb
 from klseg.runs import inputs, runtime
 from klseg.runs.checkpoint import restore_checkpoint, truncate_history
-from klseg.runs.configs import RESUMABLE_CHANGES
+from klseg.runs.configs import DEFAULT_LEARNING_RATE, RESUMABLE_CHANGES
 from klseg.runs.folder import RunFolder, holds_folders, open_run
 from klseg.runs.reports import curves_section
 from klseg.runs.results import RunResult
@@ -39,6 +39,7 @@ __all__ = [
     "finish",
     "fit",
     "in_run_folder",
+    "run_in_folder",
     "run_summary",
     "say",
 ]
@@ -71,6 +72,29 @@ def in_run_folder(cfg, job, *, is_chief=True):
     # the run's verbosity.
     with progress.verbosity(cfg.verbose):
         return job(run, checkpoint)
+
+
+def run_in_folder(cfg, step, *, job, strategy, is_chief, callbacks, **prepared):
+    """Run ``step(ctx)`` in the prepared run folder (:func:`in_run_folder`),
+    ``ctx`` the run's :class:`RunContext`: the learning rate is the
+    config's, else the default of ``job`` (``"train"`` or ``"finetune"``);
+    ``prepared`` holds ``started``, ``splits`` and ``image_size``."""
+
+    def in_folder(run, checkpoint):
+        learning_rate = cfg.learning_rate or DEFAULT_LEARNING_RATE[job]
+        return step(
+            RunContext(
+                cfg=cfg,
+                run=run,
+                checkpoint=checkpoint,
+                strategy=strategy,
+                callbacks=callbacks,
+                learning_rate=learning_rate,
+                **prepared,
+            )
+        )
+
+    return in_run_folder(cfg, in_folder, is_chief=is_chief)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

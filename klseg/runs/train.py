@@ -5,14 +5,12 @@ import time
 from klseg.runs import hub, inputs, runtime, streams
 from klseg.runs.callbacks import validation
 from klseg.runs.checks import size_text
-from klseg.runs.configs import DEFAULT_LEARNING_RATE
 from klseg.runs.fit import (
-    RunContext,
     best_model,
     compile_model,
     finish,
     fit,
-    in_run_folder,
+    run_in_folder,
     run_summary,
     say,
 )
@@ -69,21 +67,17 @@ def train(cfg, *, callbacks=None):
     )
     strategy, is_chief = runtime.make_strategy(cfg.strategy)
 
-    def job(run, checkpoint):
-        ctx = RunContext(
-            cfg=cfg,
-            run=run,
-            checkpoint=checkpoint,
-            strategy=strategy,
-            callbacks=callbacks,
-            started=started,
-            learning_rate=cfg.learning_rate or DEFAULT_LEARNING_RATE["train"],
-            splits=splits,
-            image_size=image_size,
-        )
-        return _train(ctx, *classes)
-
-    return in_run_folder(cfg, job, is_chief=is_chief)
+    return run_in_folder(
+        cfg,
+        lambda ctx: _train(ctx, *classes),
+        job="train",
+        strategy=strategy,
+        is_chief=is_chief,
+        callbacks=callbacks,
+        started=started,
+        splits=splits,
+        image_size=image_size,
+    )
 
 
 def _resolve_classes(cfg, split):
