@@ -330,9 +330,4 @@ class DistillationModel(KLRegularizedModel):
             "ignore_class": self.ignore_class,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["student"] = keras.saving.deserialize_keras_object(config["student"])
-        config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
-        return cls(**config)
+    _MODEL_KEYS = ("student", "teacher")

@@ -690,9 +690,11 @@ class KLRegularizedModel(keras.Model):
             "ignore_class": self.ignore_class,
         }
 
+    _MODEL_KEYS = ("student", "source")
+
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["student"] = keras.saving.deserialize_keras_object(config["student"])
-        config["source"] = keras.saving.deserialize_keras_object(config["source"])
+        for key in cls._MODEL_KEYS:
+            config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
