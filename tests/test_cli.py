@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import pytest
-from click.testing import CliRunner
 
 from klseg import errors, runs
 from klseg.cli.main import cli
@@ -27,11 +26,6 @@ COMMANDS = [
     ["data", "synth"],
     ["demo"],
 ]
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture
@@ -66,6 +60,8 @@ def recorded(monkeypatch):
 
 
 TRAIN_ARGS = ["train", "--data", "d/train", "--val-data", "d/val", "--output", "o"]
+FINETUNE_ARGS = ["finetune", "--source", "m", "--data", "t", "--val-data", "v"]
+FINETUNE_ARGS += ["-o", "o"]
 
 
 # --------------------------------------------------------------------------
@@ -216,45 +212,9 @@ def test_other_commands_reach_their_jobs(runner, recorded):
         [*TRAIN_ARGS, "--jit", "--strategy", "multi-worker"],
         [*TRAIN_ARGS, "--resume", "--overwrite"],
         ["train", "--data", "d"],  # missing --val-data and --output
-        [
-            "finetune",
-            "--source",
-            "m",
-            "--data",
-            "t",
-            "--val-data",
-            "v",
-            "-o",
-            "o",
-            "--kl-weight",
-            "-1",
-        ],
-        [
-            "finetune",
-            "--source",
-            "m",
-            "--data",
-            "t",
-            "--val-data",
-            "v",
-            "-o",
-            "o",
-            "--kl-weight",
-            "0,,1",
-        ],
-        [
-            "finetune",
-            "--source",
-            "m",
-            "--data",
-            "t",
-            "--val-data",
-            "v",
-            "-o",
-            "o",
-            "--kl-inputs",
-            "source",
-        ],  # needs --source-images
+        [*FINETUNE_ARGS, "--kl-weight", "-1"],
+        [*FINETUNE_ARGS, "--kl-weight", "0,,1"],
+        [*FINETUNE_ARGS, "--kl-inputs", "source"],  # needs --source-images
         ["evaluate", "--model", "m"],
         ["predict", "--model", "m", "--images", "i"],
         ["train", "--no-such-option"],

@@ -8,15 +8,9 @@ resolve the options without running a job.
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from klseg.cli.config_files import resolve_options
 from klseg.cli.main import cli
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 def _write(tmp_path, name, content):

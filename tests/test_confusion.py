@@ -12,21 +12,13 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import SIZE, invoke, ok, read_folder, train_args
 from PIL import Image
 
 from klseg import errors, evaluation, report, runs
-from klseg.cli.main import cli
 from klseg.data import synthetic
 
-SIZE = 32
 NAMES = ["sky", "road", "car", "sign", "boat"]
-
-
-def ok(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 def _reference(masks, predicted, num_classes, ignore=255):
@@ -134,20 +126,6 @@ def test_evaluation_doctests():
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plot functions save, in order (still written to disk)."""
-    saved = []
-    save = report._save_figure
-
-    def keep(fig, path):
-        saved.append(fig)
-        return save(fig, path)
-
-    monkeypatch.setattr(report, "_save_figure", keep)
-    return saved
-
-
 def _matrix_axes(fig):
     (ax,) = [a for a in fig.axes if a.get_xlabel() == "predicted class"]
     return ax
@@ -195,29 +173,14 @@ def test_plot_confusion_rejects_bad_arguments(tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=4,
-        num_val=4,
-        num_unlabeled=2,
-        num_target_train=2,
-    )
+BENCH = {"num_train": 4, "num_unlabeled": 2, "num_target_train": 2}
 
 
 @pytest.fixture(scope="module")
 def train_run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "train"
     ok(
-        "train",
-        "--data",
-        bench / "source" / "train",
-        "--val-data",
-        bench / "source" / "val",
-        "--output",
-        out,
+        *train_args(bench, out),
         "--epochs",
         1,
         "--base-filters",
@@ -234,13 +197,7 @@ def train_run(bench, tmp_path_factory):
 
 
 def _folder_counts(folder, model_path):
-    stems = sorted(p.stem for p in (folder / "images").iterdir())
-    images = np.stack(
-        [np.asarray(Image.open(folder / "images" / f"{s}.png")) for s in stems]
-    )
-    masks = np.stack(
-        [np.asarray(Image.open(folder / "masks" / f"{s}.png")) for s in stems]
-    ).astype(np.int64)
+    images, masks = read_folder(folder)
     logits = runs.load_model(model_path).predict(images, verbose=0)
     return _reference(masks, logits.argmax(-1), synthetic.NUM_CLASSES)
 
@@ -286,16 +243,14 @@ def test_evaluate_plot_refusals(bench, train_run, tmp_path):
     Image.new("RGB", (4, 4), (1, 2, 3)).save(mine)
     before = mine.read_bytes()
     base = ["evaluate", "--model", model, "--data", val]
-    result = CliRunner().invoke(cli, [str(a) for a in (*base, "--plot", mine)])
+    result = invoke(*base, "--plot", mine)
     assert result.exit_code == 1
     assert "not a klseg confusion-matrix plot" in result.output
     assert mine.read_bytes() == before
-    result = CliRunner().invoke(cli, [str(a) for a in (*base, "--plot", "c.jpg")])
+    result = invoke(*base, "--plot", "c.jpg")
     assert result.exit_code == 2 and ".png" in result.output
     same = tmp_path / "both.png"
-    result = CliRunner().invoke(
-        cli, [str(a) for a in (*base, "--plot", same, "--output", same)]
-    )
+    result = invoke(*base, "--plot", same, "--output", same)
     assert result.exit_code == 1 and "same file" in result.output
     assert not same.exists()
 

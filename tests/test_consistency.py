@@ -1,14 +1,19 @@
 """Tests for klseg.consistency (runs on the TensorFlow and JAX backends)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
+from helpers import (
+    TWO_CPU_REPLICAS,
+    log_softmax64,
+    predict64,
+    random_images,
+    run_script,
+    tempered_kl64,
+    tiny_unet,
+)
 
 import klseg
 from klseg import losses, models
@@ -26,23 +31,14 @@ IGNORE = 255
 SIZE = 8
 
 
-def _unet(num_classes=3, seed=0):
-    keras.utils.set_random_seed(seed)
-    return models.unet(num_classes, base_filters=2, depth=1)
-
-
 def _model(**kwargs):
     kwargs = {"kl_weight": 0.5, "kl_inputs": "target", "seed": 3, **kwargs}
-    model = MeanTeacherModel(_unet(seed=2), _unet(seed=1), **kwargs)
+    model = MeanTeacherModel(tiny_unet(seed=2), tiny_unet(seed=1), **kwargs)
     model.compile(
         optimizer=keras.optimizers.SGD(0.0),
         loss=losses.SparseKLDivergence(ignore_class=IGNORE),
     )
     return model
-
-
-def _images(n, seed, size=SIZE):
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), "uint8")
 
 
 def _masks(n, seed, size=SIZE):
@@ -51,23 +47,11 @@ def _masks(n, seed, size=SIZE):
     return masks.astype("int32")
 
 
-def _predict(model, images):
-    return np.asarray(model.predict_on_batch(images), "float64")
-
-
-def _log_softmax(z):
-    z = np.asarray(z, "float64")
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def _consistency(teacher, student, temperature, threshold):
     """float64: T^2 KL(softmax(t/T) || softmax(s/T)) on pixels whose
     max softmax(t) >= threshold, summed and divided by all pixels."""
-    lp = _log_softmax(np.asarray(teacher) / temperature)
-    lq = _log_softmax(np.asarray(student) / temperature)
-    kl = temperature**2 * (np.exp(lp) * (lp - lq)).sum(-1)
-    confidence = np.exp(_log_softmax(teacher)).max(-1)
+    kl = tempered_kl64(teacher, student, temperature)
+    confidence = np.exp(log_softmax64(teacher)).max(-1)
     return float(np.where(confidence >= threshold, kl, 0.0).mean()), confidence
 
 
@@ -88,7 +72,10 @@ def test_ema_update_matches_numpy_reference():
         np.testing.assert_array_equal(got, want)
 
     rng = np.random.default_rng(0)
-    x = {"images": _images(2, 0), "unlabeled_images": _images(2, 1)}
+    x = {
+        "images": random_images(2, 0, SIZE),
+        "unlabeled_images": random_images(2, 1, SIZE),
+    }
     y = _masks(2, 0)
     for step in range(3):
         weights = [
@@ -157,10 +144,14 @@ def test_loss_adds_ramped_consistency_term(threshold):
         ema_decay=0.9,
     )
     # A teacher unlike the student, with confident predictions.
-    weights = _unet(seed=4).get_weights()
+    weights = tiny_unet(seed=4).get_weights()
     weights[-2:] = [w * 60 for w in weights[-2:]]
     model.ema_model.set_weights(weights)
-    labelled, unlabelled, y = _images(2, 0), _images(3, 1), _masks(2, 0)
+    labelled, unlabelled, y = (
+        random_images(2, 0, SIZE),
+        random_images(3, 1, SIZE),
+        _masks(2, 0),
+    )
     x = {"images": labelled, "unlabeled_images": unlabelled}
     for step in range(3):
         y_pred = model(x, training=False)
@@ -169,8 +160,8 @@ def test_loss_adds_ramped_consistency_term(threshold):
         )
         total = float(model.compute_loss(x, y, y_pred, training=True))
         term, confidence = _consistency(
-            _predict(model.ema_model, unlabelled),
-            _predict(model.student, unlabelled),
+            predict64(model.ema_model, unlabelled),
+            predict64(model.student, unlabelled),
             2.0,
             threshold,
         )
@@ -188,9 +179,9 @@ def test_loss_adds_ramped_consistency_term(threshold):
     model.reset_metrics()
     x["unlabeled_images"] = unlabelled = unlabelled[:2]
     logs = model.evaluate(x, y, batch_size=2, verbose=0, return_dict=True)
-    teacher = _predict(model.ema_model, unlabelled)
+    teacher = predict64(model.ema_model, unlabelled)
     term, confidence = _consistency(
-        teacher, _predict(model.student, unlabelled), 2.0, threshold
+        teacher, predict64(model.student, unlabelled), 2.0, threshold
     )
     np.testing.assert_allclose(logs["consistency_loss"], term, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(logs["teacher_confidence"], confidence.mean(), rtol=1e-5)
@@ -203,15 +194,20 @@ def test_loss_adds_ramped_consistency_term(threshold):
 
 def test_batches_without_unlabelled_images_skip_the_term():
     model = _model()
-    x, y = {"images": _images(2, 0)}, _masks(2, 0)
+    x, y = {"images": random_images(2, 0, SIZE)}, _masks(2, 0)
     logs = model.evaluate(x, y, verbose=0, return_dict=True)
     assert logs["consistency_loss"] == 0 and logs["teacher_confidence"] == 0
     np.testing.assert_allclose(
         logs["loss"], logs["task_loss"] + 0.5 * logs["kl_loss"], rtol=1e-6
     )
-    plain = KLRegularizedModel(_unet(seed=2), _unet(seed=1), kl_inputs="target")
+    plain = KLRegularizedModel(tiny_unet(seed=2), tiny_unet(seed=1), kl_inputs="target")
     with pytest.raises(InvalidArgumentError, match="MeanTeacherModel"):
-        plain({"images": _images(1, 0), "unlabeled_images": _images(1, 1)})
+        plain(
+            {
+                "images": random_images(1, 0, SIZE),
+                "unlabeled_images": random_images(1, 1, SIZE),
+            }
+        )
 
 
 # The strong view ----------------------------------------------------------
@@ -262,7 +258,7 @@ def test_mixing_moves_the_teacher_prediction_with_the_pixel(mix):
 
 
 def test_photometric_augment_stays_in_range_and_is_seeded():
-    images = np.repeat(_images(1, 0, size=12), 6, axis=0)
+    images = np.repeat(random_images(1, 0, size=12), 6, axis=0)
     a = keras.ops.convert_to_numpy(
         photometric_augment(images, seed=keras.random.SeedGenerator(1))
     )
@@ -284,7 +280,10 @@ def test_photometric_augment_stays_in_range_and_is_seeded():
 def test_weights_file_restores_teacher_step_and_strong_view_seed(tmp_path):
     from klseg.runs import checkpoint
 
-    x = {"images": _images(4, 0), "unlabeled_images": _images(4, 1)}
+    x = {
+        "images": random_images(4, 0, SIZE),
+        "unlabeled_images": random_images(4, 1, SIZE),
+    }
     y = _masks(4, 0)
     model = _model(consistency_rampup=5, consistency_threshold=0.0)
     for _ in range(2):  # two training steps' worth of state
@@ -352,7 +351,7 @@ def test_config_round_trip_and_keras_file(tmp_path):
 )
 def test_invalid_arguments(name, value):
     with pytest.raises(InvalidArgumentError, match=rf"{name}.*Received: {name}="):
-        MeanTeacherModel(_unet(seed=2), _unet(seed=1), **{name: value})
+        MeanTeacherModel(tiny_unet(seed=2), tiny_unet(seed=1), **{name: value})
 
 
 # Training -----------------------------------------------------------------
@@ -375,7 +374,7 @@ def test_fit_logs_the_term_and_moves_the_teacher():
         optimizer=keras.optimizers.Adam(1e-2),
         loss=losses.SparseKLDivergence(ignore_class=IGNORE),
     )
-    x = {"images": _images(4, 0, 16), "unlabeled_images": _images(4, 1, 16)}
+    x = {"images": random_images(4, 0, 16), "unlabeled_images": random_images(4, 1, 16)}
     y = _masks(4, 0, 16)
     before = model.ema_model.get_weights()
     history = model.fit(x, y, batch_size=2, epochs=1, verbose=0).history
@@ -397,7 +396,10 @@ def test_mixed_precision_gives_finite_values():
     try:
         model = _model(consistency_threshold=0.0)
         assert model.student.layers[2].compute_dtype == "float16"
-        x = {"images": _images(2, 0), "unlabeled_images": _images(2, 1)}
+        x = {
+            "images": random_images(2, 0, SIZE),
+            "unlabeled_images": random_images(2, 1, SIZE),
+        }
         y = _masks(2, 0)
         loss = model.compute_loss(x, y, model(x, training=True), training=True)
     finally:
@@ -411,17 +413,11 @@ def test_mixed_precision_gives_finite_values():
 
 # Replicas -----------------------------------------------------------------
 
-REPLICA_SCRIPT = textwrap.dedent(
+REPLICA_SCRIPT = TWO_CPU_REPLICAS + textwrap.dedent(
     """
     import json
 
     import numpy as np
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
 
     import keras
     from klseg import losses, models
@@ -488,16 +484,7 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     strong view draws the global batch's rows on every replica)."""
     script = tmp_path / "replicas.py"
     script.write_text(REPLICA_SCRIPT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_script(script, env={"KERAS_BACKEND": "tensorflow"})
     mirrored, single = out["mirrored"], out["single"]
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
     assert mirrored["step"] == single["step"] == 2

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -595,15 +594,6 @@ def test_domain_style_argument_errors(tmp_path):
 # ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("klseg tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
 def test_tfds_mock_data_offline(tmp_path, no_network):
     tfds = pytest.importorskip("tensorflow_datasets")
     from klseg.data import load_arrays, load_split, make_dataset
@@ -630,18 +620,8 @@ def test_tfds_mock_data_offline(tmp_path, no_network):
 # 2 background, 3 border; 0, 4 and 255 are not trimap values.
 _TRIMAPS = np.array(
     [
-        [
-            [1, 1, 2, 2],
-            [2, 3, 1, 2],
-            [3, 3, 2, 1],
-            [0, 4, 255, 2],
-        ],
-        [
-            [2, 2, 2, 2],
-            [2, 1, 1, 2],
-            [2, 1, 1, 3],
-            [3, 3, 3, 3],
-        ],
+        [[1, 1, 2, 2], [2, 3, 1, 2], [3, 3, 2, 1], [0, 4, 255, 2]],
+        [[2, 2, 2, 2], [2, 1, 1, 2], [2, 1, 1, 3], [3, 3, 3, 3]],
     ],
     np.uint8,
 )
@@ -649,18 +629,8 @@ _TRIMAPS = np.array(
 # the border (trimap 3) and anything else is ignored (255).
 _TRIMAP_CLASSES = np.array(
     [
-        [
-            [1, 1, 0, 0],
-            [0, 255, 1, 0],
-            [255, 255, 0, 1],
-            [255, 255, 255, 0],
-        ],
-        [
-            [0, 0, 0, 0],
-            [0, 1, 1, 0],
-            [0, 1, 1, 255],
-            [255, 255, 255, 255],
-        ],
+        [[1, 1, 0, 0], [0, 255, 1, 0], [255, 255, 0, 1], [255, 255, 255, 0]],
+        [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 255], [255, 255, 255, 255]],
     ]
 )
 

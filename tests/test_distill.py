@@ -13,10 +13,16 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import (
+    TWO_CPU_REPLICAS,
+    hub_segmenter,
+    invoke,
+    log_softmax64,
+    run_script,
+    tiny_unet,
+)
 
-from klseg import errors, losses, metrics, models, runs
-from klseg.cli.main import cli
+from klseg import errors, losses, metrics, models, registry, runs
 from klseg.distill import (
     DEFAULT_KL_TYPE,
     DEFAULT_KL_WEIGHT,
@@ -70,12 +76,6 @@ def _compiled(model, lr=0.0):
 # float64 references --------------------------------------------------------
 
 
-def _log_softmax(z, axis=-1):
-    z = np.asarray(z, "float64")
-    z = z - z.max(axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis, keepdims=True))
-
-
 def _resize_bilinear(x, size):
     """(B, h, w, C) -> (B, H, W, C), half-pixel centres, edges clamped."""
     x = np.asarray(x, "float64")
@@ -101,20 +101,20 @@ def _reference(teacher_logits, student_logits, masks, kl_type, temperature):
     t, s = np.asarray(teacher_logits, "float64"), np.asarray(student_logits)
     s = _resize_bilinear(s, t.shape[1:3])
     labelled = masks != IGNORE
-    lp = _log_softmax(s)
+    lp = log_softmax64(s)
     picked = np.take_along_axis(lp, np.where(labelled, masks, 0)[..., None], -1)
     task = -picked[..., 0][labelled].mean()
     temp = temperature
     if kl_type == "pixel":
-        lt, ls = _log_softmax(t / temp), _log_softmax(s / temp)
+        lt, ls = log_softmax64(t / temp), log_softmax64(s / temp)
         kl = (np.exp(lt) * (lt - ls)).sum(-1).mean() * temp**2
         return task, kl
     values = []
     for b in range(t.shape[0]):
         keep = labelled[b] if labelled[b].any() else np.ones_like(labelled[b])
         for c in range(t.shape[-1]):
-            lt = _log_softmax(t[b, ..., c][keep] / temp, axis=0)
-            ls = _log_softmax(s[b, ..., c][keep] / temp, axis=0)
+            lt = log_softmax64(t[b, ..., c][keep] / temp, axis=0)
+            ls = log_softmax64(s[b, ..., c][keep] / temp, axis=0)
             values.append((np.exp(lt) * (lt - ls)).sum() * temp**2)
     return task, float(np.mean(values))
 
@@ -212,9 +212,11 @@ def test_bad_arguments_are_refused():
 def test_defaults_agree_with_the_run_config():
     from klseg.runs import configs as config
 
-    assert config.DISTILL_KL_TYPES == KL_TYPES
-    assert config.DISTILL_KL_WEIGHT == DEFAULT_KL_WEIGHT
-    assert config.DISTILL_TEMPERATURE == DEFAULT_TEMPERATURE
+    # One definition, in the registry: the model and the run config name it.
+    assert KL_TYPES is config.DISTILL_KL_TYPES is registry.DISTILL_KL_TYPES
+    assert DEFAULT_KL_WEIGHT is config.DISTILL_KL_WEIGHT is registry.DISTILL_KL_WEIGHT
+    assert DEFAULT_TEMPERATURE is config.DISTILL_TEMPERATURE
+    assert DEFAULT_TEMPERATURE is registry.DISTILL_TEMPERATURE
     assert default(config.DistillConfig, "kl_type") == DEFAULT_KL_TYPE
     assert default_temperature("channel") == DEFAULT_TEMPERATURE["channel"]
 
@@ -265,17 +267,11 @@ def test_config_round_trip_and_keras_file(tmp_path):
 
 # Two replicas ---------------------------------------------------------------
 
-REPLICA_SCRIPT = textwrap.dedent(
+REPLICA_SCRIPT = TWO_CPU_REPLICAS + textwrap.dedent(
     """
     import json
 
     import numpy as np
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
 
     import keras
     from klseg import losses, models
@@ -330,16 +326,7 @@ REPLICA_SCRIPT = textwrap.dedent(
 def test_distribute_two_replicas_match_one_device(tmp_path):
     script = tmp_path / "replicas.py"
     script.write_text(REPLICA_SCRIPT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_script(script, env={"KERAS_BACKEND": "tensorflow"})
     for kl_type, result in out.items():
         mirrored, single = result["mirrored"], result["single"]
         for key in ("loss", "task_loss", "kl_loss"):
@@ -356,31 +343,17 @@ needs_tf = pytest.mark.skipif(not TENSORFLOW, reason="runs use tf.data")
 RUN = ["--image-size", "32", "--batch-size", "4", "--quiet", "--augment", "light"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+BENCH = {"num_train": 4, "num_target_train": 1}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(bench, tmp_path_factory):
     """Tiny synthetic data and a saved teacher (6 classes, trained at 32)."""
     from klseg.data import synthetic
 
     root = tmp_path_factory.mktemp("distill")
-    bench = synthetic.write_benchmark(
-        root / "bench",
-        image_size=32,
-        num_train=4,
-        num_val=4,
-        num_unlabeled=4,
-        num_target_train=1,
-    )
-    keras.utils.set_random_seed(0)
-    teacher = models.unet(
-        synthetic.NUM_CLASSES,
-        base_filters=4,
-        depth=2,
-        class_names=list(synthetic.CLASS_NAMES),
-    )
+    names = list(synthetic.CLASS_NAMES)
+    teacher = tiny_unet(len(names), 0, base_filters=4, depth=2, class_names=names)
     models.set_training_size(teacher, 32)
     teacher.save(root / "teacher.keras")
     return root, bench
@@ -528,11 +501,8 @@ def test_missing_teacher_exits_1_without_traceback(setup, tmp_path):
 def test_keras_hub_teacher_and_student(setup, tmp_path):
     """A ``keras-hub:DIR`` preset as teacher and as student, in one run."""
     pytest.importorskip("keras_hub")
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_hub import _segmenter
-
     keras.utils.set_random_seed(0)
-    _segmenter().save_to_preset(str(tmp_path / "preset"))
+    hub_segmenter().save_to_preset(str(tmp_path / "preset"))
     spec = f"keras-hub:{tmp_path / 'preset'}"
     out = tmp_path / "run"
     args = distill_args(setup, out, "--epochs", "1")

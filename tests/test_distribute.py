@@ -8,32 +8,23 @@ MirroredStrategy and once on the default (single-device) strategy, and
 prints the results as JSON.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
 import pytest
+from helpers import TWO_CPU_REPLICAS, run_script
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="tf.distribute needs the TensorFlow backend",
 )
 
-SCRIPT = textwrap.dedent(
+SCRIPT = TWO_CPU_REPLICAS + textwrap.dedent(
     """
     import json
     import sys
 
     import numpy as np
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
 
     import keras
     from klseg import losses, models
@@ -109,33 +100,23 @@ SCRIPT = textwrap.dedent(
 def _run(tmp_path, student_bn, spread, epochs):
     script = tmp_path / "distributed.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    result = subprocess.run(
-        [sys.executable, str(script), student_bn, spread, str(epochs)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return run_script(
+        script, student_bn, spread, epochs, env={"KERAS_BACKEND": "tensorflow"}
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_matches_single_device(tmp_path):
+def _assert_replicas_agree(out):
+    """The 2-replica run and the single-device run of ``SCRIPT``: the same
+    loss terms before training, training losses, loss terms after it and
+    weights; training lowered the loss."""
     import numpy as np
 
-    out = _run(tmp_path, "frozen", "even", 2)
     mirrored, single = out["mirrored"], out["single"]
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
-
-    # The loss at identical weights, and each of its terms.
     for key in ("loss", "task_loss", "kl_loss"):
         np.testing.assert_allclose(
             mirrored["before"][key], single["before"][key], rtol=1e-5, atol=1e-6
         )
-    assert single["before"]["kl_loss"] > 1e-3
-    # A few training steps give the same losses and the same weights.
     np.testing.assert_allclose(
         mirrored["train_loss"], single["train_loss"], rtol=1e-5, atol=1e-6
     )
@@ -146,6 +127,15 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     assert single["after"]["loss"] < single["before"]["loss"]
     for a, b in zip(mirrored["weights"], single["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    out = _run(tmp_path, "frozen", "even", 2)
+    # The loss at identical weights, and each of its terms; a few training
+    # steps give the same losses and the same weights.
+    _assert_replicas_agree(out)
+    assert out["single"]["before"]["kl_loss"] > 1e-3
 
 
 @pytest.mark.slow
@@ -154,41 +144,16 @@ def test_uneven_ignored_pixels_match_single_device(tmp_path, student_bn):
     """Replicas with different numbers of labelled pixels (one with none):
     the global mean over labelled pixels, and with synchronized BatchNorm
     the global batch statistics, give one device's losses and weights."""
-    import numpy as np
-
     out = _run(tmp_path, student_bn, "uneven", 1)
-    mirrored, single = out["mirrored"], out["single"]
-    assert mirrored["replicas"] == 2 and single["replicas"] == 1
-    for key in ("loss", "task_loss", "kl_loss"):
-        np.testing.assert_allclose(
-            mirrored["before"][key], single["before"][key], rtol=1e-5, atol=1e-6
-        )
-    # One epoch of three steps.
-    np.testing.assert_allclose(
-        mirrored["train_loss"], single["train_loss"], rtol=1e-5, atol=1e-6
-    )
-    for key in ("loss", "task_loss", "kl_loss"):
-        np.testing.assert_allclose(
-            mirrored["after"][key], single["after"][key], rtol=1e-5, atol=1e-6
-        )
-    assert single["after"]["loss"] < single["before"]["loss"]
-    for a, b in zip(mirrored["weights"], single["weights"]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_replicas_agree(out)  # one epoch of three steps
 
 
-CLI_SCRIPT = textwrap.dedent(
+CLI_SCRIPT = TWO_CPU_REPLICAS + textwrap.dedent(
     """
     import csv
     import json
     import sys
     from pathlib import Path
-
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
 
     import klseg
     from klseg import runs
@@ -255,21 +220,8 @@ def test_cli_mirrored_finetune_matches_one_device(tmp_path, mode):
 
     script = tmp_path / "cli_mirrored.py"
     script.write_text(CLI_SCRIPT)
-    env = dict(
-        os.environ,
-        TF_CPP_MIN_LOG_LEVEL="2",
-        KERAS_BACKEND="tensorflow",
-        NO_ALBUMENTATIONS_UPDATE="1",
-    )
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "work"), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    env = {"KERAS_BACKEND": "tensorflow", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    out = run_script(script, tmp_path / "work", mode, env=env)
     mirrored, single = out["mirrored"], out["default"]
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
     for key in ("loss", "task_loss", "kl_loss", "val_target_loss"):

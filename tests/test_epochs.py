@@ -8,50 +8,27 @@ validated), and an interrupted run resumed with these options is the
 uninterrupted run.
 """
 
-import csv
 import dataclasses
 import json
 import math
 
-import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
-from test_resume import (
+from helpers import (
     Interrupt,
-    assert_same_arrays,
+    assert_same_run,
+    finetune_config,
+    history,
     interrupted_then_resumed,
-    last_checkpoint,
-    metrics,
-    npz,
-    train_config,
-    weights,
+    invoke,
 )
+from helpers import resume_train_config as train_config
 
 from klseg import errors, runs
-from klseg.cli.main import cli
-from klseg.data import synthetic
 
-SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    # 6 training images in batches of 4: one pass is 2 steps, so 3 steps per
-    # epoch cross the end of a pass in the middle of an epoch.
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=6,
-        num_val=4,
-        num_unlabeled=2,
-        num_target_train=3,
-    )
-
-
-def history(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+# 6 training images in batches of 4: one pass is 2 steps, so 3 steps per
+# epoch cross the end of a pass in the middle of an epoch.
+BENCH = {"num_train": 6, "num_unlabeled": 2, "num_target_train": 3}
 
 
 def state(out, epoch):
@@ -101,19 +78,6 @@ def test_the_best_model_is_the_best_validated_epoch(reference):
     assert result["val"]["mean_iou"] == pytest.approx(scores[best_epoch], abs=1e-6)
 
 
-def _same_history(a, b):
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
-    for row_a, row_b in zip(a, b):
-        assert row_a.keys() == row_b.keys()
-        for key in row_a:
-            if row_b[key] == "":
-                assert row_a[key] == "", key
-                continue
-            np.testing.assert_allclose(
-                float(row_a[key]), float(row_b[key]), rtol=1e-6, atol=1e-7, err_msg=key
-            )
-
-
 @pytest.mark.parametrize(
     "epoch, step", [(1, None), (2, 2)], ids=["after-epoch-1", "inside-epoch-2"]
 )
@@ -123,16 +87,7 @@ def test_resumed_run_with_these_options_is_the_uninterrupted_run(
     out = tmp_path / "run"
     cfg = train_config(bench, out, steps_per_epoch=3, val_every=2, epochs=3)
     interrupted_then_resumed(runs.train, cfg, Interrupt(epoch=epoch, step=step))
-    a, b = last_checkpoint(out), last_checkpoint(reference)
-    assert a.name == b.name
-    assert_same_arrays(
-        weights(a / "model.weights.h5"), weights(b / "model.weights.h5"), "weights"
-    )
-    assert_same_arrays(
-        npz(a / "optimizer.npz"), npz(b / "optimizer.npz"), "optimizer state"
-    )
-    _same_history(history(out / "history.csv"), history(reference / "history.csv"))
-    assert metrics(out / "metrics.json") == metrics(reference / "metrics.json")
+    assert_same_run(out, reference, random_state=False)
 
 
 @pytest.mark.parametrize(
@@ -180,18 +135,13 @@ def test_a_run_saved_before_these_options_resumes_with_their_defaults(
 def test_finetune_takes_both_options(bench, reference, tmp_path):
     out = tmp_path / "finetune"
     runs.finetune(
-        runs.FinetuneConfig(
-            source=str(reference / "model.keras"),
-            data=str(bench / "target" / "train"),
-            val_data=str(bench / "target" / "val"),
+        finetune_config(
+            bench,
+            reference / "model.keras",
+            out,
             kl_weight=(0.5,),
-            output=str(out),
-            epochs=2,
-            batch_size=2,
-            image_size=SIZE,
             steps_per_epoch=1,
             val_every=5,
-            verbose=0,
         )
     )
     assert state(out, 2)["optimizer_iterations"] == 2
@@ -225,9 +175,7 @@ def test_bad_values_in_the_config_name_the_field(tmp_path, field, value, expecte
     "option, value", [("--steps-per-epoch", "0"), ("--val-every", "-1")]
 )
 def test_bad_values_on_the_command_line_exit_2(tmp_path, command, option, value):
-    result = CliRunner().invoke(
-        cli, [command, "--output", str(tmp_path / "out"), option, value]
-    )
+    result = invoke(command, "--output", tmp_path / "out", option, value)
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert f"'{option}'" in text and value in text
@@ -237,9 +185,7 @@ def test_bad_values_on_the_command_line_exit_2(tmp_path, command, option, value)
 def test_a_bad_value_in_a_config_file_names_the_key(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("train:\n  val_every: 0\n")
-    result = CliRunner().invoke(
-        cli, ["train", "--config", str(config), "--output", str(tmp_path / "out")]
-    )
+    result = invoke("train", "--config", config, "--output", tmp_path / "out")
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "val_every" in text and "0" in text
@@ -254,22 +200,10 @@ def test_the_options_reach_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(runs, "train", fake)
     config = tmp_path / "run.toml"
     config.write_text("val_every = 4\n")
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--config",
-            str(config),
-            "--data",
-            str(tmp_path / "d"),
-            "--val-data",
-            str(tmp_path / "v"),
-            "--output",
-            str(tmp_path / "out"),
-            "--steps-per-epoch",
-            "7",
-        ],
-    )
+    result = invoke(
+        "train", "--config", config, "--data", tmp_path / "d", "--val-data",
+        tmp_path / "v", "--output", tmp_path / "out", "--steps-per-epoch", "7",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert seen["cfg"].steps_per_epoch == 7
     assert seen["cfg"].val_every == 4

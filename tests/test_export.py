@@ -1,14 +1,12 @@
 """Tests for klseg.export: the SavedModel serving signature."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
+from helpers import run_script
 
 from klseg import models
 from klseg.errors import InvalidArgumentError, ModelError
@@ -77,19 +75,11 @@ def _serve_in_subprocess(path, arrays, tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(SERVE_SCRIPT)
     np.savez(tmp_path / "inputs.npz", **arrays)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     # Run from the temporary folder so that the repository (and klseg) is
     # not importable by accident through the working directory.
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), "inputs.npz", "outputs.npz"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    info = run_script(
+        script, path, "inputs.npz", "outputs.npz", cwd=tmp_path, timeout=300
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads(result.stdout.strip().splitlines()[-1])
     return info, np.load(tmp_path / "outputs.npz")
 
 

@@ -14,7 +14,6 @@ and send it SIGINT; they wait for files and output lines, not fixed times,
 except for the start-up moments.
 """
 
-import csv
 import json
 import os
 import re
@@ -29,41 +28,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import SIZE, history_epochs, invoke, train_args, train_config
 
 import klseg
 from klseg import errors, runs
-from klseg.cli.main import cli
-from klseg.data import synthetic
 from klseg.runs.checkpoint import restore_checkpoint
 
-SIZE = 32
-TINY = {"image_size": SIZE, "batch_size": 4, "base_filters": 4, "depth": 2}
 TINY_ARGS = ["--image-size", SIZE, "--batch-size", 4, "--base-filters", 4]
 TINY_ARGS += ["--depth", 2]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=8,
-        num_val=4,
-        num_unlabeled=4,
-        num_target_train=4,
-    )
-
-
-def _history_epochs(path):
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
 def _latest(run):
@@ -126,7 +98,7 @@ def _check_kept_epoch_1(out, diverged, recorded, step):
     assert "--overwrite" in message and "(epoch 1)" in message
     assert _latest(out) == "epoch_0001"
     assert not (out / "checkpoints" / "epoch_0002").exists()
-    assert _history_epochs(out / "history.csv") == [0]
+    assert history_epochs(out / "history.csv") == [0]
     assert not (out / "metrics.json").exists()
     model = klseg.load_model(out / "model.keras")
     saved = _weights(model)
@@ -138,15 +110,7 @@ def _check_kept_epoch_1(out, diverged, recorded, step):
 
 
 def _train_cfg(bench, out, **kwargs):
-    return runs.TrainConfig(
-        data=str(bench / "source" / "train"),
-        val_data=str(bench / "source" / "val"),
-        output=str(out),
-        epochs=3,
-        verbose=0,
-        **TINY,
-        **kwargs,
-    )
+    return train_config(bench, out, epochs=3, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +176,7 @@ def test_divergence_in_the_first_epoch_saves_nothing(bench, tmp_path):
     loss of its steps stays finite, the validation loss does not."""
     out = tmp_path / "run"
     result = invoke(
-        "train",
-        "--data",
-        bench / "source" / "train",
-        "--val-data",
-        bench / "source" / "val",
-        "--output",
-        out,
+        *train_args(bench, out),
         *TINY_ARGS,
         "--epochs",
         2,
@@ -236,7 +194,7 @@ def test_divergence_in_the_first_epoch_saves_nothing(bench, tmp_path):
     assert "nothing to --resume" in result.output
     assert not (out / "model.keras").exists()
     assert _latest(out) is None
-    assert _history_epochs(out / "history.csv") == []
+    assert history_epochs(out / "history.csv") == []
     assert not (out / "metrics.json").exists()
 
 
@@ -331,13 +289,7 @@ class Klseg:
 
 def _train_args(bench, out, epochs):
     return [
-        "train",
-        "--data",
-        bench / "source" / "train",
-        "--val-data",
-        bench / "source" / "val",
-        "--output",
-        out,
+        *train_args(bench, out),
         *TINY_ARGS,
         "--epochs",
         epochs,
@@ -388,7 +340,7 @@ def test_ctrl_c_before_the_first_epoch_ends(bench, tmp_path):
     assert _latest(out) is None
     assert "nothing to --resume" in output and "Continue it with" not in output
     assert not (out / "model.keras").exists()
-    assert _history_epochs(out / "history.csv") == []
+    assert history_epochs(out / "history.csv") == []
 
 
 def test_ctrl_c_after_a_checkpoint_suggests_a_resume_that_works(bench, tmp_path):
@@ -404,7 +356,7 @@ def test_ctrl_c_after_a_checkpoint_suggests_a_resume_that_works(bench, tmp_path)
     ]
     assert 1 <= done < epochs
     # Every completed epoch has its history row and nothing more.
-    assert _history_epochs(out / "history.csv") == list(range(done))
+    assert history_epochs(out / "history.csv") == list(range(done))
     assert not (out / "metrics.json").exists()
     hint = re.search(r"Continue it with: (klseg .*--resume)$", output, re.M)
     assert hint, output
@@ -412,5 +364,5 @@ def test_ctrl_c_after_a_checkpoint_suggests_a_resume_that_works(bench, tmp_path)
     resumed = Klseg(*shlex.split(hint.group(1))[1:], "--quiet", cwd=tmp_path)
     code, output = resumed.finish()
     assert code == 0, output
-    assert _history_epochs(out / "history.csv") == list(range(epochs))
+    assert history_epochs(out / "history.csv") == list(range(epochs))
     assert json.loads((out / "metrics.json").read_text())["epochs"] == epochs

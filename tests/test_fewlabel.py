@@ -11,88 +11,57 @@ middle of an epoch (EMA weights, step counter and the strong view's random
 state included).
 """
 
-import csv
 import dataclasses
 import inspect
 import json
 import math
 
-import h5py
 import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import (
+    SIZE,
+    Interrupt,
+    assert_same_arrays,
+    assert_same_history,
+    finetune_args,
+    finetune_config,
+    history,
+    interrupted_then_resumed,
+    metrics,
+    npz,
+    ok,
+    weights,
+)
 
-from klseg import errors, runs
+from klseg import errors, registry, runs
 from klseg.cli.main import cli
 from klseg.consistency import MIX_MODES, MeanTeacherModel
-from klseg.data import synthetic
 from klseg.finetune import clone_student
 from klseg.runs import mean_teacher
 from klseg.runs import sweep as sweep_job
 from klseg.runs.configs import CONSISTENCY_MIX
 
-SIZE = 32
-# Weights and optimizer state agree to this after a resume; measured:
-# bit-identical on CPU.
-WEIGHTS_TOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=6,
-        num_val=4,
-        num_unlabeled=5,
-        num_target_train=3,
-    )
-
-
-@pytest.fixture(scope="module")
-def source(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "source"
-    runs.train(
-        runs.TrainConfig(
-            data=str(bench / "source" / "train"),
-            val_data=str(bench / "source" / "val"),
-            output=str(out),
-            epochs=1,
-            batch_size=4,
-            image_size=SIZE,
-            base_filters=4,
-            depth=2,
-            verbose=0,
-        )
-    )
-    return out / "model.keras"
+BENCH = {"num_train": 6, "num_unlabeled": 5, "num_target_train": 3}
 
 
 def config(bench, source, out, **changes):
-    cfg = runs.FinetuneConfig(
-        source=str(source),
-        data=str(bench / "target" / "train"),
-        val_data=str(bench / "target" / "val"),
-        unlabeled_data=str(bench / "target" / "unlabeled"),
-        source_val_data=str(bench / "source" / "val"),
-        source_images=str(bench / "source" / "unlabeled"),
-        kl_weight=(0.1,),
-        consistency_weight=(1.0,),
-        consistency_threshold=0.5,
-        output=str(out),
-        epochs=2,
-        batch_size=2,
-        image_size=SIZE,
-        seed=5,
-        verbose=0,
+    return finetune_config(
+        bench,
+        source,
+        out,
+        **{
+            "unlabeled_data": str(bench / "target" / "unlabeled"),
+            "source_val_data": str(bench / "source" / "val"),
+            "source_images": str(bench / "source" / "unlabeled"),
+            "kl_weight": (0.1,),
+            "consistency_weight": (1.0,),
+            "consistency_threshold": 0.5,
+            "seed": 5,
+            **changes,
+        },
     )
-    return dataclasses.replace(cfg, **changes)
-
-
-def history(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # --------------------------------------------------------------------------
@@ -107,7 +76,8 @@ def test_defaults_are_the_library_defaults():
     assert fields["consistency_rampup"] == params["consistency_rampup"].default
     assert fields["consistency_mix"] == params["mix"].default
     assert fields["consistency_weight"] is None  # off unless asked for
-    assert CONSISTENCY_MIX == MIX_MODES
+    assert CONSISTENCY_MIX is registry.MIX_MODES
+    assert MIX_MODES is registry.MIX_MODES
 
 
 @pytest.mark.parametrize(
@@ -205,16 +175,10 @@ def test_the_unlabelled_stream_joins_each_labelled_batch():
 @pytest.fixture(scope="module")
 def cli_sweep(bench, source, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sweep"
-    args = [
-        "finetune",
-        "--source",
-        source,
-        "--data",
-        bench / "target" / "train",
+    result = ok(
+        *finetune_args(bench, source, out),
         "--unlabeled-data",
         bench / "target" / "unlabeled",
-        "--val-data",
-        bench / "target" / "val",
         "--source-val-data",
         bench / "source" / "val",
         "--source-images",
@@ -231,11 +195,7 @@ def cli_sweep(bench, source, tmp_path_factory):
         SIZE,
         "--batch-size",
         "2",
-        "--output",
-        out,
-    ]
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    )
     return out, result.output
 
 
@@ -337,41 +297,6 @@ def test_model_keras_is_the_ema_teacher_of_the_best_epoch(cli_sweep, source):
 # exact resume
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Ctrl-C before step 2 of epoch 2, once."""
-
-    def __init__(self):
-        super().__init__()
-        self.fired = False
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self.fired and self.epoch == 2 and batch == 1:
-            self.fired = True
-            raise KeyboardInterrupt
-
-
-def _arrays(path):
-    arrays = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, item: (
-                arrays.__setitem__(name, item[()])
-                if isinstance(item, h5py.Dataset)
-                else None
-            )
-        )
-    return arrays
-
-
-def _npz(path):
-    with np.load(path) as saved:
-        return {k: saved[k] for k in saved.files}
-
-
 def test_a_resumed_run_is_the_uninterrupted_run(bench, source, tmp_path):
     """Interrupted inside epoch 2, resumed: the same EMA and student weights,
     optimizer and random state, history and metrics."""
@@ -381,35 +306,15 @@ def test_a_resumed_run_is_the_uninterrupted_run(bench, source, tmp_path):
     cfg = config(bench, source, reference, source_val_data=None)
     runs.finetune(cfg)
     out = tmp_path / "resumed"
-    interrupt = Interrupt()
-    with pytest.raises(KeyboardInterrupt):
-        runs.finetune(dataclasses.replace(cfg, output=str(out)), callbacks=[interrupt])
-    assert interrupt.fired
-    runs.finetune(dataclasses.replace(cfg, output=str(out), resume=True))
+    interrupted_then_resumed(runs.finetune, cfg, Interrupt(epoch=2, step=2), output=out)
     a = out / "checkpoints" / "epoch_0002"
     b = reference / "checkpoints" / "epoch_0002"
-    weights_a, weights_b = (
-        _arrays(a / "model.weights.h5"),
-        _arrays(b / "model.weights.h5"),
-    )
-    assert weights_a.keys() == weights_b.keys()
+    weights_a = weights(a / "model.weights.h5")
     assert any(k.startswith("ema_model/") for k in weights_a)  # the teacher is in
-    for key in weights_a:
-        diff = np.max(np.abs(weights_a[key].astype(float) - weights_b[key]))
-        assert diff <= WEIGHTS_TOL, key
+    assert_same_arrays(weights_a, weights(b / "model.weights.h5"), "weights")
     for name in ("optimizer.npz", "random.npz"):
-        saved_a, saved_b = _npz(a / name), _npz(b / name)
-        assert saved_a.keys() == saved_b.keys()
-        for key in saved_a:
-            np.testing.assert_allclose(saved_a[key], saved_b[key], atol=WEIGHTS_TOL)
+        assert_same_arrays(npz(a / name), npz(b / name), name)
     rows_a, rows_b = history(out / "history.csv"), history(reference / "history.csv")
     assert len(rows_a) == len(rows_b) == 2
-    for row_a, row_b in zip(rows_a, rows_b):
-        for key in row_a:
-            np.testing.assert_allclose(
-                float(row_a[key]), float(row_b[key]), rtol=1e-6, atol=1e-7, err_msg=key
-            )
-    metrics_a = json.loads((out / "metrics.json").read_text())
-    metrics_b = json.loads((reference / "metrics.json").read_text())
-    metrics_a.pop("seconds"), metrics_b.pop("seconds")
-    assert metrics_a == metrics_b
+    assert_same_history(rows_a, rows_b)
+    assert metrics(out / "metrics.json") == metrics(reference / "metrics.json")

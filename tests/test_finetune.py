@@ -3,6 +3,14 @@
 import keras
 import numpy as np
 import pytest
+from helpers import (
+    log_softmax64,
+    miou64,
+    predict64,
+    random_images,
+    tempered_kl64,
+    tiny_unet,
+)
 
 from klseg import finetune, losses, metrics, models
 from klseg.errors import InvalidArgumentError, ModelError, ResourceError
@@ -10,11 +18,6 @@ from klseg.finetune import KLRegularizedModel
 
 IGNORE = 255
 SIZE = 8
-
-
-def _unet(num_classes=3, seed=0, **kwargs):
-    keras.utils.set_random_seed(seed)
-    return models.unet(num_classes, base_filters=2, depth=1, **kwargs)
 
 
 def _pixel_model(num_classes, seed=0):
@@ -25,10 +28,6 @@ def _pixel_model(num_classes, seed=0):
     x = keras.layers.Conv2D(4, 1, activation="tanh")(x)
     outputs = keras.layers.Conv2D(num_classes, 1)(x)
     return keras.Model(inputs, outputs)
-
-
-def _images(n, seed, size=SIZE):
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), "uint8")
 
 
 def _masks(n, seed, num_classes=3):
@@ -48,15 +47,9 @@ def _compiled(model, lr=0.0):
 # float64 references --------------------------------------------------------
 
 
-def _log_softmax(z):
-    z = np.asarray(z, "float64")
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def _ce(logits, labels):
     """Mean over non-ignored pixels of -log softmax(logits)[label]."""
-    lp = _log_softmax(logits)
+    lp = log_softmax64(logits)
     valid = labels != IGNORE
     if not valid.any():
         return 0.0
@@ -66,26 +59,13 @@ def _ce(logits, labels):
 
 def _kl(teacher_log_probs, student_logits, temperature):
     """T^2 * mean over pixels of KL(softmax(t / T) || softmax(s / T))."""
-    lp = _log_softmax(np.asarray(teacher_log_probs, "float64") / temperature)
-    lq = _log_softmax(np.asarray(student_logits, "float64") / temperature)
-    return float(temperature**2 * (np.exp(lp) * (lp - lq)).sum(-1).mean())
+    return float(tempered_kl64(teacher_log_probs, student_logits, temperature).mean())
 
 
 def _miou(labels, logits, num_classes):
     """Mean IoU over classes present in labels or predictions (ignore left out)."""
-    labels = np.asarray(labels)
     predicted = np.asarray(logits).argmax(-1)
-    valid = labels != IGNORE
-    confusion = np.bincount(
-        labels[valid] * num_classes + predicted[valid], minlength=num_classes**2
-    ).reshape(num_classes, num_classes)
-    tp = np.diag(confusion).astype("float64")
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    return float((tp[union > 0] / union[union > 0]).mean())
-
-
-def _predict(model, images):
-    return np.asarray(model.predict_on_batch(images), "float64")
+    return miou64(np.asarray(labels), predicted, num_classes, IGNORE)
 
 
 def _loss(model, x, y):
@@ -98,20 +78,20 @@ def _loss(model, x, y):
 
 @pytest.mark.parametrize("kl_inputs", ["target", "source", "both"])
 def test_loss_equals_float64_reference(kl_inputs):
-    source, student = _unet(seed=1), _unet(seed=2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(
             student, source, kl_weight=0.7, temperature=2.0, kl_inputs=kl_inputs
         )
     )
-    images, src_images = _images(3, 0), _images(3, 1)
+    images, src_images = random_images(3, 0, SIZE), random_images(3, 1, SIZE)
     masks = _masks(3, 0)
     masks[0, :3] = IGNORE  # some ignored pixels
     masks[2] = IGNORE  # an unlabelled target image
     x = {"images": images, "source_images": src_images}
 
-    s_t, s_s = _predict(student, images), _predict(student, src_images)
-    t_t, t_s = _predict(source, images), _predict(source, src_images)
+    s_t, s_s = predict64(student, images), predict64(student, src_images)
+    t_t, t_s = predict64(source, images), predict64(source, src_images)
     task = _ce(s_t, masks)
     kl_student = {
         "target": s_t,
@@ -123,7 +103,7 @@ def test_loss_equals_float64_reference(kl_inputs):
         "source": t_s,
         "both": np.concatenate([t_t, t_s]),
     }[kl_inputs]
-    expected = task + 0.7 * _kl(_log_softmax(kl_teacher), kl_student, 2.0)
+    expected = task + 0.7 * _kl(log_softmax64(kl_teacher), kl_student, 2.0)
     np.testing.assert_allclose(_loss(model, x, masks), expected, rtol=2e-5)
 
     if kl_inputs != "both":
@@ -138,25 +118,25 @@ def test_loss_equals_float64_reference(kl_inputs):
 
 
 def test_unlabelled_images_add_only_the_kl_term():
-    source, student = _unet(seed=1), _unet(seed=2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(student, source, kl_weight=0.5, kl_inputs="target")
     )
-    unlabelled = _images(2, 5)
+    unlabelled = random_images(2, 5, SIZE)
     no_labels = np.full((2, SIZE, SIZE), IGNORE, "int32")
     kl = _kl(
-        _log_softmax(_predict(source, unlabelled)),
-        _predict(student, unlabelled),
+        log_softmax64(predict64(source, unlabelled)),
+        predict64(student, unlabelled),
         model.temperature,
     )
     # Unlabelled images alone: the loss is exactly the weighted KL term.
     np.testing.assert_allclose(_loss(model, unlabelled, no_labels), 0.5 * kl, rtol=2e-5)
     # Added to labelled images, they leave the task term unchanged.
-    labelled, masks = _images(2, 6), _masks(2, 6)
+    labelled, masks = random_images(2, 6, SIZE), _masks(2, 6)
     both = np.concatenate([labelled, unlabelled])
     both_masks = np.concatenate([masks, no_labels])
-    expected = _ce(_predict(student, labelled), masks) + 0.5 * _kl(
-        _log_softmax(_predict(source, both)), _predict(student, both), 2.0
+    expected = _ce(predict64(student, labelled), masks) + 0.5 * _kl(
+        log_softmax64(predict64(source, both)), predict64(student, both), 2.0
     )
     np.testing.assert_allclose(_loss(model, both, both_masks), expected, rtol=2e-5)
 
@@ -179,7 +159,7 @@ def _map_probs(probs, class_map, num_target):
     "class_map", [[0, 1, 1, 2], [0, None, 1, 2], {0: 0, 1: 1, 3: 2}]
 )
 def test_class_map_merges_and_drops(class_map):
-    source, student = _unet(4, seed=1), _unet(3, seed=2)
+    source, student = tiny_unet(4, seed=1), tiny_unet(3, seed=2)
     model = _compiled(
         KLRegularizedModel(
             student,
@@ -190,13 +170,13 @@ def test_class_map_merges_and_drops(class_map):
             class_map=class_map,
         )
     )
-    images = _images(2, 3)
+    images = random_images(2, 3, SIZE)
     no_labels = np.full((2, SIZE, SIZE), IGNORE, "int32")
     if isinstance(class_map, dict):
         class_map = [class_map.get(s) for s in range(4)]
-    probs = np.exp(_log_softmax(_predict(source, images)))
+    probs = np.exp(log_softmax64(predict64(source, images)))
     teacher = _map_probs(probs, class_map, 3)
-    expected = _kl(np.log(teacher), _predict(student, images), 1.5)
+    expected = _kl(np.log(teacher), predict64(student, images), 1.5)
     np.testing.assert_allclose(_loss(model, images, no_labels), expected, rtol=2e-5)
 
     # Source-domain scores map the source labels (and predictions) too.
@@ -210,7 +190,7 @@ def test_class_map_merges_and_drops(class_map):
     )
     np.testing.assert_allclose(
         scores["source_mean_iou"],
-        _miou(mapped, _predict(student, images), 3),
+        _miou(mapped, predict64(student, images), 3),
         rtol=1e-9,
     )
 
@@ -234,7 +214,7 @@ def test_make_class_map_and_map_labels():
 
 
 def test_clone_student_with_other_classes_keeps_the_body_and_trains():
-    source = _unet(4, seed=3, class_names=["bg", "car", "truck", "sky"])
+    source = tiny_unet(4, seed=3, class_names=["bg", "car", "truck", "sky"])
     student = finetune.clone_student(source, class_names=["bg", "vehicle"])
     assert models.get_class_names(student) == ["bg", "vehicle"]
     assert models.get_class_names(source) == ["bg", "car", "truck", "sky"]
@@ -263,7 +243,7 @@ def test_clone_student_with_other_classes_keeps_the_body_and_trains():
         ),
         lr=0.05,
     )
-    x, y = _images(4, 1), _masks(4, 2, num_classes=2)
+    x, y = random_images(4, 1, SIZE), _masks(4, 2, num_classes=2)
     before = _loss(model, x, y)
     model.fit(x, y, epochs=3, batch_size=4, verbose=0)
     after = _loss(model, x, y)
@@ -271,12 +251,12 @@ def test_clone_student_with_other_classes_keeps_the_body_and_trains():
     # Same names: an ordinary copy.
     same = finetune.clone_student(source, class_names=["bg", "car", "truck", "sky"])
     assert same.get_layer("logits") is not source.get_layer("logits")
-    np.testing.assert_array_equal(_predict(same, x), _predict(source, x))
+    np.testing.assert_array_equal(predict64(same, x), predict64(source, x))
 
 
 def test_with_classes_rejects_empty_names():
     with pytest.raises(InvalidArgumentError, match="class_names"):
-        models.with_classes(_unet(3), [])
+        models.with_classes(tiny_unet(3), [])
 
 
 # Gradients, BatchNorm, training --------------------------------------------
@@ -297,7 +277,7 @@ def _weights(model):
 
 @pytest.mark.parametrize("student_bn", ["trainable", "frozen"])
 def test_source_is_never_trained_and_bn_policy(student_bn):
-    source, student = _unet(seed=1), _unet(seed=2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(
             student, source, kl_weight=1.0, kl_inputs="both", student_bn=student_bn
@@ -312,7 +292,10 @@ def test_source_is_never_trained_and_bn_policy(student_bn):
     source_before = _weights(source)
     student_before = _weights(student)
     bn_before = _bn_moving_stats(student)
-    x = {"images": _images(4, 0), "source_images": _images(4, 1)}
+    x = {
+        "images": random_images(4, 0, SIZE),
+        "source_images": random_images(4, 1, SIZE),
+    }
     model.fit(x, _masks(4, 0), batch_size=2, epochs=1, verbose=0)
 
     for before, after in zip(source_before, _weights(source)):
@@ -336,14 +319,14 @@ def test_source_is_never_trained_and_bn_policy(student_bn):
 
 @pytest.mark.slow
 def test_fit_evaluate_save_load_of_wrapper_and_student(tmp_path):
-    source = _unet(seed=1, class_names=["a", "b", "c"])
+    source = tiny_unet(seed=1, class_names=["a", "b", "c"])
     student = finetune.clone_student(source)
     model = _compiled(
         KLRegularizedModel(student, source, kl_weight=0.3, kl_inputs="source"),
         lr=0.1,
     )
-    images, masks = _images(4, 0), _masks(4, 0)
-    x = {"images": images, "source_images": _images(4, 1)}
+    images, masks = random_images(4, 0, SIZE), _masks(4, 0)
+    x = {"images": images, "source_images": random_images(4, 1, SIZE)}
     history = model.fit(x, masks, batch_size=2, epochs=2, verbose=0)
     assert set(history.history) >= {"loss", "task_loss", "kl_loss", "mean_iou"}
     assert history.history["kl_loss"][0] > 0
@@ -383,7 +366,7 @@ def test_fit_evaluate_save_load_of_wrapper_and_student(tmp_path):
     logits = np.asarray(loaded.student(both, training=True), "float64")
     loaded.student.set_weights(saved)  # undo the moving-statistics update
     task = _ce(logits[:4], masks)
-    teacher = _log_softmax(_predict(loaded.source, x["source_images"]))
+    teacher = log_softmax64(predict64(loaded.source, x["source_images"]))
     kl = _kl(teacher, logits[4:], loaded.temperature)
     resumed = loaded.fit(x, masks, batch_size=4, epochs=1, verbose=0).history
     assert int(loaded.optimizer.iterations) == 5
@@ -403,13 +386,13 @@ def test_fit_evaluate_save_load_of_wrapper_and_student(tmp_path):
 
 
 def test_stored_predictions_match_live_loss():
-    source, student = _unet(seed=1), _unet(seed=2)
-    images, src_images = _images(3, 0), _images(3, 1)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
+    images, src_images = random_images(3, 0, SIZE), random_images(3, 1, SIZE)
     stored = finetune.store_source_predictions(source, images, verbose=0)
     stored_src = finetune.store_source_predictions(source, src_images, verbose=0)
     assert stored.dtype == np.float16 and stored.shape == (3, SIZE, SIZE, 3)
     np.testing.assert_allclose(
-        stored, np.exp(_log_softmax(_predict(source, images))), atol=1e-3
+        stored, np.exp(log_softmax64(predict64(source, images))), atol=1e-3
     )
     masks = _masks(3, 0)
     model = _compiled(KLRegularizedModel(student, source, kl_inputs="both"))
@@ -421,7 +404,7 @@ def test_stored_predictions_match_live_loss():
 
 
 def test_stored_predictions_refuse_before_any_work():
-    source = _unet(seed=1)
+    source = tiny_unet(seed=1)
     assert finetune.estimate_predictions_bytes(10, 64, 32, 3) == 10 * 64 * 32 * 3 * 2
 
     def fail(*args, **kwargs):
@@ -440,7 +423,7 @@ def test_stored_and_live_agree_under_the_same_augmentation():
     from klseg import data
 
     source = _pixel_model(3, seed=1)
-    images = _images(6, 0, size=16)
+    images = random_images(6, 0, size=16)
     masks = np.random.default_rng(0).integers(0, 3, (6, 16, 16)).astype("uint8")
     stored = finetune.store_source_predictions(source, images, verbose=0)
     augment = A.Compose(
@@ -461,7 +444,7 @@ def test_stored_and_live_agree_under_the_same_augmentation():
         probs = np.asarray(x["source_probs"], "float32")
         # The source model on the augmented images gives the stored maps
         # moved by the same transform.
-        live = np.exp(_log_softmax(_predict(source, x_images)))
+        live = np.exp(log_softmax64(predict64(source, x_images)))
         np.testing.assert_allclose(probs, live, atol=1e-3)
         assert np.asarray(y).shape == (3, 16, 16)
         for image in x_images:
@@ -475,20 +458,20 @@ def test_stored_and_live_agree_under_the_same_augmentation():
 
 
 def test_domain_scores_and_forgetting_every_epoch():
-    source, student = _unet(seed=1), _unet(seed=2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(student, source, kl_weight=0.1, kl_inputs="target"),
         lr=0.1,
     )
-    target = (_images(4, 0), _masks(4, 0))
-    source_val = (_images(4, 1), _masks(4, 1))
+    target = (random_images(4, 0, SIZE), _masks(4, 0))
+    source_val = (random_images(4, 1, SIZE), _masks(4, 1))
 
     def expected_scores():
         """float64 numpy scores of the current student (and the source)."""
-        baseline = _miou(source_val[1], _predict(source, source_val[0]), 3)
-        student_source = _miou(source_val[1], _predict(student, source_val[0]), 3)
+        baseline = _miou(source_val[1], predict64(source, source_val[0]), 3)
+        student_source = _miou(source_val[1], predict64(student, source_val[0]), 3)
         return {
-            "target_mean_iou": _miou(target[1], _predict(student, target[0]), 3),
+            "target_mean_iou": _miou(target[1], predict64(student, target[0]), 3),
             "source_mean_iou": student_source,
             "source_model_mean_iou": baseline,
             "forgetting": baseline - student_source,
@@ -540,11 +523,11 @@ def test_domain_scores_and_forgetting_every_epoch():
 
 
 def test_errors_for_bad_models_and_inputs():
-    source = _unet(seed=1)
+    source = tiny_unet(seed=1)
     with pytest.raises(InvalidArgumentError, match="class_map"):
-        KLRegularizedModel(_unet(4, seed=2), source)
+        KLRegularizedModel(tiny_unet(4, seed=2), source)
     with pytest.raises(InvalidArgumentError, match="class_map"):
-        KLRegularizedModel(_unet(seed=2), source, class_map=[0, 1])
+        KLRegularizedModel(tiny_unet(seed=2), source, class_map=[0, 1])
 
     inputs = keras.Input((None, None, 3))
     probs = keras.layers.Conv2D(3, 1, activation="softmax")(inputs)
@@ -552,7 +535,7 @@ def test_errors_for_bad_models_and_inputs():
         KLRegularizedModel(keras.Model(inputs, probs), source)
     softmax_layer = keras.layers.Softmax()(keras.layers.Conv2D(3, 1)(inputs))
     with pytest.raises(ModelError, match="probabilities"):
-        KLRegularizedModel(_unet(seed=2), keras.Model(inputs, softmax_layer))
+        KLRegularizedModel(tiny_unet(seed=2), keras.Model(inputs, softmax_layer))
 
     keras.utils.set_random_seed(0)
     fixed = models.unet(3, base_filters=2, depth=1, input_shape=(16, 16, 3))
@@ -562,7 +545,7 @@ def test_errors_for_bad_models_and_inputs():
 
     with pytest.raises(InvalidArgumentError, match="same model"):
         KLRegularizedModel(source, source)
-    frozen = _unet(seed=2)
+    frozen = tiny_unet(seed=2)
     frozen.trainable = False
     with pytest.raises(InvalidArgumentError, match="clone_student"):
         KLRegularizedModel(frozen, source)
@@ -573,18 +556,23 @@ def test_errors_for_bad_models_and_inputs():
         ({"student_bn": "train"}, "student_bn"),
     ]:
         with pytest.raises(InvalidArgumentError, match=name):
-            KLRegularizedModel(_unet(seed=2), source, **kwargs)
+            KLRegularizedModel(tiny_unet(seed=2), source, **kwargs)
 
-    model = _compiled(KLRegularizedModel(_unet(seed=2), source, kl_inputs="both"))
+    model = _compiled(KLRegularizedModel(tiny_unet(seed=2), source, kl_inputs="both"))
     masks = _masks(2, 0)
     with pytest.raises(InvalidArgumentError, match="same height and width"):
-        model({"images": _images(2, 0), "source_images": _images(2, 1, size=16)})
+        model(
+            {
+                "images": random_images(2, 0, SIZE),
+                "source_images": random_images(2, 1, size=16),
+            }
+        )
     with pytest.raises(InvalidArgumentError, match="Unknown input keys"):
-        model({"images": _images(2, 0), "masks": masks})
+        model({"images": random_images(2, 0, SIZE), "masks": masks})
     with pytest.raises(InvalidArgumentError, match="source_images"):
-        model.train_on_batch(_images(2, 0), masks)
+        model.train_on_batch(random_images(2, 0, SIZE), masks)
     stored = np.zeros((2, SIZE, SIZE, 5), "float16")
-    x = {"images": _images(2, 0), "source_probs": stored}
+    x = {"images": random_images(2, 0, SIZE), "source_probs": stored}
     with pytest.raises(InvalidArgumentError, match="one channel per source class"):
         model.compute_loss(x, masks, model(x), training=False)
 

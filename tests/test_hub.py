@@ -13,90 +13,30 @@ import textwrap
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 keras_hub = pytest.importorskip("keras_hub")
 import keras  # noqa: E402
+from helpers import SIZE, hub_segmenter, ok, refused, train_args  # noqa: E402
 
 from klseg import errors, models  # noqa: E402
-from klseg.cli.main import cli  # noqa: E402
 from klseg.data import synthetic  # noqa: E402
 from klseg.runs import hub, inputs  # noqa: E402
 
-SIZE = 32
 CLASSES = synthetic.NUM_CLASSES
 TINY_RUN = ["--image-size", str(SIZE), "--batch-size", "2", "--epochs", "1", "--quiet"]
-
-
-def _segmenter(num_classes=CLASSES, activation=None):
-    encoder = keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64],
-        stackwise_num_blocks=[1],
-        stackwise_num_strides=[1],
-        block_type="basic_block",
-        use_pre_activation=False,
-        image_shape=(None, None, 3),
-    )
-    backbone = keras_hub.models.DeepLabV3Backbone(
-        image_encoder=encoder,
-        spatial_pyramid_pooling_key="P2",
-        upsampling_size=4,
-        dilation_rates=[1],
-        projection_filters=8,
-        image_shape=(None, None, 3),
-    )
-    converter = keras_hub.layers.DeepLabV3ImageConverter(
-        image_size=(SIZE, SIZE), scale=1 / 255.0
-    )
-    return keras_hub.models.DeepLabV3ImageSegmenter(
-        backbone=backbone,
-        num_classes=num_classes,
-        activation=activation,
-        preprocessor=keras_hub.models.DeepLabV3ImageSegmenterPreprocessor(
-            image_converter=converter
-        ),
-    )
 
 
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory):
     root = tmp_path_factory.mktemp("presets")
     keras.utils.set_random_seed(0)
-    segmenter = _segmenter()
+    segmenter = hub_segmenter()
     segmenter.save_to_preset(str(root / "logits"))
-    _segmenter(activation="softmax").save_to_preset(str(root / "softmax"))
+    hub_segmenter(activation="softmax").save_to_preset(str(root / "softmax"))
     return segmenter, root
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=4,
-        num_val=2,
-        num_unlabeled=2,
-        num_target_train=2,
-    )
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def refused(code, *args):
-    result = invoke(*args)
-    assert result.exit_code == code, result.output + repr(result.exception)
-    assert "Traceback" not in result.output
-    return result.output
+BENCH = {"num_train": 4, "num_val": 2, "num_unlabeled": 2, "num_target_train": 2}
 
 
 def test_spec_syntax():
@@ -190,7 +130,7 @@ def test_export_the_finetuned_model_as_a_saved_model(hub_runs, tmp_path, rng):
     import tensorflow as tf
 
     saved = hub_runs / "finetune" / "model.keras"
-    output = refused(1, "export", "--model", saved, "--output", tmp_path / "any")
+    output = refused("export", "--model", saved, "--output", tmp_path / "any").output
     assert "any size" in output and "--image-size HxW" in output, output
     assert not (tmp_path / "any").exists()
 
@@ -233,10 +173,9 @@ def test_probability_segmenter_is_refused(presets, bench, tmp_path):
         hub.load_segmenter(spec)
     target = bench / "target"
     output = refused(
-        1,
         *("finetune", "--source", spec, "--data", target / "train"),
         *("--val-data", target / "val", "--output", tmp_path / "out", *TINY_RUN),
-    )
+    ).output
     assert spec in output and "probabilities" in output
     assert not (tmp_path / "out").exists()
 
@@ -254,20 +193,17 @@ def test_missing_preset_folder_is_named(bench, tmp_path):
     missing = tmp_path / "no_such_preset"
     source = bench / "source"
     output = refused(
-        1,
         *("train", "--model", f"keras-hub:{missing}", "--data", source / "train"),
         *("--val-data", source / "val", "--output", tmp_path / "out", *TINY_RUN),
-    )
+    ).output
     assert str(missing) in output and "does not exist" in output
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_name_lists_the_choices(bench, tmp_path):
     output = refused(
-        2,
-        *("train", "--model", "segformer", "--data", bench / "source" / "train"),
-        *("--val-data", bench / "source" / "val", "--output", tmp_path / "out"),
-    )
+        *train_args(bench, tmp_path / "out"), "--model", "segformer", code=2
+    ).output
     assert "unet" in output and "deeplabv3_plus" in output and "keras-hub:" in output
 
 

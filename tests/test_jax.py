@@ -13,7 +13,6 @@ depth 2), so that JAX compiles each weight initialiser and step once for
 the whole module.
 """
 
-import csv
 import json
 import os
 import subprocess
@@ -30,28 +29,21 @@ if keras.backend.backend() != "jax":
         allow_module_level=True,
     )
 
-from PIL import Image  # noqa: E402
+
+from helpers import SIZE, history, read_folder, softmax64, tiny_unet  # noqa: E402
 
 from klseg import finetune, losses, metrics, models, runs  # noqa: E402
 from klseg.data import synthetic  # noqa: E402
 from klseg.export import export_saved_model, pad_to_multiple  # noqa: E402
 from klseg.finetune import KLRegularizedModel  # noqa: E402
 
-SIZE = 32
 IGNORE = 255
 NUM_CLASSES = synthetic.NUM_CLASSES
 NAMES = list(synthetic.CLASS_NAMES)
 
 
 def _unet(seed):
-    keras.utils.set_random_seed(seed)
-    return models.unet(NUM_CLASSES, base_filters=8, depth=2, class_names=NAMES)
-
-
-def _softmax(logits):
-    logits = np.asarray(logits, "float64")
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    return probs / probs.sum(-1, keepdims=True)
+    return tiny_unet(NUM_CLASSES, seed, base_filters=8, depth=2, class_names=NAMES)
 
 
 # --------------------------------------------------------------------------
@@ -155,7 +147,7 @@ def test_export_serves_the_model_outputs(tmp_path):
         assert tuple(out["classes"].shape) == shape[:3]
         height, width = shape[1:3]
         logits = model.predict(pad_to_multiple(images, multiple), verbose=0)
-        probs = _softmax(logits[:, :height, :width])
+        probs = softmax64(logits[:, :height, :width])
         np.testing.assert_allclose(out["probabilities"].numpy(), probs, atol=2e-5)
         top2 = np.sort(probs, axis=-1)[..., -2:]
         clear = (top2[..., 1] - top2[..., 0]) > 1e-4
@@ -194,32 +186,8 @@ def test_export_serves_the_model_outputs(tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=8,
-        num_val=4,
-        num_unlabeled=4,
-        num_target_train=4,
-    )
-
-
-@pytest.fixture(scope="module")
-def source_run(bench, tmp_path_factory):
-    cfg = runs.TrainConfig(
-        data=str(bench / "source" / "train"),
-        val_data=str(bench / "source" / "val"),
-        output=str(tmp_path_factory.mktemp("runs") / "source"),
-        epochs=2,
-        batch_size=4,
-        image_size=SIZE,
-        base_filters=8,
-        depth=2,
-        verbose=0,
-    )
-    return runs.train(cfg)
+# The source model: 2 epochs of the module's U-Net (8 base filters).
+SOURCE_RUN = {"epochs": 2, "base_filters": 8}
 
 
 @pytest.fixture(scope="module")
@@ -240,23 +208,14 @@ def finetune_run(bench, source_run, tmp_path_factory):
     return runs.finetune(cfg)
 
 
-def _read_folder(folder):
-    """Images and masks of a labelled folder, read with PIL (not klseg)."""
-    paths = sorted((folder / "images").glob("*.png"))
-    assert paths
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-    masks = np.stack([np.asarray(Image.open(folder / "masks" / p.name)) for p in paths])
-    assert images.shape[1:3] == (SIZE, SIZE) and masks.shape[1:] == (SIZE, SIZE)
-    return images, masks
-
-
 def _scores(model, folder):
     """mIoU and pixel accuracy of ``model`` on ``folder``, in numpy.
 
     IoU over the whole folder per class; a class absent from both the masks
     and the predictions has none and is left out of the mean.
     """
-    images, masks = _read_folder(folder)
+    images, masks = read_folder(folder)
+    assert images.shape[1:3] == (SIZE, SIZE) and masks.shape[1:] == (SIZE, SIZE)
     predicted = np.asarray(model.predict(images, verbose=0)).argmax(-1)
     valid = masks != IGNORE
     ious = {}
@@ -284,15 +243,10 @@ def _check_scores(saved, model, folder):
     assert saved["num_images"] == len(list((folder / "images").glob("*.png")))
 
 
-def _history(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _check_run_folder(out, epochs):
     for name in ("model.keras", "history.csv", "metrics.json", "config.yaml"):
         assert (out / name).is_file(), name
-    rows = _history(out / "history.csv")
+    rows = history(out / "history.csv")
     assert [int(row["epoch"]) for row in rows] == list(range(epochs))
     assert all(np.isfinite(float(row["loss"])) for row in rows)
     assert not list(out.rglob(".*.tmp*"))

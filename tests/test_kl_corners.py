@@ -12,8 +12,9 @@ import re
 import keras
 import numpy as np
 import pytest
+from helpers import log_softmax64, random_images, tempered_kl64, tiny_unet
 
-from klseg import finetune, losses, models
+from klseg import finetune, losses
 from klseg.errors import InvalidArgumentError
 from klseg.finetune import KLRegularizedModel
 
@@ -21,28 +22,10 @@ IGNORE = 255
 SIZE = 16
 
 
-def _log_softmax(z):
-    z = np.asarray(z, "float64")
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _kl_pixels(teacher_log_probs, student_logits, temperature):
-    """T^2 * KL(softmax(t / T) || softmax(s / T)) per pixel (float64)."""
-    lp = _log_softmax(np.asarray(teacher_log_probs, "float64") / temperature)
-    lq = _log_softmax(np.asarray(student_logits, "float64") / temperature)
-    return temperature**2 * (np.exp(lp) * (lp - lq)).sum(-1)
-
-
 def _ce_pixels(logits, labels):
-    lp = _log_softmax(logits)
+    lp = log_softmax64(logits)
     safe = np.where(labels == IGNORE, 0, labels)
     return -np.take_along_axis(lp, safe[..., None], -1)[..., 0]
-
-
-def _unet(seed, num_classes=3):
-    keras.utils.set_random_seed(seed)
-    return models.unet(num_classes, base_filters=2, depth=1)
 
 
 def _constant_model(logits):
@@ -67,23 +50,19 @@ def _compiled(model, lr=0.0):
     return model
 
 
-def _images(n, seed, size=SIZE):
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), "uint8")
-
-
 # Pixels without a stored source prediction --------------------------------
 
 
 def test_unfilled_rows_alone_enter_the_kl_mean():
     """Hand-zeroed stored rows (as augmentation fills them): the KL term is
     the mean over the other pixels, for target and source images alike."""
-    source, student = _unet(1), _unet(2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(
             student, source, kl_weight=1.0, temperature=2.0, kl_inputs="both"
         )
     )
-    images, src_images = _images(2, 0), _images(2, 1)
+    images, src_images = random_images(2, 0, SIZE), random_images(2, 1, SIZE)
     stored = finetune.store_source_predictions(source, images, verbose=0)
     stored_src = finetune.store_source_predictions(source, src_images, verbose=0)
     stored[0, :5] = 0  # filled border rows
@@ -103,18 +82,18 @@ def test_unfilled_rows_alone_enter_the_kl_mean():
     )
     with np.errstate(divide="ignore"):
         teacher = np.log(np.where(has[..., None], both, 1.0))
-    pixels = _kl_pixels(teacher, student_logits, 2.0)
+    pixels = tempered_kl64(teacher, student_logits, 2.0)
     expected = pixels[has].mean()
     got = float(model.compute_loss(x, no_labels, model(x), training=False))
     np.testing.assert_allclose(got, expected, rtol=2e-5)
     # The old rule (a zero row as a uniform teacher, every pixel counted)
     # gives another value: the test can fail.
     uniform = np.where(has[..., None], teacher, 0.0)
-    assert abs(_kl_pixels(uniform, student_logits, 2.0).mean() - got) > 1e-3
+    assert abs(tempered_kl64(uniform, student_logits, 2.0).mean() - got) > 1e-3
 
     # Live predictions on the same images: equal on the unfilled pixels.
     live = {"images": images, "source_images": src_images}
-    values = _kl_pixels(
+    values = tempered_kl64(
         np.concatenate(
             [source.predict_on_batch(images), source.predict_on_batch(src_images)]
         ),
@@ -130,9 +109,9 @@ def test_strong_augmentation_fills_are_left_out_and_stored_equals_live():
     from klseg import data
 
     source = _constant_model([1.5, -0.5, 0.25])
-    student = _unet(2)
+    student = tiny_unet(seed=2)
     n = 6
-    images = _images(n, 0)
+    images = random_images(n, 0, SIZE)
     masks = np.random.default_rng(0).integers(0, 3, (n, SIZE, SIZE)).astype("uint8")
     stored = finetune.store_source_predictions(source, images, verbose=0)
     dataset = data.make_dataset(
@@ -160,9 +139,9 @@ def test_strong_augmentation_fills_are_left_out_and_stored_equals_live():
         student_logits = student.predict_on_batch(x["images"])
         with np.errstate(divide="ignore"):
             stored_teacher = np.log(np.where(has[..., None], probs, 1.0))
-        kl_stored = _kl_pixels(stored_teacher, student_logits, 2.0)[has].mean()
+        kl_stored = tempered_kl64(stored_teacher, student_logits, 2.0)[has].mean()
         live_teacher = source.predict_on_batch(x["images"])
-        kl_live = _kl_pixels(live_teacher, student_logits, 2.0)[has].mean()
+        kl_live = tempered_kl64(live_teacher, student_logits, 2.0)[has].mean()
         valid = y != IGNORE
         task = _ce_pixels(student_logits, y)[valid].mean() if valid.any() else 0.0
 
@@ -186,7 +165,7 @@ def test_strong_augmentation_fills_are_left_out_and_stored_equals_live():
 def _batch_data():
     n = 6
     rng = np.random.default_rng(3)
-    images = _images(n, 4)
+    images = random_images(n, 4, SIZE)
     masks = rng.integers(0, 3, (n, SIZE, SIZE)).astype("int32")
     masks[0, :10] = IGNORE
     masks[2:4] = IGNORE  # two unlabelled images: a label-free batch of 2
@@ -196,7 +175,7 @@ def _batch_data():
 
 def test_logged_losses_do_not_depend_on_batch_make_up():
     images, masks = _batch_data()
-    source, student = _unet(1), _unet(2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(
             student,
@@ -210,7 +189,7 @@ def test_logged_losses_do_not_depend_on_batch_make_up():
     student_logits = student.predict_on_batch(images)
     valid = masks != IGNORE
     task = _ce_pixels(student_logits, masks)[valid].mean()
-    kl = _kl_pixels(source.predict_on_batch(images), student_logits, 2.0).mean()
+    kl = tempered_kl64(source.predict_on_batch(images), student_logits, 2.0).mean()
     expected = {"task_loss": task, "kl_loss": kl, "loss": task + 0.7 * kl}
 
     for batch_size in (1, 2, 3, 4):
@@ -232,7 +211,7 @@ def test_logged_losses_do_not_depend_on_batch_make_up():
 
 def test_the_optimised_objective_stays_the_batch_mean():
     images, masks = _batch_data()
-    source, student = _unet(1), _unet(2)
+    source, student = tiny_unet(seed=1), tiny_unet(seed=2)
     model = _compiled(
         KLRegularizedModel(student, source, kl_weight=0.7, kl_inputs="target")
     )
@@ -240,7 +219,7 @@ def test_the_optimised_objective_stays_the_batch_mean():
     student_logits = student.predict_on_batch(x)
     valid = y != IGNORE
     task = _ce_pixels(student_logits, y)[valid].mean()
-    kl = _kl_pixels(source.predict_on_batch(x), student_logits, 2.0).mean()
+    kl = tempered_kl64(source.predict_on_batch(x), student_logits, 2.0).mean()
     got = float(model.compute_loss(x, y, model(x), training=False))
     np.testing.assert_allclose(got, task + 0.7 * kl, rtol=2e-5)
 
@@ -272,7 +251,7 @@ def _targets(kind, labels, rng):
     logits = rng.normal(size=labels.shape + (3,)).astype("float32")
     if kind == "logits":
         return logits
-    probs = np.exp(_log_softmax(logits)).astype("float32")
+    probs = np.exp(log_softmax64(logits)).astype("float32")
     probs[labels == IGNORE] = 0.0
     return probs
 
@@ -341,7 +320,7 @@ def test_tensorflow_variables_as_inputs(value_and_grad):
     teacher = tf.Variable(logits[::-1].copy())
     kl = losses.KLDivergence(target="logits")(teacher, variable)
     np.testing.assert_allclose(
-        float(kl), _kl_pixels(logits[::-1], logits, 1.0).mean(), rtol=1e-5
+        float(kl), tempered_kl64(logits[::-1], logits, 1.0).mean(), rtol=1e-5
     )
     # A custom loop that optimises logits directly gets a gradient.
     with tf.GradientTape() as tape:
@@ -356,13 +335,13 @@ def test_tensorflow_variables_as_inputs(value_and_grad):
 def _dice64(labels, logits):
     valid = labels != IGNORE
     t = np.eye(logits.shape[-1])[np.where(valid, labels, 0)] * valid[..., None]
-    p = np.exp(_log_softmax(logits)) * valid[..., None]
+    p = np.exp(log_softmax64(logits)) * valid[..., None]
     return 1.0 - 2.0 * (t * p).sum() / (t.sum() + p.sum())
 
 
 def _focal64(labels, logits, alpha=0.25, gamma=2.0):
     valid = labels != IGNORE
-    p = np.exp(_log_softmax(logits))
+    p = np.exp(log_softmax64(logits))
     t = np.eye(logits.shape[-1])[np.where(valid, labels, 0)]
     values = -(alpha * (1 - p) ** gamma * t * np.log(p)).sum(-1)
     return values[valid].mean()
@@ -405,7 +384,7 @@ def test_weighted_sum_with_dice_and_focal_on_sparse_masks():
         rtol=1e-5,
     )
     # Probabilities in: from_logits=False.
-    probs = np.exp(_log_softmax(logits)).astype("float32")
+    probs = np.exp(log_softmax64(logits)).astype("float32")
     from_probs = losses.WeightedSum(
         [losses.SparseKLDivergence(ignore_class=IGNORE), keras.losses.Dice()],
         from_logits=False,
@@ -489,9 +468,9 @@ def test_range_ends_match_float64(temperature):
     a = (rng.normal(size=(3, 4, 5)) * scale).astype("float32")
     b = (rng.normal(size=(3, 4, 5)) * scale).astype("float32")
     got = losses.kl_divergence(a, b, target="logits", temperature=temperature)
-    ref = _kl_pixels(_log_softmax(a), b, temperature)
+    ref = tempered_kl64(log_softmax64(a), b, temperature)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-6 * ref.max())
-    probs = np.exp(_log_softmax(a)).astype("float32")
+    probs = np.exp(log_softmax64(a)).astype("float32")
     probs[0, 0, :2] = 0.0
     probs[0, 0] /= probs[0, 0].sum()
     got = losses.kl_divergence(probs, b, temperature=temperature)
@@ -506,16 +485,21 @@ def test_temperatures_outside_the_range_are_refused(temperature):
     with pytest.raises(ValueError, match=message):
         losses.kl_divergence([[1.0]], [[1.0]], temperature=temperature)
     with pytest.raises(InvalidArgumentError, match=message):
-        KLRegularizedModel(_unet(2), _unet(1), temperature=temperature)
+        KLRegularizedModel(
+            tiny_unet(seed=2), tiny_unet(seed=1), temperature=temperature
+        )
 
 
 def test_the_kl_model_accepts_the_range_ends():
-    images = _images(2, 0)
+    images = random_images(2, 0, SIZE)
     no_labels = np.full((2, SIZE, SIZE), IGNORE, "int32")
     for temperature in (1e-3, 1e3):
         model = _compiled(
             KLRegularizedModel(
-                _unet(2), _unet(1), temperature=temperature, kl_inputs="target"
+                tiny_unet(seed=2),
+                tiny_unet(seed=1),
+                temperature=temperature,
+                kl_inputs="target",
             )
         )
         value = float(model.compute_loss(images, no_labels, model(images)))
@@ -526,7 +510,9 @@ def test_the_kl_model_accepts_the_range_ends():
 
 
 def test_student_bn_synchronized_option():
-    model = KLRegularizedModel(_unet(2), _unet(1), student_bn="synchronized")
+    model = KLRegularizedModel(
+        tiny_unet(seed=2), tiny_unet(seed=1), student_bn="synchronized"
+    )
     norms = [
         layer
         for layer in model.student._flatten_layers(include_self=False)

@@ -6,6 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
+from helpers import assert_config_round_trip, kl64, log_softmax64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keras import ops
@@ -16,12 +17,6 @@ LOG2 = math.log(2.0)
 
 
 # float64 references -------------------------------------------------------
-
-
-def log_softmax64(x, axis=-1):
-    x = np.asarray(x, dtype="float64")
-    m = x.max(axis=axis, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
 def dist64(x, kind, temperature=1.0):
@@ -38,13 +33,6 @@ def dist64(x, kind, temperature=1.0):
         x = powered / powered.sum(-1, keepdims=True)
     with np.errstate(divide="ignore"):
         return x, np.log(x)
-
-
-def kl64(p, lp, lq):
-    has_mass = p > 0
-    diff = np.where(has_mass, lp, 0.0) - np.where(has_mass, lq, 0.0)
-    terms = np.where(has_mass, p * diff, 0.0)
-    return terms.sum(-1)
 
 
 def sparse_kl64(labels, logits, eps=0.0):
@@ -460,12 +448,7 @@ ALL_LOSSES = [
 
 @pytest.mark.parametrize("loss", ALL_LOSSES, ids=lambda loss: type(loss).__name__)
 def test_get_config_round_trip(loss):
-    config = loss.get_config()
-    clone = type(loss).from_config(config)
-    assert clone.get_config() == config
-    restored = keras.losses.deserialize(keras.losses.serialize(loss))
-    assert type(restored) is type(loss)
-    assert restored.get_config() == config
+    assert_config_round_trip(loss, keras.losses)
 
 
 def test_compiled_model_saves_and_loads(rng, tmp_path):

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from helpers import assert_config_round_trip, kl64, log_softmax64
 from keras import ops
 
 from klseg import metrics
@@ -39,17 +40,6 @@ def ece64(labels, logits, num_bins, ignore_class=None):
         in_bin = bins == b
         gap += abs(correct[in_bin].sum() - conf[in_bin].sum())
     return gap / keep.sum()
-
-
-def log_softmax64(x):
-    x = np.asarray(x, "float64")
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def kl64(p, lp, lq):
-    """sum_c p log(p / q) per pixel, 0 log 0 = 0."""
-    return np.where(p > 0, p * (np.where(p > 0, lp, 0.0) - lq), 0.0).sum(-1)
 
 
 # MeanIoU ----------------------------------------------------------------------
@@ -271,12 +261,7 @@ ALL_METRICS = [
 
 @pytest.mark.parametrize("metric", ALL_METRICS, ids=lambda m: type(m).__name__)
 def test_get_config_round_trip(metric):
-    config = metric.get_config()
-    clone = type(metric).from_config(config)
-    assert clone.get_config() == config
-    restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
-    assert type(restored) is type(metric)
-    assert restored.get_config() == config
+    assert_config_round_trip(metric, keras.metrics)
 
 
 @pytest.mark.parametrize(

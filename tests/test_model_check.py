@@ -3,15 +3,11 @@
 import keras
 import numpy as np
 import pytest
+from helpers import tiny_unet
 
 from klseg import finetune, models
 from klseg.errors import InvalidArgumentError, ModelError
 from klseg.export import export_saved_model
-
-
-def _unet(seed=0):
-    keras.utils.set_random_seed(seed)
-    return models.unet(3, base_filters=2, depth=1)
 
 
 def _wrapped(model, head):
@@ -22,7 +18,7 @@ def _wrapped(model, head):
 
 def _probability_models():
     """(model, name of the layer that must be named) pairs."""
-    unet = _unet()
+    unet = tiny_unet()
     inputs = keras.Input((None, None, 3))
     conv = keras.layers.Conv2D(3, 1, activation="softmax", name="probs")(inputs)
     nested = keras.Model(
@@ -34,13 +30,13 @@ def _probability_models():
             keras.Model(unet.input, keras.layers.Softmax(name="sm")(unet.output)),
             "sm",
         ),
-        (_wrapped(_unet(), keras.layers.Softmax(name="outer_sm")), "outer_sm"),
+        (_wrapped(tiny_unet(), keras.layers.Softmax(name="outer_sm")), "outer_sm"),
         (_wrapped(nested, keras.layers.Identity(name="copy")), "act"),
         (
             _wrapped(nested, lambda x: keras.layers.Cropping2D(0)(x)),
             "act",
         ),
-        (_wrapped(_unet(), lambda x: keras.ops.sigmoid(x)), "sigmoid"),
+        (_wrapped(tiny_unet(), lambda x: keras.ops.sigmoid(x)), "sigmoid"),
         (
             keras.Sequential(
                 [
@@ -55,7 +51,7 @@ def _probability_models():
 
 
 def test_logits_models_pass_and_give_the_class_count():
-    unet = _unet()
+    unet = tiny_unet()
     assert models.check_segmentation_model(unet) == 3
     assert models.check_segmentation_model(_wrapped(unet, lambda x: x)) == 3
     # A softmax followed by a layer that rescales values is not an output
@@ -88,8 +84,8 @@ def test_probability_outputs_are_refused_naming_the_layer(index):
 
 
 def test_every_entry_point_refuses_a_probability_model(tmp_path):
-    student = _unet(1)
-    probs = _wrapped(_unet(2), keras.layers.Softmax(name="appended"))
+    student = tiny_unet(seed=1)
+    probs = _wrapped(tiny_unet(seed=2), keras.layers.Softmax(name="appended"))
     with pytest.raises(ModelError, match="appended"):
         finetune.KLRegularizedModel(student, probs)
     with pytest.raises(ModelError, match="appended"):

@@ -3,36 +3,12 @@ flip, and that export to TFLite, run as written on a small built-in data
 set (a tiny model stands in for the fine-tuned one they name)."""
 
 import json
-import re
-import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import ok, readme_command
 
 from klseg import runs
-from klseg.cli.main import cli
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def readme_command(flag):
-    """The README command-line block's one command containing ``flag``."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.S).group(1)
-    commands = re.sub(r"\\\n\s*", " ", block).splitlines()
-    found = [c.split("#")[0] for c in commands if flag in c]
-    assert len(found) == 1, commands
-    command = shlex.split(found[0])
-    assert command[0] == "klseg"
-    return command[1:]
-
-
-def ok(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,6 @@ def test_doctests():
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plot functions save, in order (still written to disk)."""
-    saved = []
-    save = report._save_figure
-
-    def keep(fig, path):
-        saved.append(fig)
-        return save(fig, path)
-
-    monkeypatch.setattr(report, "_save_figure", keep)
-    return saved
-
-
 def _png(path):
     from PIL import Image
 

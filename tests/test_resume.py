@@ -13,162 +13,30 @@ and the history rows past the checkpoint used are dropped, then written
 again by the resumed epochs.
 """
 
-import csv
 import dataclasses
 import json
 import shutil
 
 import h5py
 import keras
-import numpy as np
 import pytest
+from helpers import (
+    WEIGHTS_TOL,
+    Interrupt,
+    assert_same_run,
+    history,
+    interrupted_then_resumed,
+    last_checkpoint,
+    weights,
+)
+from helpers import finetune_config as tiny_finetune_config
+from helpers import resume_train_config as train_config
 
 from klseg import errors, runs
-from klseg.data import synthetic
 
-SIZE = 32
-# Weights and optimizer state agree to this; measured: bit-identical on CPU.
-WEIGHTS_TOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    # 6 training images in batches of 4: epochs end in the middle of a pass
-    # over the data, so a resumed stream must continue inside a pass.
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=6,
-        num_val=4,
-        num_unlabeled=5,
-        num_target_train=3,
-    )
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Ctrl-C at the end of epoch ``epoch`` (1-based) or before its step
-    ``step`` (1-based), once per process-wide ``fired`` list."""
-
-    def __init__(self, epoch, step=None, fired=None):
-        super().__init__()
-        self.epoch, self.step = epoch, step
-        self.fired = fired if fired is not None else []
-        self.current = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.current = epoch + 1
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.step is not None and self._due() and batch + 1 == self.step:
-            self.fired.append(True)
-            raise KeyboardInterrupt
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.step is None and self._due():
-            self.fired.append(True)
-            raise KeyboardInterrupt
-
-    def _due(self):
-        return not self.fired and self.current == self.epoch
-
-
-def train_config(bench, out, **changes):
-    cfg = runs.TrainConfig(
-        data=str(bench / "source" / "train"),
-        val_data=str(bench / "source" / "val"),
-        output=str(out),
-        epochs=3,
-        batch_size=4,
-        image_size=SIZE,
-        base_filters=4,
-        depth=2,
-        seed=3,
-        verbose=0,
-    )
-    return dataclasses.replace(cfg, **changes)
-
-
-def interrupted_then_resumed(run, cfg, interrupt):
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, callbacks=[interrupt])
-    assert interrupt.fired
-    return run(dataclasses.replace(cfg, resume=True))
-
-
-# --------------------------------------------------------------------------
-# what a run leaves, read independently of the run code
-
-
-def weights(path):
-    """Every array in a Keras weights file, by its path in the file."""
-    arrays = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, item: (
-                arrays.__setitem__(name, item[()])
-                if isinstance(item, h5py.Dataset)
-                else None
-            )
-        )
-    return arrays
-
-
-def npz(path):
-    with np.load(path) as saved:
-        return {k: saved[k] for k in saved.files}
-
-
-def history(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def metrics(path):
-    values = json.loads(path.read_text())
-    values.pop("seconds")  # wall time: the one figure that cannot match
-    return values
-
-
-def last_checkpoint(out):
-    return sorted((out / "checkpoints").glob("epoch_*"))[-1]
-
-
-def assert_same_arrays(a, b, what):
-    assert a.keys() == b.keys(), what
-    assert a, what
-    for key in a:
-        diff = np.max(np.abs(a[key].astype(np.float64) - b[key].astype(np.float64)))
-        assert diff <= WEIGHTS_TOL, f"{what} {key}: differs by {diff}"
-
-
-def assert_same_history(a, b):
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
-    for row_a, row_b in zip(a, b):
-        assert row_a.keys() == row_b.keys()
-        for key in row_a:
-            np.testing.assert_allclose(
-                float(row_a[key]), float(row_b[key]), rtol=1e-6, atol=1e-7, err_msg=key
-            )
-
-
-def assert_same_run(resumed, reference):
-    """Same weights, optimizer and random state, history and metrics."""
-    a, b = last_checkpoint(resumed), last_checkpoint(reference)
-    assert a.name == b.name
-    assert_same_arrays(
-        weights(a / "model.weights.h5"), weights(b / "model.weights.h5"), "weights"
-    )
-    assert_same_arrays(
-        npz(a / "optimizer.npz"), npz(b / "optimizer.npz"), "optimizer state"
-    )
-    ra, rb = npz(a / "random.npz"), npz(b / "random.npz")
-    assert ra.keys() == rb.keys()
-    for key in ra:
-        np.testing.assert_array_equal(ra[key], rb[key])
-    assert_same_history(
-        history(resumed / "history.csv"), history(reference / "history.csv")
-    )
-    assert metrics(resumed / "metrics.json") == metrics(reference / "metrics.json")
+# 6 training images in batches of 4: epochs end in the middle of a pass
+# over the data, so a resumed stream must continue inside a pass.
+BENCH = {"num_train": 6, "num_unlabeled": 5, "num_target_train": 3}
 
 
 # --------------------------------------------------------------------------
@@ -286,22 +154,19 @@ def test_no_usable_checkpoint_is_a_clear_error(bench, reference_train, tmp_path)
 
 
 def finetune_config(bench, source, out, **changes):
-    cfg = runs.FinetuneConfig(
-        source=str(source / "model.keras"),
-        data=str(bench / "target" / "train"),
-        val_data=str(bench / "target" / "val"),
-        unlabeled_data=str(bench / "target" / "unlabeled"),
-        source_val_data=str(bench / "source" / "val"),
-        kl_inputs="target",
-        kl_weight=(0.5,),
-        output=str(out),
-        epochs=2,
-        batch_size=2,
-        image_size=SIZE,
-        seed=5,
-        verbose=0,
+    return tiny_finetune_config(
+        bench,
+        source / "model.keras",
+        out,
+        **{
+            "unlabeled_data": str(bench / "target" / "unlabeled"),
+            "source_val_data": str(bench / "source" / "val"),
+            "kl_inputs": "target",
+            "kl_weight": (0.5,),
+            "seed": 5,
+            **changes,
+        },
     )
-    return dataclasses.replace(cfg, **changes)
 
 
 @pytest.mark.parametrize("predictions", ["live", "stored"])
@@ -314,11 +179,7 @@ def test_resumed_finetune_is_the_uninterrupted_run(
     cfg = dataclasses.replace(cfg, source_predictions=predictions)
     runs.finetune(cfg)
     out = tmp_path / "resumed"
-    interrupted_then_resumed(
-        runs.finetune,
-        dataclasses.replace(cfg, output=str(out)),
-        Interrupt(epoch=2, step=2),
-    )
+    interrupted_then_resumed(runs.finetune, cfg, Interrupt(epoch=2, step=2), output=out)
     assert_same_run(out, reference)
 
 

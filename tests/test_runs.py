@@ -6,7 +6,6 @@ first epoch and resumed from the command line, a two-weight fine-tuning sweep
 on top of it, then evaluate, predict, export and serving the export.
 """
 
-import csv
 import json
 import os
 import socket
@@ -17,39 +16,25 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import (
+    SIZE,
+    finetune_args,
+    history_epochs,
+    invoke,
+    miou64,
+    ok,
+    predict_args,
+    read_folder,
+    train_args,
+    train_config,
+)
 from PIL import Image
 
 from klseg import errors, models, runs
-from klseg.cli.main import cli
 from klseg.data import synthetic
 
-SIZE = 32
 TINY_MODEL = ["--base-filters", "4", "--depth", "2"]
 TINY_RUN = ["--image-size", str(SIZE), "--batch-size", "4", "--quiet"]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=8,
-        num_val=4,
-        num_unlabeled=4,
-        num_target_train=4,
-    )
 
 
 class InterruptAfterFirstEpoch(keras.callbacks.Callback):
@@ -62,17 +47,7 @@ class InterruptAfterFirstEpoch(keras.callbacks.Callback):
 def source_run(bench, tmp_path_factory):
     """A 2-epoch training run, interrupted after epoch 1, then resumed."""
     out = tmp_path_factory.mktemp("runs") / "source"
-    cfg = runs.TrainConfig(
-        data=str(bench / "source" / "train"),
-        val_data=str(bench / "source" / "val"),
-        output=str(out),
-        epochs=2,
-        batch_size=4,
-        image_size=SIZE,
-        base_filters=4,
-        depth=2,
-        verbose=0,
-    )
+    cfg = train_config(bench, out, epochs=2)
     with pytest.raises(KeyboardInterrupt):
         runs.train(cfg, callbacks=[InterruptAfterFirstEpoch()])
     interrupted = {
@@ -87,16 +62,10 @@ def source_run(bench, tmp_path_factory):
     return out, interrupted, result.output
 
 
-def finetune_args(bench, source_run):
+def source_finetune_args(bench, source_run):
     """``klseg finetune`` of the source run on the benchmark's folders."""
     return [
-        "finetune",
-        "--source",
-        source_run[0] / "model.keras",
-        "--data",
-        bench / "target" / "train",
-        "--val-data",
-        bench / "target" / "val",
+        *finetune_args(bench, source_run[0] / "model.keras"),
         "--source-val-data",
         bench / "source" / "val",
         "--source-images",
@@ -108,7 +77,7 @@ def finetune_args(bench, source_run):
 def sweep(bench, source_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sweep"
     result = ok(
-        *finetune_args(bench, source_run),
+        *source_finetune_args(bench, source_run),
         "--kl-weight",
         "0,0.5",
         "--epochs",
@@ -120,11 +89,6 @@ def sweep(bench, source_run, tmp_path_factory):
         *TINY_RUN,
     )
     return out, result.output
-
-
-def _history_epochs(path):
-    with open(path, newline="") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
 # --------------------------------------------------------------------------
@@ -143,7 +107,7 @@ def test_interrupted_run_keeps_its_first_epoch(source_run):
 def test_resume_continues_from_the_last_completed_epoch(source_run):
     out, interrupted, output = source_run
     assert "Resuming" not in output  # --quiet
-    assert _history_epochs(out / "history.csv") == [0, 1]
+    assert history_epochs(out / "history.csv") == [0, 1]
     first_row = interrupted["history"].splitlines()[1]
     assert first_row in (out / "history.csv").read_text()  # epoch 0 kept as is
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
@@ -203,13 +167,7 @@ def test_resume_with_nothing_left_to_do(source_run):
 
 def test_new_run_refuses_a_used_folder(bench, source_run):
     result = invoke(
-        "train",
-        "--data",
-        bench / "source" / "train",
-        "--val-data",
-        bench / "source" / "val",
-        "--output",
-        source_run[0],
+        *train_args(bench, source_run[0]),
         *TINY_RUN,
     )
     assert result.exit_code == 1
@@ -253,7 +211,7 @@ def test_evaluate_json(bench, sweep):
     assert metrics["image_size"] == SIZE  # read from the run's config.yaml
     # Against float64 numpy: the saved model's predictions on the folder's
     # images (already at the run's size), a confusion matrix of the masks.
-    images, masks = _read_folder(bench / "target" / "val")
+    images, masks = read_folder(bench / "target" / "val")
     logits = runs.load_model(model).predict(images, verbose=0).astype("float64")
     predicted = logits.argmax(-1)
     valid = masks != 255
@@ -269,7 +227,7 @@ def test_evaluate_json(bench, sweep):
         for c, name in enumerate(synthetic.CLASS_NAMES)
     }
     assert metrics["per_class_iou"] == pytest.approx(iou, abs=1e-9)
-    assert metrics["mean_iou"] == pytest.approx(_miou64(masks, predicted, n), abs=1e-9)
+    assert metrics["mean_iou"] == pytest.approx(miou64(masks, predicted, n), abs=1e-9)
     assert metrics["pixel_accuracy"] == pytest.approx(tp.sum() / valid.sum(), abs=1e-9)
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
@@ -281,13 +239,7 @@ def test_predict_export_and_serve(bench, sweep, tmp_path):
     model = sweep[0] / "kl_0.5" / "model.keras"
     images = bench / "target" / "val"
     ok(
-        "predict",
-        "--model",
-        model,
-        "--images",
-        images,
-        "--output",
-        tmp_path / "pred",
+        *predict_args(model, images, tmp_path / "pred"),
         "--quiet",
     )
     masks = sorted((tmp_path / "pred" / "masks").glob("*.png"))
@@ -401,13 +353,7 @@ def test_unwritable_output(bench, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     result = invoke(
-        "train",
-        "--data",
-        bench / "source" / "train",
-        "--val-data",
-        bench / "source" / "val",
-        "--output",
-        blocker / "run",
+        *train_args(bench, blocker / "run"),
         *TINY_RUN,
     )
     assert result.exit_code == 1
@@ -417,15 +363,7 @@ def test_unwritable_output(bench, tmp_path):
 
 def test_missing_files(bench, tmp_path):
     result = invoke(
-        "finetune",
-        "--source",
-        tmp_path / "missing.keras",
-        "--data",
-        bench / "target" / "train",
-        "--val-data",
-        bench / "target" / "val",
-        "--output",
-        tmp_path / "o",
+        *finetune_args(bench, tmp_path / "missing.keras", tmp_path / "o"),
         *TINY_RUN,
     )
     assert result.exit_code == 1
@@ -475,15 +413,7 @@ def test_incompatible_source_model(bench, tmp_path):
     three = klseg.models.unet(3, base_filters=4, depth=2)
     three.save(tmp_path / "three.keras")
     result = invoke(
-        "finetune",
-        "--source",
-        tmp_path / "three.keras",
-        "--data",
-        bench / "target" / "train",
-        "--val-data",
-        bench / "target" / "val",
-        "--output",
-        tmp_path / "o",
+        *finetune_args(bench, tmp_path / "three.keras", tmp_path / "o"),
         *TINY_RUN,
     )
     assert result.exit_code == 1
@@ -646,27 +576,6 @@ def test_multi_worker_run_of_two_local_processes(bench, tmp_path):
     assert list(tmp_path.rglob("model.keras")) == [out / "model.keras"]
 
 
-def _read_folder(folder):
-    stems = sorted(p.stem for p in (folder / "images").iterdir())
-    images = np.stack(
-        [np.asarray(Image.open(folder / "images" / f"{s}.png")) for s in stems]
-    )
-    masks = np.stack(
-        [np.asarray(Image.open(folder / "masks" / f"{s}.png")) for s in stems]
-    )
-    return images, masks.astype("int64")
-
-
-def _miou64(labels, predicted, num_classes, ignore=255):
-    valid = labels != ignore
-    confusion = np.bincount(
-        labels[valid] * num_classes + predicted[valid], minlength=num_classes**2
-    ).reshape(num_classes, num_classes)
-    tp = np.diag(confusion).astype("float64")
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    return float((tp[union > 0] / union[union > 0]).mean())
-
-
 def test_finetune_to_another_class_set(bench, source_run, tmp_path):
     """Merge tree into ground and car into a new 'vehicle' class."""
     target = ["sky", "ground", "road", "building", "vehicle"]
@@ -675,7 +584,7 @@ def test_finetune_to_another_class_set(bench, source_run, tmp_path):
     source_map = tmp_path / "source_classes.json"
     source_map.write_text(json.dumps({"merge": {"tree": "ground", "car": "vehicle"}}))
     common = [
-        *finetune_args(bench, source_run),
+        *source_finetune_args(bench, source_run),
         "--class-map",
         mask_map,
         "--class-names",
@@ -724,7 +633,7 @@ def test_finetune_to_another_class_set(bench, source_run, tmp_path):
     # The source model's source-domain score, in the target classes,
     # against a float64 reference: merged probabilities, mapped labels.
     source = runs.load_model(source_run[0] / "model.keras")
-    images, masks = _read_folder(bench / "source" / "val")
+    images, masks = read_folder(bench / "source" / "val")
     probs = keras.ops.convert_to_numpy(
         keras.ops.softmax(source.predict(images, verbose=0).astype("float64"))
     )
@@ -739,7 +648,7 @@ def test_finetune_to_another_class_set(bench, source_run, tmp_path):
         axis=-1,
     )
     lut = np.array([0, 1, 2, 3, 1, 4] + [255] * 250)
-    expected = _miou64(lut[masks], merged.argmax(-1), 5)
+    expected = miou64(lut[masks], merged.argmax(-1), 5)
     got = metrics["source_model"]["source"]["mean_iou"]
     assert 0 < expected < 1
     assert got == pytest.approx(expected, abs=1e-9)

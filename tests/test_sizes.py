@@ -6,36 +6,22 @@ with 4 base filters, one or two epochs.
 """
 
 import json
-import re
-import shlex
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
+from helpers import invoke, ok, readme_command
 from PIL import Image
 
 from klseg import errors, models, runs
-from klseg.cli.main import cli
 from klseg.cli.types import ImageSize, TileSize
 from klseg.data import synthetic
 from klseg.models import layers
 
-ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 32, 64
 TINY = ["--base-filters", "4", "--depth", "2", "--batch-size", "4", "--quiet"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 def write_folder(path, count, height, width, *, seed, domain="source"):
@@ -400,16 +386,6 @@ def test_config_file_sizes(folders, tmp_path, monkeypatch):
     assert "not an image size" in result.output
 
 
-def _readme_command(flag):
-    """The README's command-line block command that contains ``flag``."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.S).group(1)
-    commands = re.sub(r"\\\n\s*", " ", block).splitlines()
-    found = [c.split("#")[0] for c in commands if flag in c]
-    assert len(found) == 1, commands
-    return shlex.split(found[0])
-
-
 def test_readme_crop_command_runs(tmp_path, monkeypatch):
     """The README's crop example, run on a small built-in benchmark."""
     monkeypatch.chdir(tmp_path)
@@ -417,10 +393,10 @@ def test_readme_crop_command_runs(tmp_path, monkeypatch):
         "data", "synth", "--output", "data", "--num-train", 8, "--num-val", 4,
         "--num-unlabeled", 0,
     )  # fmt: skip
-    command = _readme_command("--crop-size")
-    assert command[:2] == ["klseg", "train"]
+    command = readme_command("--crop-size")
+    assert command[0] == "train"
     # Later options win: a smaller model and one epoch.
-    ok(*command[1:], "--base-filters", 4, "--depth", 2, "--epochs", 1, "--quiet")
+    ok(*command, "--base-filters", 4, "--depth", 2, "--epochs", 1, "--quiet")
     out = Path(command[command.index("--output") + 1])
     model = runs.load_model(out / "model.keras")
     size = command[command.index("--image-size") + 1]

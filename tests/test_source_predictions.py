@@ -5,14 +5,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import SIZE, finetune_args, ok
 
 from klseg import finetune, runs
-from klseg.cli.main import cli
-from klseg.data import synthetic
 from klseg.runs.finetune import resolve_source_predictions
 
-SIZE = 32
 GiB = 1024**3
 
 
@@ -91,46 +88,9 @@ def test_auto_is_the_default():
     assert runs.FinetuneConfig.source_predictions == "auto"
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=8,
-        num_val=4,
-        num_unlabeled=4,
-        num_target_train=4,
-    )
-
-
-@pytest.fixture(scope="module")
-def source(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "source"
-    runs.train(
-        runs.TrainConfig(
-            data=str(bench / "source" / "train"),
-            val_data=str(bench / "source" / "val"),
-            output=str(out),
-            epochs=1,
-            batch_size=4,
-            image_size=SIZE,
-            base_filters=4,
-            depth=2,
-            verbose=0,
-        )
-    )
-    return out / "model.keras"
-
-
 def _finetune(bench, source, out, *extra):
-    args = [
-        "finetune",
-        "--source",
-        source,
-        "--data",
-        bench / "target" / "train",
-        "--val-data",
-        bench / "target" / "val",
+    result = ok(
+        *finetune_args(bench, source, out),
         "--source-images",
         bench / "source" / "unlabeled",
         "--kl-weight",
@@ -141,12 +101,8 @@ def _finetune(bench, source, out, *extra):
         SIZE,
         "--batch-size",
         "4",
-        "--output",
-        out,
         *extra,
-    ]
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    )
     return result.output, json.loads((out / "metrics.json").read_text())
 
 

@@ -5,7 +5,6 @@ own, so each mask value is checked at a known pixel.
 """
 
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,6 @@ from klseg.data.tfds_source import (
 from klseg.errors import DataError
 
 tfds = pytest.importorskip("tensorflow_datasets")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("klseg tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _mock(examples):
