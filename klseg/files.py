@@ -6,6 +6,11 @@ never half of one. Files and folders get the permissions an ordinary
 ``open``/``mkdir`` would give them under the process umask (``tempfile``
 alone would make them 0600 / 0700).
 
+Each writer also records the name it is about to write in the output folder
+that holds it (:func:`record_written`), before writing: the record of what
+klseg wrote there (see :mod:`klseg.runs.ownership`), so that klseg later
+removes its own files only, even after a process was killed mid-write.
+
 Standard library only at import; numpy, Pillow and PyYAML load on first use.
 """
 
@@ -13,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +29,10 @@ __all__ = [
     "clean_json",
     "make_temp_dir",
     "read_yaml",
+    "record_tree",
+    "record_written",
+    "register_owner",
+    "remove_written",
     "replace_dir",
     "save_model",
     "write_json",
@@ -30,6 +40,78 @@ __all__ = [
     "write_yaml",
     "yaml_text",
 ]
+
+
+#: ``{absolute folder: record}`` of the output folders open in this process.
+_OWNERS = {}
+
+
+def register_owner(folder, record):
+    """Record from now on what the writers here write under ``folder`` in
+    ``record``: an object with ``record(relative_paths, whole=False)`` and
+    ``remove(relative_path)`` (a :class:`klseg.runs.ownership.Record`)."""
+    _OWNERS[os.path.abspath(folder)] = record
+
+
+def unregister_owner(folder):
+    _OWNERS.pop(os.path.abspath(folder), None)
+
+
+def _owner_of(path):
+    """``(record, relative path)`` of the nearest open folder above ``path``."""
+    if not _OWNERS:
+        return None, None
+    path = os.path.abspath(path)
+    folder = path
+    while True:
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None, None
+        folder = parent
+        if folder in _OWNERS:
+            return _OWNERS[folder], Path(os.path.relpath(path, folder)).as_posix()
+
+
+def record_written(path, *, folder=False, whole=False):
+    """Record, before writing it, that klseg writes ``path`` (a file; a
+    folder with ``folder``; with ``whole`` a temporary folder that is klseg's
+    with everything in it) in the output folder open above it, if any."""
+    record, rel = _owner_of(path)
+    if record is not None:
+        record.record([rel + ("/" if folder else "")], whole=whole)
+
+
+def record_tree(source, path):
+    """Record, before moving it there, that the folder ``source`` becomes
+    ``path``: ``path`` and everything in ``source`` under its new name."""
+    record, rel = _owner_of(path)
+    if record is None:
+        return
+    source = Path(source)
+    names = [rel + "/"] if rel != "." else []
+    prefix = "" if rel == "." else rel + "/"
+    for item in sorted(source.rglob("*")):
+        name = prefix + item.relative_to(source).as_posix()
+        names.append(name + ("/" if item.is_dir() and not item.is_symlink() else ""))
+    record.record(names)
+
+
+def remove_written(path):
+    """Remove what klseg wrote at and below ``path``, keeping anything else
+    when an open output folder holds it (all of it otherwise).
+
+    Returns:
+        The paths kept (relative to that output folder).
+    """
+    path = Path(path)
+    record, rel = _owner_of(path)
+    if record is not None:
+        return record.remove(rel)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return []
 
 
 def _umask():
@@ -51,6 +133,7 @@ def atomic_path(path):
     at all.
     """
     path = Path(path)
+    record_written(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -128,6 +211,7 @@ def write_png(path, array, palette=None):
 def save_model(model, path):
     """``model.save(path)`` for a ``.keras`` path, atomically."""
     path = Path(path)
+    record_written(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
     try:
@@ -142,12 +226,19 @@ def save_model(model, path):
 
 def make_temp_dir(parent, prefix):
     """A new hidden folder in ``parent`` with umask permissions (not 0700),
-    to be renamed into place when complete."""
+    to be renamed into place when complete; recorded as klseg's (with all
+    it will hold) before it is made."""
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    _fix_mode(path, folder=True)
-    return path
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        record_written(path, whole=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        _fix_mode(path, folder=True)
+        return path
 
 
 def replace_dir(new, path):
@@ -159,10 +250,11 @@ def replace_dir(new, path):
     ``path``'s parent).
     """
     new, path = Path(new), Path(path)
+    record_tree(new, path)
     if not path.exists():
         os.replace(new, path)
         return path
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    aside = make_temp_dir(path.parent, f".{path.name}.old.")
     try:
         os.replace(path, aside / "old")
         try:

@@ -16,44 +16,28 @@ import sys
 import zipfile
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import SIZE, ok, predict_args, refused
 from PIL import Image
 
-from klseg.cli.main import cli
 from klseg.data import synthetic
 from klseg.runs.folder import MARKER
 
-SIZE = 32
 TINY_MODEL = ["--base-filters", "4", "--depth", "2"]
 TINY_RUN = ["--image-size", str(SIZE), "--batch-size", "2", "--epochs", "1"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def refused(*args, code=1):
-    result = invoke(*args)
-    assert result.exit_code == code, result.output + repr(result.exception)
-    assert "Traceback" not in result.output
-    return result
-
-
-def snapshot(root):
+def snapshot(root, only=None):
     """``{relative path: bytes}`` of every file under ``root`` (folders as
-    ``None``), so that a later comparison sees any change, loss or addition."""
+    ``None``), so that a later comparison sees any change, loss or addition;
+    only under the top-level entries named in ``only`` when given."""
     tree = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        tree[rel] = None if path.is_dir() else path.read_bytes()
+        if only is None or rel.split("/")[0] in only:
+            tree[rel] = None if path.is_dir() else path.read_bytes()
     return tree
 
 
@@ -92,31 +76,11 @@ def copy_with_bad_mask(folder, dest, value):
     return dest, name
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return synthetic.write_benchmark(
-        tmp_path_factory.mktemp("data") / "bench",
-        image_size=SIZE,
-        num_train=4,
-        num_val=2,
-        num_unlabeled=2,
-        num_target_train=4,
-    )
+BENCH = {"num_train": 4, "num_val": 2, "num_unlabeled": 2}
 
 
 def train_args(bench, output):
-    return [
-        "train",
-        "--data",
-        bench / "source" / "train",
-        "--val-data",
-        bench / "source" / "val",
-        "--output",
-        output,
-        *TINY_MODEL,
-        *TINY_RUN,
-        "--quiet",
-    ]
+    return [*helpers.train_args(bench, output), *TINY_MODEL, *TINY_RUN, "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -138,19 +102,7 @@ def model(source_run):
 
 
 def finetune_args(bench, model, output):
-    return [
-        "finetune",
-        "--source",
-        model,
-        "--data",
-        bench / "target" / "train",
-        "--val-data",
-        bench / "target" / "val",
-        "--output",
-        output,
-        *TINY_RUN,
-        "--quiet",
-    ]
+    return [*helpers.finetune_args(bench, model, output), *TINY_RUN, "--quiet"]
 
 
 # --------------------------------------------------------------------------
@@ -302,13 +254,7 @@ def test_predict_output_inside_or_equal_to_its_images_is_refused(
     before = snapshot(images)
     for output, relation in ((images / "pred", "lies inside"), (images, "is")):
         result = refused(
-            "predict",
-            "--model",
-            model,
-            "--images",
-            images,
-            "--output",
-            output,
+            *predict_args(model, images, output),
             "--overwrite",
         )
         assert f"--output {output} {relation} the input --images {images}" in (
@@ -321,25 +267,13 @@ def test_an_input_reached_through_a_link_is_still_an_input(bench, model, tmp_pat
     """A symbolic link must not hide that an output and an input overlap."""
     pred = tmp_path / "pred"
     ok(
-        "predict",
-        "--model",
-        model,
-        "--images",
-        bench / "target" / "val",
-        "--output",
-        pred,
+        *predict_args(model, bench / "target" / "val", pred),
         "--quiet",
     )
     (tmp_path / "alias").symlink_to(pred)
     before = snapshot(pred)
     result = refused(
-        "predict",
-        "--model",
-        model,
-        "--images",
-        tmp_path / "alias" / "overlays",
-        "--output",
-        pred,
+        *predict_args(model, tmp_path / "alias" / "overlays", pred),
         "--overwrite",
     )
     assert f"--output {pred} contains the input --images" in result.output
@@ -378,14 +312,12 @@ def test_overwrite_replaces_a_run_and_keeps_the_users_files(
     (run / "notes.txt").write_text("my notes\n")
     (run / "extra").mkdir()
     (run / "extra" / "figure.svg").write_text("<svg/>")
-    user = {
-        k: v
-        for k, v in snapshot(run).items()
-        if k.split("/")[0] in ("notes.txt", "extra")
-    }
+    user = snapshot(run, only=("notes.txt", "extra"))
     # klseg's own entries: a stale file inside one shows the run is replaced;
     # one of them made a link to the user's folder, which must survive.
-    (run / "plots" / "stale.png").write_bytes(b"old")
+    stale = run / "checkpoints" / "epoch_0009" / "state.json"  # a klseg name
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.csv").write_text("a,b\n1,2\n")
@@ -404,7 +336,7 @@ def test_overwrite_replaces_a_run_and_keeps_the_users_files(
     assert_kept(user, run)
     assert snapshot(mine) == mine_before
     assert (run / "logs").is_dir() and not (run / "logs").is_symlink()
-    assert not (run / "plots" / "stale.png").exists()
+    assert not stale.parent.exists()
     assert (run / "model.keras").stat().st_mtime_ns > old_model
     assert json.loads((run / MARKER).read_text())["kind"] == "run"
 
@@ -456,11 +388,7 @@ def test_a_rejected_run_leaves_a_folder_the_next_run_reuses(bench, tmp_path):
     (out / "thesis.txt").write_text("x\n")
     (out / "drafts").mkdir()
     (out / "drafts" / "ch1.md").write_text("# one\n")
-    user = {
-        k: v
-        for k, v in snapshot(out).items()
-        if k.split("/")[0] in ("thesis.txt", "drafts")
-    }
+    user = snapshot(out, only=("thesis.txt", "drafts"))
     refused(*bad, code=2)  # rejected again: still reusable, still kept
     assert_kept(user, out)
     result = ok(*[a for a in args if a != "--quiet"])
@@ -507,11 +435,7 @@ def test_synth_overwrite_replaces_its_own_output_and_keeps_the_rest(tmp_path):
     (out / "notes.txt").write_text("keep me\n")
     (out / "mine").mkdir()
     (out / "mine" / "a.bin").write_bytes(bytes(range(256)))
-    user = {
-        k: v
-        for k, v in snapshot(out).items()
-        if k.split("/")[0] in ("notes.txt", "mine")
-    }
+    user = snapshot(out, only=("notes.txt", "mine"))
     again = refused("data", "synth", "--output", out, "--image-size", 24)
     assert "--overwrite" in again.output
     _synth(out, 24, "--overwrite")
@@ -539,15 +463,18 @@ def test_export_overwrite_replaces_its_own_output_and_keeps_the_rest(model, tmp_
     out = tmp_path / "e"
     ok("export", "--model", model, "--output", out)
     (out / "README").write_text("how to serve\n")
-    user = {"README": b"how to serve\n"}
+    # A file of the user's inside klseg's own sub-folder is theirs too.
+    user = {"README": b"how to serve\n", "variables/stale": b"old"}
     (out / "variables" / "stale").write_bytes(b"old")
     result = refused("export", "--model", model, "--output", out)
     assert "--overwrite" in result.output
     assert (out / "variables" / "stale").exists()  # the refusal changed nothing
-    ok("export", "--model", model, "--output", out, "--overwrite")
+    result = ok("export", "--model", model, "--output", out, "--overwrite")
     assert_kept(user, out)
     assert (out / "saved_model.pb").is_file()
-    assert not (out / "variables" / "stale").exists()
+    assert "Kept 2 files klseg did not write: README, variables/stale" in (
+        result.output
+    )
     assert not [p for p in out.iterdir() if p.name.startswith(".export-")]
 
 
@@ -561,13 +488,7 @@ def test_predict_refuses_to_overwrite_a_labelled_folder(bench, model, tmp_path):
     shutil.copytree(bench / "target" / "val", labelled)
     before = snapshot(labelled)
     result = refused(
-        "predict",
-        "--model",
-        model,
-        "--images",
-        bench / "source" / "val",
-        "--output",
-        labelled,
+        *predict_args(model, bench / "source" / "val", labelled),
         "--overwrite",
     )
     assert f"--output {labelled} is not empty and was not written by klseg" in (
@@ -612,13 +533,7 @@ def test_predict_failing_on_the_third_image_writes_no_mask(bench, model, tmp_pat
 def test_predict_failure_keeps_the_earlier_output(bench, model, tmp_path):
     out = tmp_path / "pred"
     ok(
-        "predict",
-        "--model",
-        model,
-        "--images",
-        bench / "target" / "val",
-        "--output",
-        out,
+        *predict_args(model, bench / "target" / "val", out),
         "--quiet",
     )
     (out / "notes.txt").write_text("mine\n")
@@ -626,13 +541,7 @@ def test_predict_failure_keeps_the_earlier_output(bench, model, tmp_path):
     assert len([k for k in earlier if k.startswith("masks/")]) == 2
     images = _images_with_a_corrupt_third(bench, tmp_path / "images")
     result = refused(
-        "predict",
-        "--model",
-        model,
-        "--images",
-        images,
-        "--output",
-        out,
+        *predict_args(model, images, out),
         "--overwrite",
     )
     assert "c.png" in result.output
@@ -730,13 +639,7 @@ def test_a_corrupt_keras_file_is_named(bench, model, tmp_path, kind):
     commands = [
         ["evaluate", "--model", path, "--data", bench / "target" / "val"],
         [
-            "predict",
-            "--model",
-            path,
-            "--images",
-            bench / "target" / "val",
-            "--output",
-            tmp_path / "p",
+            *predict_args(path, bench / "target" / "val", tmp_path / "p"),
         ],
         ["export", "--model", path, "--output", tmp_path / "e"],
         finetune_args(bench, path, tmp_path / "f"),
@@ -750,29 +653,14 @@ def test_a_corrupt_keras_file_is_named(bench, model, tmp_path, kind):
 def test_evaluate_output_under_a_file(bench, model, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
-    result = refused(
-        "evaluate",
-        "--model",
-        model,
-        "--data",
-        bench / "target" / "val",
-        "--output",
-        afile / "m.json",
-    )
+    evaluate = ["evaluate", "--model", model, "--data", bench / "target" / "val"]
+    result = refused(*evaluate, "--output", afile / "m.json")
     assert f"{afile} is a file, not a folder" in result.output
     assert "File exists" not in result.output
     assert afile.read_text() == "not a folder\n"
     folder = tmp_path / "results"
     (folder / "kept").mkdir(parents=True)
-    result = refused(
-        "evaluate",
-        "--model",
-        model,
-        "--data",
-        bench / "target" / "val",
-        "--output",
-        folder,
-    )
+    result = refused(*evaluate, "--output", folder)
     assert f"--output {folder} is a folder" in result.output
     assert [p.name for p in folder.iterdir()] == ["kept"]
 
@@ -818,13 +706,9 @@ def test_outputs_honour_the_umask(bench, source_run, tmp_path, umask):
             run = tmp_path / "run"
             ok(*train_args(bench, run))
         ok(
-            "predict",
-            "--model",
-            run / "model.keras",
-            "--images",
-            bench / "target" / "val",
-            "--output",
-            tmp_path / "pred",
+            *predict_args(
+                run / "model.keras", bench / "target" / "val", tmp_path / "pred"
+            ),
             "--quiet",
         )
         ok("export", "--model", run / "model.keras", "--output", tmp_path / "exp")

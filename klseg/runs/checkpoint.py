@@ -8,8 +8,9 @@ and ``state.json`` (epoch, best score so far, its epoch, the monitored
 column, the seed, the optimizer step, the steps per epoch, and the size and
 SHA-256 of each file). The folder is written under a temporary name and
 renamed into place, then ``latest.json`` is pointed at it; the two newest
-are kept. An interruption at any moment leaves the previous checkpoint
-intact, and a checkpoint damaged afterwards (a truncated or edited file, a
+are kept (pruning removes klseg's files only: anything else kept in a
+checkpoint folder stays). An interruption at any moment leaves the previous
+checkpoint intact, and a checkpoint damaged afterwards (a truncated or edited file, a
 missing ``state.json``) is detected by :func:`usable_checkpoints` before
 anything is loaded from it.
 
@@ -26,7 +27,13 @@ import shutil
 from pathlib import Path
 
 from klseg import errors
-from klseg.files import atomic_write_text, clean_json, make_temp_dir, write_json
+from klseg.files import (
+    atomic_write_text,
+    clean_json,
+    make_temp_dir,
+    remove_written,
+    write_json,
+)
 
 __all__ = [
     "restore_checkpoint",
@@ -106,15 +113,26 @@ def save_checkpoint(run, model, optimizer, state, keep=2):
             tmp / "state.json",
             json.dumps(clean_json({**state, "files": files}), indent=2) + "\n",
         )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_checkpoint(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_json(run.checkpoints / "latest.json", {"checkpoint": name})
     kept = sorted(p for p in run.checkpoints.glob("epoch_*") if p.is_dir())
     for old in kept[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_written(old)
+
+
+def _replace_checkpoint(tmp, final):
+    """Move the complete checkpoint ``tmp`` to ``final``. An earlier one
+    there loses klseg's files only: a folder that stays (someone else's
+    files in it) gets the new files one by one."""
+    if final.exists():
+        remove_written(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    for entry in sorted(tmp.iterdir()):
+        os.replace(entry, final / entry.name)
 
 
 def _check_files(folder, state):

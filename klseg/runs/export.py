@@ -1,16 +1,15 @@
 """``klseg export``: a ``.keras`` model as a SavedModel, a LiteRT (TFLite) or
 an ONNX file."""
 
-import json
 import shutil
 from pathlib import Path
 
 from klseg import errors
 from klseg._version import __version__
-from klseg.files import make_temp_dir
+from klseg.files import make_temp_dir, write_json
 from klseg.runs import inputs
 from klseg.runs.checks import size_pair, size_text
-from klseg.runs.folder import OutputFolder, check_inputs_not_outputs
+from klseg.runs.folder import OutputFolder, check_inputs_not_outputs, holds_folders
 from klseg.runs.results import PathResult
 
 __all__ = ["export", "representative_images"]
@@ -60,6 +59,7 @@ def _export_size(cfg, model):
     return size
 
 
+@holds_folders
 def export(cfg):
     """Export a ``.keras`` model (see :mod:`klseg.export`).
 
@@ -112,7 +112,7 @@ def export(cfg):
         else:
             export_lib.export_onnx(model, folder / _FILES["onnx"], image_size=size)
         info = _description(cfg, size, names, folder, calibration)
-        (folder / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_json(folder / "export.json", info)
         out.install(folder)
         done = True
     finally:

@@ -1,21 +1,26 @@
-"""The one output-folder policy: klseg replaces only what klseg wrote.
+"""The one output-folder policy: klseg removes only the files it wrote.
 
 Every folder a job creates (a run, a sweep, the demo, synthetic data, an
 export, predictions) gets a marker file, ``.klseg.json``, written before
-anything else. It names the kind of output. The rules:
+anything else. It names the kind of output and lists every file and folder
+klseg writes there, each recorded before it is written
+(:mod:`klseg.runs.ownership`). The rules:
 
 - A job writes into a folder that does not exist, an empty folder, or a
   folder whose marker names the same kind of output.
 - A non-empty folder without a marker holds someone else's files: it is
   refused (the message names the folder and some of its entries) and never
   emptied.
+- One process writes a folder at a time: a job holds the folder's lock
+  (``.klseg.lock``) from before it decides anything until it ends, and a
+  second process is refused at once, naming the first.
 - Resuming, reusing an abandoned run (one that stopped before completing an
-  epoch) and ``--overwrite`` apply to marked folders only, and remove only
-  the entries klseg writes there (``OWNED[kind]``); other files kept inside
-  a klseg folder stay where they are. An entry that is a klseg folder itself
-  (``NESTED``: a sweep's ``kl_*`` runs, the demo's parts) is klseg's only
-  when it carries a marker, and is cleared by its own policy: foreign files
-  in it stay, and so does its marker then.
+  epoch), ``--overwrite`` and the installation of a complete output remove
+  or replace exactly klseg's files and folders (a folder once it is empty),
+  at every depth; anything else inside a klseg folder stays where it is, and
+  the job says so in one line ("Kept 2 files klseg did not write: ...").
+  A klseg folder inside (a sweep's runs, the demo's parts) is cleared by
+  its own record.
 - Inputs are never outputs: an output that is, contains or lies inside an
   input file or folder is refused before anything is written.
 - A run that fails or is interrupted before it completes an epoch leaves a
@@ -24,75 +29,26 @@ anything else. It names the kind of output. The rules:
 Standard library only.
 """
 
-import fnmatch
-import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from klseg import errors
-from klseg._version import __version__
 from klseg.data.layout_specs import layout_spec_path
-from klseg.files import atomic_write_text, read_yaml, write_yaml
+from klseg.files import read_yaml, record_written, write_yaml
+from klseg.runs import ownership
+from klseg.runs.ownership import LOCK, MARKER, NESTED, OWNED, holds_folders
 
 __all__ = [
+    "LOCK",
     "MARKER",
+    "NESTED",
     "OWNED",
     "OutputFolder",
     "RunFolder",
     "check_inputs_not_outputs",
+    "holds_folders",
 ]
-
-MARKER = ".klseg.json"
-
-#: The entries klseg writes in each kind of output folder (glob patterns).
-#: Only these, and the marker, are ever removed or replaced.
-OWNED = {
-    "run": (
-        "config.yaml",
-        "model.keras",
-        "metrics.json",
-        "history.csv",
-        "logs",
-        "checkpoints",
-        "plots",
-        "report.md",
-        ".model.tmp.keras",
-    ),
-    "sweep": ("config.yaml", "metrics.json", "report.md", "tradeoff.png", "kl_*"),
-    "demo": (
-        "demo.json",
-        "data",
-        "source",
-        "finetune-plain",
-        "finetune-kl",
-        "export",
-        "plots",
-        "metrics.json",
-        "report.md",
-    ),
-    "data": ("source", "target", "classes.json"),
-    "predictions": ("masks", "overlays", "classes.json"),
-    "export": (
-        "saved_model.pb",
-        "variables",
-        "assets",
-        "assets.extra",
-        "fingerprint.pb",
-        "model.tflite",
-        "model.onnx",
-        "export.json",
-    ),
-}
-
-#: The entries of ``OWNED`` that are klseg output folders themselves (a
-#: sweep's runs, the demo's data, runs and export): klseg's only when they
-#: carry a marker, so a user's own ``kl_backup/`` or ``data/`` is foreign.
-NESTED = {
-    "sweep": ("kl_*",),
-    "demo": ("data", "source", "finetune-plain", "finetune-kl", "export"),
-}
 
 _WHAT = {
     "run": "training run",
@@ -110,6 +66,14 @@ def _listing(names, limit=4):
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def kept_note(kept):
+    """The one line that names the files klseg kept, or None."""
+    if not kept:
+        return None
+    files = "file" if len(kept) == 1 else "files"
+    return f"Kept {len(kept)} {files} klseg did not write: {_listing(kept, 6)}"
+
+
 class OutputFolder:
     """One output folder of a given ``kind`` and the policy above.
 
@@ -117,14 +81,16 @@ class OutputFolder:
         path: the folder.
         kind: a key of ``OWNED``.
         option: the option that named the folder, for messages.
+        say: where the note about kept files goes. Defaults to ``print``.
     """
 
-    def __init__(self, path, kind, option="--output"):
+    def __init__(self, path, kind, option="--output", say=print):
         if kind not in OWNED:
             raise ValueError(f"unknown output kind {kind!r}")
         self.path = Path(path)
         self.kind = kind
         self.option = option
+        self.say = say
         self.created = False  # whether claim() made the folder
 
     @property
@@ -135,31 +101,37 @@ class OutputFolder:
         """The kind named by the folder's marker, or None without one."""
         if not self.marker.is_file():
             return None
-        try:
-            return json.loads(self.marker.read_text(encoding="utf-8"))["kind"]
-        except (OSError, ValueError, KeyError, TypeError):
+        kind = ownership.marker_kind(self.path)
+        if kind is None:
             raise errors.RunError(
                 f"the marker {self.marker} is unreadable; klseg cannot tell "
                 "what it wrote there. Choose another folder."
-            ) from None
+            )
+        return kind
 
-    def is_owned(self, name):
-        if name == MARKER:
-            return True
-        if any(fnmatch.fnmatch(name, p) for p in NESTED.get(self.kind, ())):
-            return (self.path / name / MARKER).is_file()
-        return any(fnmatch.fnmatch(name, pattern) for pattern in OWNED[self.kind])
+    def record(self):
+        """What klseg wrote here (:class:`klseg.runs.ownership.Record`)."""
+        held = ownership.held_record(self.path)
+        if held is not None:
+            return held
+        record = ownership.Record.load(self.path, self.kind)
+        record.take_over_legacy()
+        return record
 
     def entries(self):
+        """The folder's entries, but its lock file."""
         if not self.path.is_dir():
             return []
-        return sorted(p.name for p in self.path.iterdir())
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
 
     def foreign_entries(self):
-        return [n for n in self.entries() if not self.is_owned(n)]
+        """What klseg did not write here (relative paths, folders with /)."""
+        return self.record().clear(dry=True)[1]
 
     def owned_entries(self):
-        return [n for n in self.entries() if self.is_owned(n) and n != MARKER]
+        """The top-level entries holding anything klseg wrote."""
+        removed, _ = self.record().clear(dry=True)
+        return sorted({r.split("/")[0] for r in removed})
 
     def _check_usable(self):
         if self.path.exists() and not self.path.is_dir():
@@ -190,8 +162,33 @@ class OutputFolder:
         """Whether the folder carries a marker of this kind."""
         return self.path.is_dir() and self.marked_kind() == self.kind
 
+    def lock(self):
+        """Take the folder's lock (made if new; checked first): one
+        process writes it at a time. Within one process it may be taken
+        again; each :meth:`lock` needs one :meth:`release`, or a job
+        decorated with :func:`holds_folders`.
+
+        Raises:
+            klseg.errors.RunError: another process holds it (naming it), or
+                the folder cannot be used.
+        """
+        self._check_usable()
+        self.created = self.created or not self.path.exists()
+        self._mkdir()
+        ownership.acquire(self.path, self.option)
+        if ownership.held_record(self.path) is None:
+            ownership.attach_record(self.path, self.record())
+        return self
+
+    def release(self):
+        ownership.release(self.path)
+
+    def locked(self):
+        """The lock for a ``with`` block (:meth:`lock`, then :meth:`release`)."""
+        return _Locked(self)
+
     def claim(self, *, replace=False, hint="", clear=True):
-        """Make the folder ready for a new output of this kind.
+        """Make the folder ready for a new output of this kind, and lock it.
 
         A new or empty folder is created and marked. A marked folder of this
         kind that holds klseg entries is refused unless ``replace``, in
@@ -202,30 +199,58 @@ class OutputFolder:
             klseg.errors.RunError: the folder cannot be used (see the module
                 docstring); nothing has been changed then.
         """
-        kind = self._check_usable()
-        owned = self.owned_entries() if kind else []
-        if owned and not replace:
-            raise errors.RunError(
-                f"{self.option} {self.path} already holds a klseg "
-                f"{_WHAT[self.kind]} ({_listing(owned)}). {hint or ''}"
-                "Pass --overwrite to replace it, or choose another folder."
-            )
-        self.created = not self.path.exists()
-        self._mkdir()
-        if owned and clear:
-            self.remove_owned()
-        self.write_marker()
+        self.lock()
+        try:
+            kind = self._check_usable()  # again, now that no one else writes
+            owned = self.owned_entries() if kind else []
+            if owned and not replace:
+                raise errors.RunError(
+                    f"{self.option} {self.path} already holds a klseg "
+                    f"{_WHAT[self.kind]} ({_listing(owned)}). {hint or ''}"
+                    "Pass --overwrite to replace it, or choose another folder."
+                )
+            if owned and clear:
+                self.remove_owned()
+            record = self.record()
+            record.prune()
+            record.save()
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def install(self, staging):
-        """Replace klseg's entries by the entries of the folder ``staging``
-        (complete outputs written elsewhere in the same file system), then
-        remove ``staging``. Foreign entries stay."""
+        """Replace klseg's files by the complete output in the folder
+        ``staging`` (in the same file system), then remove ``staging``.
+        Anything else stays, also inside klseg's folders.
+
+        Raises:
+            klseg.errors.RunError: a file of someone else's has the name of
+                a new file (nothing is changed then).
+        """
         staging = Path(staging)
-        self.remove_owned()
-        for entry in sorted(staging.iterdir()):
-            os.replace(entry, self.path / entry.name)
+        record = self.record()
+        names = _tree(staging)
+        clash = [
+            n
+            for n in names
+            if _lexists(self.path / n)
+            and not (n.endswith("/") and _real_dir(self.path / n))
+            and not record.owns_entry(n.rstrip("/"))
+        ]
+        if clash:
+            raise errors.RunError(
+                f"{self.option} {self.path} holds {_listing(clash)}, which klseg "
+                "did not write and would now replace. Move them away, or "
+                "choose another folder."
+            )
+        inside = self.path in staging.parents
+        skip = {staging.relative_to(self.path).parts[0]} if inside else set()
+        _, kept = record.clear(skip=skip)
+        record.record(names)
+        _merge(staging, self.path)
         shutil.rmtree(staging, ignore_errors=True)
+        self._note(kept)
 
     def discard(self):
         """After a failed output: remove the folder if :meth:`claim` created
@@ -234,14 +259,24 @@ class OutputFolder:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def adopt(self):
-        """Continue in a marked folder (resume): checks the marker only."""
-        self._check_usable()
-        self._mkdir()
-        self.write_marker()
+        """Continue in a marked folder (resume): lock it, and remove what a
+        killed process left half-written (klseg's temporary folders)."""
+        self.lock()
+        try:
+            record = self.record()
+            for rel in sorted(record.temporary):
+                shutil.rmtree(self.path / rel, ignore_errors=True)
+            record.prune()
+            record.save()
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def _mkdir(self):
         try:
+            if not self.path.exists():
+                record_written(self.path, folder=True)
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
@@ -253,45 +288,59 @@ class OutputFolder:
             ) from None
 
     def write_marker(self):
-        atomic_write_text(
-            self.marker,
-            json.dumps(
-                {
-                    "kind": self.kind,
-                    "klseg": __version__,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-                indent=2,
-            )
-            + "\n",
-        )
+        self.record().save()
 
     def remove_owned(self):
-        """Remove klseg's entries; nested klseg folders keep foreign files."""
-        for name in self.owned_entries():
-            _remove_klseg_entry(self.path / name)
+        """Remove klseg's files and folders (klseg folders inside by their
+        own record); say which files of someone else's stay."""
+        _, kept = self.record().clear()
+        self._note(kept)
+        return kept
+
+    def _note(self, kept):
+        note = kept_note(kept)
+        if note and self.say is not None:
+            self.say(note)
 
 
-def _remove_klseg_entry(path):
-    """Remove ``path``; a marked folder inside is cleared by its own policy."""
-    if path.is_dir() and not path.is_symlink():
-        nested = OutputFolder(path, "run")
-        try:
-            kind = nested.marked_kind()
-        except errors.RunError:
-            kind = None
-        if kind in OWNED:
-            inner = OutputFolder(path, kind)
-            inner.remove_owned()
-            # With foreign files left the folder keeps its marker: it stays
-            # a klseg folder that the job now writing here can use again.
-            if not inner.foreign_entries():
-                inner.marker.unlink()
-                path.rmdir()
-            return
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+class _Locked:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __enter__(self):
+        return self.folder.lock()
+
+    def __exit__(self, *exc):
+        self.folder.release()
+
+
+def _lexists(path):
+    return os.path.lexists(path)
+
+
+def _real_dir(path):
+    return path.is_dir() and not path.is_symlink()
+
+
+def _tree(folder):
+    """Every entry under ``folder``, relative, folders ending in ``/``."""
+    folder = Path(folder)
+    return [
+        p.relative_to(folder).as_posix()
+        + ("/" if p.is_dir() and not p.is_symlink() else "")
+        for p in sorted(folder.rglob("*"))
+    ]
+
+
+def _merge(source, dest):
+    """Move everything in ``source`` into ``dest``: an entry whose folder
+    stays there (holding someone else's files) is merged into it."""
+    for entry in sorted(Path(source).iterdir()):
+        target = Path(dest) / entry.name
+        if _real_dir(entry) and _real_dir(target):
+            _merge(entry, target)
+        else:
+            os.replace(entry, target)
 
 
 def _resolved(path):
@@ -348,7 +397,8 @@ class RunFolder(OutputFolder):
     """The files of one training run::
 
     OUTPUT/
-      .klseg.json        marker: a klseg run folder
+      .klseg.json        marker: a klseg run folder, and what klseg wrote
+      .klseg.lock        while a process writes the run: its PID, command
       config.yaml        the resolved options (reusable with --config)
       model.keras        the best epoch's model by the monitored metric
       metrics.json       final metrics per validation domain
@@ -465,41 +515,67 @@ def open_run(cfg, *, kind="run", ignore=frozenset(), say=print, abandoned=None):
     before completing anything (then it is replaced without --overwrite);
     defaults to :meth:`RunFolder.abandoned`.
 
+    The folder is locked before anything is decided and stays locked
+    (:meth:`OutputFolder.lock`): call it inside a job decorated with
+    :func:`holds_folders`, or release the folder when done.
+
     Returns:
         ``(RunFolder, (checkpoint folder, state) or None)``.
 
     Raises:
-        klseg.errors.RunError: the folder cannot be used or resumed.
+        klseg.errors.RunError: the folder cannot be used or resumed, or
+            another process writes it.
     """
     run = RunFolder(cfg.output, kind)
-    current = cfg.to_dict()
+    run.say = say
     if cfg.resume:
         if not run.is_marked() or not run.config.is_file():
             raise errors.RunError(
                 f"nothing to resume in {run.path}: it holds no klseg "
                 f"{_WHAT[kind]}. Start it without --resume."
             )
-        diffs = config_differences(
-            _with_defaults(run.saved_config(), cfg, current), current, ignore
-        )
-        if diffs:
-            raise errors.RunError(
-                f"cannot resume {run.path} with different settings: "
-                + "; ".join(diffs)
-                + ". Resume with the saved settings (only --epochs may change), "
-                "or start a new run."
-            )
-        run.adopt()
-        checkpoint = run.latest_checkpoint(say) if kind == "run" else None
-        run.write_config(current)
-        return run, checkpoint
+        # Locked before anything is read for the decision, so that no other
+        # process changes the folder in between.
+        with run.locked():
+            return _resume(run, cfg, ignore, say)
     abandoned = abandoned or RunFolder.abandoned
-    reuse = run.path.is_dir() and run.is_marked() and abandoned(run)
-    if reuse:
-        say(f"Reusing {run.path}: its earlier run stopped before finishing an epoch.")
-    run.claim(
-        replace=cfg.overwrite or reuse,
-        hint=f"Pass --resume to continue the {_WHAT[kind]} in it. ",
-    )
-    run.write_config(current)
+    with run.locked():
+        reuse = run.is_marked() and abandoned(run)
+        if reuse:
+            say(
+                f"Reusing {run.path}: its earlier run stopped before finishing "
+                "an epoch."
+            )
+        run.claim(
+            replace=cfg.overwrite or reuse,
+            hint=f"Pass --resume to continue the {_WHAT[kind]} in it. ",
+        )
+    try:
+        run.write_config(cfg.to_dict())
+    except BaseException:
+        run.release()
+        raise
     return run, None
+
+
+def _resume(run, cfg, ignore, say):
+    """Check the saved settings, then continue in ``run`` (locked)."""
+    current = cfg.to_dict()
+    diffs = config_differences(
+        _with_defaults(run.saved_config(), cfg, current), current, ignore
+    )
+    if diffs:
+        raise errors.RunError(
+            f"cannot resume {run.path} with different settings: "
+            + "; ".join(diffs)
+            + ". Resume with the saved settings (only --epochs may change), "
+            "or start a new run."
+        )
+    run.adopt()
+    try:
+        checkpoint = run.latest_checkpoint(say) if run.kind == "run" else None
+        run.write_config(current)
+    except BaseException:
+        run.release()
+        raise
+    return run, checkpoint

@@ -5,7 +5,7 @@ from pathlib import Path
 from klseg.files import make_temp_dir, write_json, write_png
 from klseg.runs import inputs
 from klseg.runs.checks import size_pair
-from klseg.runs.folder import OutputFolder, check_inputs_not_outputs
+from klseg.runs.folder import OutputFolder, check_inputs_not_outputs, holds_folders
 from klseg.runs.results import PredictResult
 
 __all__ = ["predict", "predict_image"]
@@ -51,6 +51,7 @@ def _image_files(images):
     return list_images(folder, unique_stems=True)
 
 
+@holds_folders
 def predict(cfg):
     """Predict masks (and colour overlays) for a folder of images.
 
@@ -62,7 +63,9 @@ def predict(cfg):
     first and moved into place only when every image succeeded, so a
     failure leaves the earlier output (or none), never half of one. Two
     images with one name stem (``x.jpg`` and ``x.png``) are refused before
-    anything is written.
+    anything is written. The output folder is locked while it runs, and
+    ``cfg.overwrite`` replaces klseg's files only (see
+    :mod:`klseg.runs.folder`).
 
     Returns:
         A :class:`klseg.runs.PredictResult`.
@@ -70,16 +73,18 @@ def predict(cfg):
     import numpy as np
 
     from klseg import inference, models, progress, report
-    from klseg.data.images import read_image
+    from klseg.data.images import check_headers, read_image
 
     check_inputs_not_outputs(
         {"--output": cfg.output}, {"--images": cfg.images, "--model": cfg.model}
     )
     files = _image_files(cfg.images)
+    check_headers(files)  # an image over the limits stops it before any output
     model = inputs.load_model(cfg.model)
     num_classes, multiple = inputs.model_info(model, cfg.model)
     inference.check_tile_size(cfg.tile_size, multiple, name="--tile-size")
-    out = OutputFolder(cfg.output, "predictions").claim(
+    say = print if cfg.verbose else None
+    out = OutputFolder(cfg.output, "predictions", say=say).claim(
         replace=cfg.overwrite, clear=False
     )
     staging = make_temp_dir(out.path, ".predictions-")

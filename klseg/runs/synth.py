@@ -3,18 +3,20 @@
 import shutil
 
 from klseg.files import make_temp_dir
-from klseg.runs.folder import OutputFolder
+from klseg.runs.folder import OutputFolder, holds_folders
 from klseg.runs.results import PathResult
 
 __all__ = ["synth_data"]
 
 
+@holds_folders
 def synth_data(cfg):
     """Write the built-in two-domain benchmark (:mod:`klseg.data.synthetic`).
 
     The output is a klseg data folder (marker, ``source/``, ``target/``,
     ``classes.json``), written beside the folder and moved into place when
-    complete; ``overwrite`` replaces only an earlier klseg data set.
+    complete; ``overwrite`` replaces only the files of an earlier klseg data
+    set (anything else in the folder stays). The folder is locked meanwhile.
     """
     from klseg.data import synthetic
 
