@@ -44,12 +44,14 @@ def test_auto_stores_what_fits_in_half_the_available_memory(memory):
 def test_auto_counts_height_and_width_and_every_set(memory):
     needed = (10 + 30) * 48 * 80 * (3 * 2 + 3)
     memory(2 * needed)
+    predictions, pixels = 40 * 48 * 80 * 3 * 2, 40 * 48 * 80 * 3
     assert resolve_source_predictions(
         "auto", {"data": 10, "source_images": 30}, (48, 80), 3, "none"
     ) == (
         "stored",
-        f"40 images x 48x80 x 3 classes need {_text(needed)}, within "
-        f"half the available memory ({_text(needed)})",
+        f"40 images x 48x80 x 3 classes: {_text(predictions)} of float16 "
+        f"predictions and {_text(pixels)} of images, {_text(needed)} in all, "
+        f"within half the available memory ({_text(needed)})",
     )
     assert (
         resolve_source_predictions(

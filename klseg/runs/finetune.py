@@ -197,8 +197,9 @@ def resolve_source_predictions(mode, counts, image_size, num_classes, augment):
         )
     height, width = size_pair(image_size)
     images = sum(counts.values())
-    needed = ft.estimate_predictions_bytes(images, height, width, num_classes)
-    needed += images * height * width * 3
+    predictions = ft.estimate_predictions_bytes(images, height, width, num_classes)
+    pixels = images * height * width * 3
+    needed = predictions + pixels
     available = ft.available_memory_bytes()
     if available is None:
         return "live", "the available memory is not known"
@@ -206,12 +207,15 @@ def resolve_source_predictions(mode, counts, image_size, num_classes, augment):
     size = f"{images} images x {height}x{width} x {num_classes} classes"
     if needed > budget:
         return "live", (
-            f"storing them ({size}) needs {ft.format_bytes(needed)}, more than "
-            f"half the available memory ({ft.format_bytes(budget)})"
+            f"storing them ({size}: {ft.format_bytes(predictions)} of float16 "
+            f"predictions and {ft.format_bytes(pixels)} of images) needs "
+            f"{ft.format_bytes(needed)}, more than half the available memory "
+            f"({ft.format_bytes(budget)})"
         )
     reason = (
-        f"{size} need {ft.format_bytes(needed)}, within half the available "
-        f"memory ({ft.format_bytes(budget)})"
+        f"{size}: {ft.format_bytes(predictions)} of float16 predictions and "
+        f"{ft.format_bytes(pixels)} of images, {ft.format_bytes(needed)} in all, "
+        f"within half the available memory ({ft.format_bytes(budget)})"
     )
     if augment != "none":
         reason += f"; the {augment} augmentation moves them with the images"
