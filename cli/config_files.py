@@ -43,25 +43,38 @@ key and the value:
   twice (also as ``batch-size`` and ``batch_size``) is an error. An empty
   file sets nothing. A file that cannot be read, is not UTF-8 text or is not
   valid for its format is an error that names it.
+- A config file is a regular file (not a folder, a device such as
+  ``/dev/zero`` or a pipe) of at most ``MAX_CONFIG_BYTES`` (1 MiB), checked
+  before it is read. YAML aliases may expand to at most ``MAX_YAML_NODES``
+  nodes in all (100,000; each alias counts the nodes it stands for, so a
+  "billion laughs" stops at once).
 - YAML numbers follow YAML 1.2: ``1e-3`` is a float (YAML 1.1, which PyYAML
   implements, reads it as a string).
 - The ``config.yaml`` saved in a resumed run goes through the same type
   checks, naming that file. Keys there that the command does not take are
   ignored (a run saves fields that are no options).
 
-This module imports only the standard library and click at module level; YAML
-and TOML readers load on first use.
+Reading one file (size, format, YAML aliases) is
+:mod:`klseg.cli.config_reading`. This module imports only the standard
+library and click at module level; YAML and TOML readers load on first use.
 """
 
 import math
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
+from .config_reading import MAX_CONFIG_BYTES, MAX_YAML_NODES, read_config_file
+from .config_reading import kind_of as _kind
 from .types import FloatList, ImageSize, MixedPrecision, NameList
 
-__all__ = ["read_config_file", "resolve_options", "EXPLICIT_SOURCES"]
+__all__ = [
+    "read_config_file",
+    "resolve_options",
+    "EXPLICIT_SOURCES",
+    "MAX_CONFIG_BYTES",
+    "MAX_YAML_NODES",
+]
 
 #: Parameter sources that count as "given on the command line".
 EXPLICIT_SOURCES = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
@@ -71,162 +84,6 @@ _NOT_FROM_FILES = frozenset({"config", "help"})
 
 #: Options a resumed run never takes from the saved config of the run.
 _NOT_FROM_SAVED = frozenset({"config", "help", "resume", "overwrite", "quiet"})
-
-_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
-
-
-# --------------------------------------------------------------------------
-# Reading a file
-# --------------------------------------------------------------------------
-
-
-def read_config_file(path, *, param_hint="'--config'"):
-    """Read a YAML, TOML or JSON file into a dict.
-
-    Args:
-        path: file path; the format follows the suffix (``.yaml``/``.yml``,
-            ``.toml``, ``.json``).
-        param_hint: the option named in error messages. Defaults to
-            ``"'--config'"``.
-
-    Returns:
-        The mapping at the file's top level (empty for an empty file).
-
-    Raises:
-        click.BadParameter: the file is missing, a folder, unreadable, not
-            UTF-8 text, not valid for its format, or its top level is not a
-            mapping. The message names the file.
-    """
-    path = Path(path)
-
-    def fail(message):
-        raise click.BadParameter(message, param_hint=param_hint)
-
-    fmt = _SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        fail(f"config file {path} must end in .yaml, .yml, .toml or .json.")
-    if path.is_dir():
-        fail(f"config file {path} is a folder; give a {fmt} file.")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        fail(f"cannot read config file {path}: {e.strerror or e}")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        fail(
-            f"config file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} "
-            f"at offset {e.start})."
-        )
-    if not text.strip():
-        return {}
-    try:
-        if fmt == "YAML":
-            import yaml
-
-            data = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader
-            if data is None:  # only comments
-                data = {}
-        elif fmt == "TOML":
-            data = _load_toml(text)
-        else:
-            import json
-
-            data = json.loads(text, object_pairs_hook=_json_mapping)
-    except click.BadParameter:
-        raise
-    except Exception as e:  # parser errors differ per format
-        fail(f"config file {path} is not valid {fmt}: {_parser_message(e)}")
-    if not isinstance(data, dict):
-        found = "null" if data is None else _kind(data)
-        fail(
-            f"config file {path} must hold a mapping of option names to values "
-            f"at its top level; found {found}."
-        )
-    return data
-
-
-def _parser_message(error):
-    problem = getattr(error, "problem", None)  # yaml.MarkedYAMLError
-    mark = getattr(error, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
-    if isinstance(error, RecursionError):
-        return "nested too deeply."
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _load_toml(text):
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise click.BadParameter(
-                "reading TOML on Python 3.10 needs the 'tomli' package "
-                "(pip install tomli), or use a YAML config file.",
-                param_hint="'--config'",
-            ) from None
-    return tomllib.loads(text)
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _json_mapping(pairs):
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(f"key {key!r} is given twice in one object.")
-        result[key] = value
-    return result
-
-
-_YAML_LOADER = None
-
-
-def _yaml_loader():
-    """PyYAML's SafeLoader, with YAML 1.2 floats and duplicate keys refused."""
-    global _YAML_LOADER
-    if _YAML_LOADER is not None:
-        return _YAML_LOADER
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            if isinstance(node, yaml.MappingNode):
-                seen = set()
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        duplicate = key in seen
-                    except TypeError:  # unhashable; the base class says so
-                        continue
-                    if duplicate:
-                        raise yaml.constructor.ConstructorError(
-                            None,
-                            None,
-                            f"key {key!r} is given twice in one mapping",
-                            key_node.start_mark,
-                        )
-                    seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    # YAML 1.2 reads 1e-3 as a float; PyYAML (YAML 1.1) needs a dot.
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"),
-    )
-    _YAML_LOADER = Loader
-    return Loader
 
 
 # --------------------------------------------------------------------------
@@ -303,25 +160,6 @@ def _show(value):
     else:  # dates and times from YAML or TOML
         text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-#: What a value from a file is, in messages; ``bool`` before ``int`` (a
-#: ``bool`` is an ``int`` in Python).
-_KINDS = (
-    (bool, "a boolean"),
-    (int, "an integer"),
-    (float, "a float"),
-    (str, "a string"),
-    (list, "a list"),
-    (dict, "a mapping"),
-)
-
-
-def _kind(value):
-    for kind, text in _KINDS:
-        if isinstance(value, kind):
-            return text
-    return f"a {type(value).__name__}"
 
 
 def _sections(raw, tree, path):

@@ -19,15 +19,18 @@ from klseg.inference import MAX_TILE_OVERLAP, TTA_MODES, InferenceOptions
 from klseg.registry import (
     AUGMENT,
     DEFAULT_LEARNING_RATE,
+    LIMITS,
     MIXED_PRECISION,
     RUN_DEFAULTS,
     STRATEGIES,
 )
 
-from .types import FiniteFloat, ImageSize, MixedPrecision, TileSize
+from .types import FilePath, FiniteFloat, ImageSize, MixedPrecision, TileSize
 
 __all__ = [
+    "FILE",
     "PATH",
+    "bounded",
     "build",
     "config_option",
     "default",
@@ -85,6 +88,17 @@ def _short_float(value):
 
 
 PATH = click.Path(path_type=str)
+#: A path that must be a regular file when it exists (not a folder or a
+#: device such as /dev/zero).
+FILE = FilePath()
+
+
+def bounded(name, *, minimum=None):
+    """``click.IntRange`` of the integer option ``name`` from
+    ``klseg.registry.LIMITS`` (the configs check the same range);
+    ``minimum`` raises the lowest value for one option."""
+    low, high = LIMITS[name]
+    return click.IntRange(low if minimum is None else max(low, minimum), high)
 
 
 # --------------------------------------------------------------------------
@@ -181,7 +195,7 @@ def _resume_hint(ctx):
 def config_option(fn):
     return click.option(
         "--config",
-        type=click.Path(dir_okay=False, path_type=str),
+        type=FILE,
         help="YAML, TOML or JSON file with option values; options given on "
         "the command line override it.",
     )(fn)
@@ -201,7 +215,7 @@ def run_options(fn):
             "(lowest for *loss and val_forgetting, else highest), or 'auto' "
             "(val_mean_iou for train, val_target_mean_iou for finetune).",
         ),
-        default_option(RUN_DEFAULTS, "--seed", type=int),
+        default_option(RUN_DEFAULTS, "--seed", type=bounded("seed")),
         *_device_options(),
         *_invocation_options(),
     )(fn)
@@ -229,10 +243,10 @@ def _schedule_options():
     """Epochs, steps, validation, batch size and learning rate."""
     rates = DEFAULT_LEARNING_RATE
     return (
-        default_option(RUN_DEFAULTS, "--epochs", type=click.IntRange(min=1)),
+        default_option(RUN_DEFAULTS, "--epochs", type=bounded("epochs")),
         click.option(
             "--steps-per-epoch",
-            type=click.IntRange(min=1),
+            type=bounded("steps_per_epoch"),
             help="Optimizer steps per epoch (an epoch is then a fixed number of "
             "batches, not a pass over the data)  [default: one pass over the "
             "training images].",
@@ -240,14 +254,14 @@ def _schedule_options():
         default_option(
             RUN_DEFAULTS,
             "--val-every",
-            type=click.IntRange(min=1),
+            type=bounded("val_every"),
             help="Validate every N epochs and after the last one; model.keras "
             "is the best validated epoch.",
         ),
         default_option(
             RUN_DEFAULTS,
             "--batch-size",
-            type=click.IntRange(min=1),
+            type=bounded("batch_size"),
             help="Global batch size (split across replicas).",
         ),
         click.option(
@@ -271,12 +285,12 @@ def _label_options():
         default_option(
             RUN_DEFAULTS,
             "--ignore-value",
-            type=click.IntRange(0, 255),
+            type=bounded("ignore_value"),
             help="Mask value of pixels without a label.",
         ),
         click.option(
             "--class-map",
-            type=PATH,
+            type=FILE,
             help="JSON file mapping mask values to class indices.",
         ),
     )

@@ -18,7 +18,9 @@ from klseg.registry import (
 )
 
 from .options import (
+    FILE,
     PATH,
+    bounded,
     build,
     config_option,
     default_option,
@@ -49,9 +51,9 @@ __all__ = ["data", "demo", "evaluate", "export", "predict", "synth"]
     help="Resize to HxW (or N for NxN)  [default: the model's training size, "
     "else the images' own size].",
 )
-@default_option(EVALUATE_DEFAULTS, "--batch-size", type=click.IntRange(min=1))
-@default_option(EVALUATE_DEFAULTS, "--ignore-value", type=click.IntRange(0, 255))
-@click.option("--class-map", type=PATH, help="JSON file mapping mask values.")
+@default_option(EVALUATE_DEFAULTS, "--batch-size", type=bounded("batch_size"))
+@default_option(EVALUATE_DEFAULTS, "--ignore-value", type=bounded("ignore_value"))
+@click.option("--class-map", type=FILE, help="JSON file mapping mask values.")
 @inference_options
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--output", "-o", type=PATH, help="Also write the metrics to this file.")
@@ -189,15 +191,15 @@ def _benchmark_sizes():
     """The benchmark's image side and split sizes, and its seed."""
     return option_block(
         *(
-            default_option(SYNTH_DEFAULTS, f"--{name}", type=click.IntRange(min=low))
-            for name, low in (
-                ("image-size", 16),
-                ("num-train", 1),
-                ("num-val", 1),
-                ("num-unlabeled", 0),
+            default_option(SYNTH_DEFAULTS, f"--{name}", type=limits)
+            for name, limits in (
+                ("image-size", bounded("image_side", minimum=16)),
+                ("num-train", bounded("num_train")),
+                ("num-val", bounded("num_val")),
+                ("num-unlabeled", bounded("num_unlabeled")),
             )
         ),
-        default_option(SYNTH_DEFAULTS, "--seed", type=int),
+        default_option(SYNTH_DEFAULTS, "--seed", type=bounded("seed")),
     )
 
 
@@ -239,13 +241,13 @@ def synth(ctx, **_):
     type=ImageSize(minimum=16),
     help="Training size HxW (or N); the data is written as squares of the longer side.",
 )
-@click.option("--num-train", type=click.IntRange(min=1), help="Training images.")
-@click.option("--source-epochs", type=click.IntRange(min=1), help="Source epochs.")
+@click.option("--num-train", type=bounded("num_train"), help="Training images.")
+@click.option("--source-epochs", type=bounded("source_epochs"), help="Source epochs.")
 @click.option(
-    "--finetune-epochs", type=click.IntRange(min=1), help="Fine-tuning epochs."
+    "--finetune-epochs", type=bounded("finetune_epochs"), help="Fine-tuning epochs."
 )
 @click.option("--kl-weight", type=FiniteFloat(min=0), help="KL weight of the KL run.")
-@default_option(DEMO_DEFAULTS, "--seed", type=int)
+@default_option(DEMO_DEFAULTS, "--seed", type=bounded("seed"))
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.pass_context

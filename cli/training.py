@@ -25,7 +25,9 @@ from klseg.registry import (
 )
 
 from .options import (
+    FILE,
     PATH,
+    bounded,
     config_option,
     default_option,
     option_block,
@@ -78,12 +80,12 @@ def _architecture_options(who=""):
         ),
         click.option(
             "--base-filters",
-            type=click.IntRange(min=1),
+            type=bounded("base_filters"),
             help=f"{who}U-Net filters at the first level  [default: 32].",
         ),
         click.option(
             "--depth",
-            type=click.IntRange(1, 6),
+            type=bounded("depth"),
             help=f"{who}U-Net levels  [default: 4].",
         ),
     )
@@ -113,7 +115,7 @@ def _architecture_options(who=""):
 @_architecture_options()
 @click.option(
     "--num-classes",
-    type=click.IntRange(min=2),
+    type=bounded("num_classes"),
     help="Number of classes  [default: from classes.json beside --data, else "
     "the largest mask value + 1].",
 )
@@ -229,7 +231,7 @@ def _class_options():
         ),
         click.option(
             "--source-class-map",
-            type=PATH,
+            type=FILE,
             help='JSON file {"merge": {source: target}, "drop": [source, ...]} for '
             "the source classes that are not target classes (with --class-names, "
             "or with class names in the target data's class map or classes.json).",
@@ -264,7 +266,7 @@ def _consistency_options():
         default_option(
             FINETUNE_DEFAULTS,
             "--consistency-rampup",
-            type=click.IntRange(min=0),
+            type=bounded("consistency_rampup"),
             help="Optimizer steps of the sigmoid ramp-up of the consistency weight.",
         ),
         default_option(
@@ -336,7 +338,7 @@ def _student_options():
         _architecture_options("Student "),
         click.option(
             "--num-classes",
-            type=click.IntRange(min=2),
+            type=bounded("num_classes"),
             help="Number of classes; must equal the teacher's  [default: the "
             "teacher's].",
         ),

@@ -4,7 +4,11 @@ import math
 
 import click
 
+from klseg.paths import not_regular_file
+from klseg.registry import LIMITS
+
 __all__ = [
+    "FilePath",
     "FiniteFloat",
     "FloatList",
     "ImageSize",
@@ -48,7 +52,9 @@ class FloatList(click.ParamType):
 
     Accepts ``"0.3"``, ``"0,0.1,0.3,1"`` and, from config files, a number or a
     list of numbers (not strings, not booleans). Converts to a tuple of floats
-    without duplicates, in the order given.
+    in the order given; the config refuses a repeated value and two values
+    that would name one sweep folder (``klseg.runs.configs.bounds``), so the
+    command line and Python meet one rule.
     """
 
     name = "FLOAT[,FLOAT...]"
@@ -89,8 +95,7 @@ class FloatList(click.ParamType):
                     param,
                     ctx,
                 )
-            if number not in result:
-                result.append(number)
+            result.append(number)
         if not result:
             self.fail("give at least one number.", param, ctx)
         return tuple(result)
@@ -147,6 +152,8 @@ class ImageSize(click.ParamType):
 
     Args:
         minimum: the smallest side accepted. Defaults to 1.
+        maximum: the largest side accepted. Defaults to the ``image_side``
+            limit of ``klseg.registry.LIMITS``.
 
     Example:
 
@@ -158,8 +165,9 @@ class ImageSize(click.ParamType):
     #: What the value is, in messages.
     noun = "image size"
 
-    def __init__(self, minimum=1):
+    def __init__(self, minimum=1, maximum=None):
         self.minimum = minimum
+        self.maximum = LIMITS["image_side"][1] if maximum is None else maximum
 
     def get_metavar(self, param, ctx=None):
         return "HxW"
@@ -200,6 +208,10 @@ class ImageSize(click.ParamType):
             self.fail(
                 f"{value!r}: each side must be at least {self.minimum}.", param, ctx
             )
+        if max(items) > self.maximum:
+            self.fail(
+                f"{value!r}: each side must be at most {self.maximum}.", param, ctx
+            )
         return (items[0], items[1])
 
     @property
@@ -219,3 +231,28 @@ class TileSize(ImageSize):
     """
 
     noun = "tile size"
+
+
+class FilePath(click.Path):
+    """A path that must be a regular file when it exists.
+
+    A missing path passes (the command says "not found" when it reads it);
+    a folder, a device (``/dev/zero``), a pipe or a socket is refused at
+    once with "not a regular file", before anything opens it. Symbolic
+    links are followed.
+
+    Example:
+
+    >>> FilePath().convert("classes.json", None, None)
+    'classes.json'
+    """
+
+    def __init__(self):
+        super().__init__(path_type=str)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        problem = not_regular_file(path)
+        if problem:
+            self.fail(f"{path!r} is not a regular file ({problem}).", param, ctx)
+        return path

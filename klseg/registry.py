@@ -25,7 +25,10 @@ __all__ = [
     "FINETUNE_DEFAULTS",
     "FINETUNE_KL_WEIGHT",
     "FINETUNE_TEMPERATURE",
+    "IMAGE_PIXELS_VARIABLE",
     "KL_INPUTS",
+    "LIMITS",
+    "MAX_IMAGE_PIXELS",
     "MIXED_PRECISION",
     "MIX_MODES",
     "MODELS",
@@ -134,3 +137,45 @@ SYNTH_DEFAULTS = {
     "seed": 0,
 }
 DEMO_DEFAULTS = {"output": "klseg-demo", "seed": 0}
+
+# --------------------------------------------------------------------------
+# Bounds (docs/cli.md, "Bounds")
+# --------------------------------------------------------------------------
+
+#: The range of every integer option and of the weights, both ends included:
+#: ``{name: (lowest, highest)}``. The configs check their fields against it
+#: (so Python calls, the command line and config files meet the same bounds)
+#: and the command line's option types take their ranges from it. The limits
+#: are far above any real run; they exist so that a typo (a seed of -1, a
+#: batch of 10**20, a million epochs too many) stops before any work.
+#: ``image_side`` bounds each side of ``image_size``, ``crop_size`` and
+#: ``tile_size`` (the training sizes also need at least 8 pixels a side, the
+#: synthetic benchmark's at least 16).
+LIMITS = {
+    "seed": (0, 2**32 - 1),
+    "epochs": (1, 1_000_000),
+    "steps_per_epoch": (1, 100_000_000),
+    "val_every": (1, 1_000_000),
+    "batch_size": (1, 65_536),
+    "image_side": (1, 16_384),
+    "num_classes": (2, 65_536),
+    "base_filters": (1, 4_096),
+    "depth": (1, 6),
+    "ignore_value": (0, 255),
+    "consistency_rampup": (0, 100_000_000),
+    "num_train": (1, 1_000_000),
+    "num_val": (1, 1_000_000),
+    "num_unlabeled": (0, 1_000_000),
+    "num_target_train": (1, 1_000_000),
+    "source_epochs": (1, 1_000_000),
+    "finetune_epochs": (1, 1_000_000),
+    "kl_weight": (0, 1_000_000),
+    "consistency_weight": (0, 1_000_000),
+}
+
+#: Images with more pixels than this are refused, naming the file, before
+#: their pixels are decoded (Pillow's own hard limit, its
+#: ``2 * Image.MAX_IMAGE_PIXELS``). The environment variable
+#: ``IMAGE_PIXELS_VARIABLE`` raises or lowers it.
+MAX_IMAGE_PIXELS = 178_956_970
+IMAGE_PIXELS_VARIABLE = "KLSEG_MAX_IMAGE_PIXELS"

@@ -294,14 +294,14 @@ def test_valid_values_of_every_kind_resolve(tmp_path):
     config = _write(
         tmp_path,
         "run.yaml",
-        "learning_rate: 1e-3\nseed: -3\nclass_names: [sky, road]\n"
+        "learning_rate: 1e-3\nseed: 3\nclass_names: [sky, road]\n"
         "mixed_precision: true\njit: true\naugment: strong\noutput: runs/a\n"
         "finetune:\n  temperature: 2\n  kl_weight: [0, 0.5]\n",
     )
     values = _resolve(["train"], ["--config", str(config)])
     assert values["learning_rate"] == 0.001
     assert isinstance(values["learning_rate"], float)
-    assert values["seed"] == -3
+    assert values["seed"] == 3
     assert values["class_names"] == ("sky", "road")
     assert values["mixed_precision"] == "auto"
     assert values["jit"] is True

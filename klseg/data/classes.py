@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from klseg.errors import DataError
+from klseg.paths import not_regular_file
 
 __all__ = [
     "apply_class_map",
@@ -41,8 +42,9 @@ def load_class_map(class_map):
         ``class_names`` a list or ``None``.
 
     Raises:
-        DataError: the file is missing or not valid JSON, or an entry is not
-            an integer.
+        DataError: the file is missing, not a regular file (a folder, a
+            device such as ``/dev/zero``), larger than 64 MiB or not valid
+            JSON, or an entry is not an integer.
 
     Example:
 
@@ -53,13 +55,7 @@ def load_class_map(class_map):
     class_names = None
     if isinstance(class_map, (str, Path)):
         source = str(class_map)
-        path = Path(class_map)
-        if not path.is_file():
-            raise DataError(f"{path}: class map file not found.")
-        try:
-            class_map = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: class map is not valid JSON ({error}).") from None
+        class_map = _read_json_file(Path(class_map))
     if not isinstance(class_map, Mapping):
         raise DataError(
             f"{source}: a class map must be a JSON object / dict of "
@@ -86,6 +82,37 @@ def load_class_map(class_map):
     if class_names is not None:
         class_names = [str(name) for name in class_names]
     return mapping, class_names
+
+
+#: The largest class map file read (bytes): a map of every 16-bit mask value
+#: takes about 1 MB.
+_MAX_CLASS_MAP_BYTES = 64 << 20
+
+
+def _read_json_file(path):
+    kind = not_regular_file(path)
+    if kind:
+        raise DataError(
+            f"{path}: class map is not a regular file ({kind}); give a JSON file."
+        )
+    if not path.exists():
+        raise DataError(f"{path}: class map file not found.")
+    try:
+        with path.open("rb") as file:
+            data = file.read(_MAX_CLASS_MAP_BYTES + 1)
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read class map ({error.strerror or error})."
+        ) from None
+    if len(data) > _MAX_CLASS_MAP_BYTES:
+        raise DataError(
+            f"{path}: class map has more than {_MAX_CLASS_MAP_BYTES >> 20} MiB; "
+            "a class map of every 16-bit mask value takes about 1 MB."
+        )
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise DataError(f"{path}: class map is not valid JSON ({error}).") from None
 
 
 def class_map_lut(mapping):

@@ -10,24 +10,35 @@ them with ``read_image``, so all of them accept the same files:
 - ``MASK_SUFFIXES``: ``.png`` only; a mask must be lossless and hold class
   indices (8 or 16 bit, or palette indices).
 
+An image (or mask) with more than :func:`max_image_pixels` pixels is refused
+from its header, naming the file, before its pixels are decoded: the limit is
+``klseg.registry.MAX_IMAGE_PIXELS`` (178,956,970, Pillow's own hard limit)
+unless the environment variable ``KLSEG_MAX_IMAGE_PIXELS`` sets another.
+
 This module uses numpy, and Pillow inside the functions that decode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 
-from klseg.errors import DataError
+from klseg.errors import DataError, InvalidArgumentError
+from klseg.registry import IMAGE_PIXELS_VARIABLE, MAX_IMAGE_PIXELS
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "MASK_SUFFIXES",
+    "check_headers",
     "check_unique_stems",
     "image_size",
     "list_images",
     "list_masks",
+    "max_image_pixels",
     "read_image",
     "read_mask",
 ]
@@ -44,6 +55,106 @@ def _pil():
     from PIL import Image
 
     return Image
+
+
+def max_image_pixels():
+    """The most pixels (width x height) an image klseg reads may have.
+
+    ``KLSEG_MAX_IMAGE_PIXELS`` when set (a positive integer; ``_`` may group
+    digits), else ``klseg.registry.MAX_IMAGE_PIXELS`` (178,956,970).
+
+    Raises:
+        InvalidArgumentError: the variable is set to anything else.
+    """
+    text = os.environ.get(IMAGE_PIXELS_VARIABLE, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise InvalidArgumentError(
+            f"{IMAGE_PIXELS_VARIABLE} must be a positive integer (a pixel count). "
+            f"Received: {IMAGE_PIXELS_VARIABLE}={text!r}"
+        )
+    return limit
+
+
+@contextlib.contextmanager
+def _open(path, what):
+    """``PIL.Image.open`` that refuses an image over the pixel limit from its
+    header (naming the file) and turns Pillow's errors into ``DataError``.
+
+    Pillow refuses images over twice its own ``MAX_IMAGE_PIXELS`` (a
+    ``DecompressionBombError``); when klseg's limit is higher, Pillow's is
+    raised to match, in this process.
+    """
+    Image = _pil()
+    limit = max_image_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        raise DataError(_too_large(path, what, None, found, limit)) from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} file not found.") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode {what} ({error}).") from None
+    with image:
+        width, height = image.size
+        if width * height > limit:
+            raise DataError(_too_large(path, what, (width, height), None, limit))
+        yield image
+
+
+def _too_large(path, what, size, found, limit):
+    if size is not None:
+        pixels = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
+    elif found is not None:
+        pixels = f"{int(found.group(1)):,} pixels"
+    else:
+        pixels = "too many pixels"
+    return (
+        f"{path}: {what} has {pixels}, more than the limit of {limit:,} "
+        f"(refused before decoding). Downscale it or tile it into smaller "
+        f"files, or raise the limit with the environment variable "
+        f"{IMAGE_PIXELS_VARIABLE}=N (a decoded image takes 3 bytes a pixel, "
+        "more while it is resized)."
+    )
+
+
+def _check_bits(path, image):
+    """Refuse an image of more than 8 bits per channel, from its header."""
+    if image.mode in _WIDE_MODES or _wide_channels(image):
+        bits = "16-bit colour" if image.mode not in _WIDE_MODES else image.mode
+        raise DataError(
+            f"{path}: image has more than 8 bits per channel ({bits}); klseg "
+            "reads 8-bit images and refuses to clip wider values. Convert it "
+            "to 8 bits per channel."
+        )
+
+
+def _wide_channels(image):
+    """Whether a colour image stores more than 8 bits per channel (Pillow
+    opens a 16-bit RGB PNG or TIFF in mode ``RGB`` and drops the low byte).
+
+    A raw mode such as ``RGB;16B`` names the mode's own channels at 16 bits;
+    ``BGR;16`` (a 16-bit-per-pixel BMP, 5 or 6 bits per channel) does not.
+    """
+    for tile in getattr(image, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args if isinstance(args, str) else None
+        if isinstance(args, tuple) and args and isinstance(args[0], str):
+            rawmode = args[0]
+        if not rawmode or ";" not in rawmode:
+            continue
+        channels, _, bits = rawmode.partition(";")
+        if channels == image.mode and re.match(r"(16|32|64)", bits):
+            return True
+    return False
 
 
 def _files_with_suffixes(folder, suffixes):
@@ -157,25 +268,36 @@ def read_image(path):
     gives its first frame.
 
     Raises:
-        DataError: the file is missing, corrupt, not an image, or has more
-            than 8 bits per channel (naming the file).
+        DataError: the file is missing, corrupt, not an image, has more
+            than 8 bits per channel (grey or colour), or more pixels than
+            :func:`max_image_pixels` (naming the file; the last two before
+            decoding).
     """
-    Image = _pil()
-    try:
-        with Image.open(path) as image:
+    with _open(path, "image") as image:
+        _check_bits(path, image)
+        try:
             image.load()
-            if image.mode in _WIDE_MODES:
-                raise DataError(
-                    f"{path}: image has mode {image.mode!r} (more than 8 bits per "
-                    "channel); klseg reads 8-bit images. Convert it to 8 bits."
-                )
             if image.mode != "RGB":
                 image = image.convert("RGB")
             return np.asarray(image, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found.") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error}).") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"{path}: cannot decode image ({error}).") from None
+
+
+def check_headers(paths):
+    """Refuses, from their headers alone, images that ``read_image`` would
+    refuse for their size or bit depth (naming the first such file).
+
+    A command calls it before it writes anything, so that an image over the
+    pixel limit in the middle of a folder stops it before its output exists.
+    Opens each file but decodes no pixels.
+
+    Raises:
+        DataError: as ``read_image``, for the first file that fails.
+    """
+    for path in paths:
+        with _open(path, "image") as image:
+            _check_bits(path, image)
 
 
 def image_size(path, *, full=True):
@@ -187,21 +309,21 @@ def image_size(path, *, full=True):
             only the header is read and verified. Defaults to ``True``.
 
     Raises:
-        DataError: naming the file, as ``read_image``.
+        DataError: naming the file, as ``read_image`` (an image over the
+            pixel limit or of more than 8 bits per channel is refused in both
+            cases).
     """
     if full:
         image = read_image(path)
         return image.shape[1], image.shape[0]
-    Image = _pil()
-    try:
-        with Image.open(path) as image:
+    with _open(path, "image") as image:
+        _check_bits(path, image)
+        try:
             size = image.size
             image.verify()
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"{path}: cannot decode image ({error}).") from None
         return size
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found.") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error}).") from None
 
 
 def read_mask(path):
@@ -212,11 +334,17 @@ def read_mask(path):
     grey; any other colour mask is rejected.
 
     Raises:
-        DataError: the file is missing, corrupt, or a colour mask (naming it).
+        DataError: the file is missing, corrupt, a colour mask, a colour
+            mask of 16 bits per channel, or over the pixel limit (naming it).
     """
-    Image = _pil()
-    try:
-        with Image.open(path) as image:
+    with _open(path, "mask") as image:
+        if _wide_channels(image):
+            raise DataError(
+                f"{path}: mask has {image.mode} channels of 16 bits; klseg reads "
+                "masks of one channel (8 or 16 bit) or palette PNGs. Save the "
+                "class indices as one channel."
+            )
+        try:
             image.load()
             mode = image.mode
             if mode == "1":
@@ -234,12 +362,10 @@ def read_mask(path):
                     and np.array_equal(channels[..., 0], channels[..., 2])
                 ):
                     return np.ascontiguousarray(channels[..., 0])
-            raise DataError(
-                f"{path}: mask has mode {mode!r} with colours; klseg expects a "
-                "single-channel or palette PNG of class indices. Convert colours "
-                "to indices first (or save as a palette PNG)."
-            )
-    except FileNotFoundError:
-        raise DataError(f"{path}: mask file not found.") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode mask ({error}).") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"{path}: cannot decode mask ({error}).") from None
+        raise DataError(
+            f"{path}: mask has mode {mode!r} with colours; klseg expects a "
+            "single-channel or palette PNG of class indices. Convert colours "
+            "to indices first (or save as a palette PNG)."
+        )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from klseg.files import write_json
 from klseg.runs.configs import RESUMABLE_CHANGES
+from klseg.runs.configs.bounds import weight_text
 from klseg.runs.fit import say
 from klseg.runs.folder import (
     RunFolder,
@@ -41,20 +42,22 @@ def _varies(cfg):
 
 
 def _weight_folder(kl, cons, varies=(True, False)):
+    """``kl_W``, ``cons_C`` or ``kl_W_cons_C``; the config refused weights
+    that would share a name (``klseg.runs.configs.bounds``)."""
     parts = []
     if varies[0]:
-        parts.append(f"kl_{kl:g}")
+        parts.append(f"kl_{weight_text(kl)}")
     if varies[1]:
-        parts.append(f"cons_{cons:g}")
+        parts.append(f"cons_{weight_text(cons)}")
     return "_".join(parts)
 
 
 def _label(kl, cons, varies):
     parts = []
     if varies[0]:
-        parts.append(f"w={kl:g}")
+        parts.append(f"w={weight_text(kl)}")
     if varies[1]:
-        parts.append(f"c={cons:g}")
+        parts.append(f"c={weight_text(cons)}")
     return " ".join(parts)
 
 
@@ -139,7 +142,7 @@ def _run_settings(cfg, varies, run):
             overwrite=False,
         )
         what = ", ".join(
-            f"{field}={w:g}"
+            f"{field}={weight_text(w)}"
             for field, w in (("kl_weight", kl), ("consistency_weight", cons))
             if w is not None
         )

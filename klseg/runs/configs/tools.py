@@ -25,9 +25,13 @@ from klseg.runs.checks import (
     check_model_source,
     check_number,
     check_path,
-    check_positive,
     check_size,
     fail,
+)
+from klseg.runs.configs.bounds import (
+    check_bounded,
+    check_bounded_number,
+    check_side_limit,
 )
 
 __all__ = [
@@ -77,8 +81,10 @@ class EvaluateConfig(inference.InferenceOptions):
         if self.plot is not None and not str(self.plot).lower().endswith(".png"):
             fail(f"plot must name a .png file. Received: plot={str(self.plot)!r}")
         self.image_size = check_size("image_size", self.image_size, minimum=8)
-        check_positive("batch_size", self.batch_size)
-        check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
+        check_side_limit("image_size", self.image_size)
+        check_side_limit("tile_size", self.tile_size)
+        check_bounded("batch_size", self.batch_size)
+        check_bounded("ignore_value", self.ignore_value)
 
 
 @dataclasses.dataclass
@@ -112,6 +118,8 @@ class PredictConfig(inference.InferenceOptions):
         check_path("images", self.images)
         check_path("output", self.output)
         self.image_size = check_size("image_size", self.image_size, minimum=8)
+        check_side_limit("image_size", self.image_size)
+        check_side_limit("tile_size", self.tile_size)
         check_number("alpha", self.alpha, minimum=0, maximum=1)
         check_flag("overlay", self.overlay)
         check_flag("overwrite", self.overwrite)
@@ -150,6 +158,7 @@ class ExportConfig:
         check_choice("format", self.format, EXPORT_FORMATS)
         check_choice("quantize", self.quantize, QUANTIZATIONS)
         self.image_size = check_size("image_size", self.image_size)
+        check_side_limit("image_size", self.image_size)
         check_path("representative_data", self.representative_data)
         check_flag("overwrite", self.overwrite)
         if self.quantize != "none" and self.format != "tflite":
@@ -186,12 +195,12 @@ class SynthConfig:
         if not self.output:
             fail("synth needs output. Received: output=None")
         check_path("output", self.output)
-        check_int("image_size", self.image_size, minimum=16)
-        check_positive("num_train", self.num_train)
-        check_positive("num_val", self.num_val)
-        check_int("num_unlabeled", self.num_unlabeled, minimum=0)
-        check_positive("num_target_train", self.num_target_train, allow_none=True)
-        check_int("seed", self.seed)
+        check_bounded("image_size", self.image_size, limit="image_side", minimum=16)
+        check_bounded("num_train", self.num_train)
+        check_bounded("num_val", self.num_val)
+        check_bounded("num_unlabeled", self.num_unlabeled)
+        check_bounded("num_target_train", self.num_target_train, allow_none=True)
+        check_bounded("seed", self.seed)
         check_flag("overwrite", self.overwrite)
 
 
@@ -267,10 +276,11 @@ class DemoConfig:
             fail("demo needs output. Received: output=None")
         check_path("output", self.output)
         self.image_size = check_size("image_size", self.image_size, minimum=16)
+        check_side_limit("image_size", self.image_size)
         for name in ("num_train", "source_epochs", "finetune_epochs"):
-            check_positive(name, getattr(self, name), allow_none=True)
-        check_number("kl_weight", self.kl_weight, minimum=0, allow_none=True)
-        check_int("seed", self.seed)
+            check_bounded(name, getattr(self, name), allow_none=True)
+        check_bounded_number("kl_weight", self.kl_weight, allow_none=True)
+        check_bounded("seed", self.seed)
         for name in ("quick", "overwrite"):
             check_flag(name, getattr(self, name))
         check_int("verbose", self.verbose, minimum=0)

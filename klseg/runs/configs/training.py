@@ -22,6 +22,7 @@ from klseg.registry import (
     EXPORT_FORMATS,
     FINETUNE_DEFAULTS,
     KL_INPUTS,
+    LIMITS,
     MIXED_PRECISION,
     MODELS,
     QUANTIZATIONS,
@@ -43,9 +44,15 @@ from klseg.runs.checks import (
     check_names,
     check_number,
     check_path,
-    check_positive,
     check_size,
     fail,
+)
+from klseg.runs.configs.bounds import (
+    check_bounded,
+    check_bounded_number,
+    check_side_limit,
+    check_weight_folders,
+    weight_text,
 )
 from klseg.runs.hub import is_hub_spec
 
@@ -118,12 +125,14 @@ class _RunOptions:
         check_path("output", self.output)
         self.image_size = check_size("image_size", self.image_size, minimum=8)
         self.crop_size = check_size("crop_size", self.crop_size, minimum=8)
+        check_side_limit("image_size", self.image_size)
+        check_side_limit("crop_size", self.crop_size)
         if self.image_size is not None and self.crop_size is not None:
             check_crop_fits(self.crop_size, self.image_size)
-        check_positive("epochs", self.epochs)
-        check_positive("steps_per_epoch", self.steps_per_epoch, allow_none=True)
-        check_positive("val_every", self.val_every)
-        check_positive("batch_size", self.batch_size)
+        check_bounded("epochs", self.epochs)
+        check_bounded("steps_per_epoch", self.steps_per_epoch, allow_none=True)
+        check_bounded("val_every", self.val_every)
+        check_bounded("batch_size", self.batch_size)
         check_number(
             "learning_rate",
             self.learning_rate,
@@ -135,7 +144,7 @@ class _RunOptions:
         check_path("class_map", self.class_map)
         if not isinstance(self.monitor, str) or not self.monitor:
             fail(f"monitor must be a history column name. Received: {self.monitor!r}")
-        check_int("seed", self.seed)
+        check_bounded("seed", self.seed)
         check_int("verbose", self.verbose, minimum=0)
         for name in ("jit", "resume", "overwrite"):
             check_flag(name, getattr(self, name))
@@ -146,7 +155,7 @@ class _RunOptions:
         elif self.mixed_precision in (False, None):
             self.mixed_precision = "off"
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        check_int("ignore_value", self.ignore_value, minimum=0, maximum=255)
+        check_bounded("ignore_value", self.ignore_value)
         if self.jit and self.strategy != "default":
             fail(
                 f"jit cannot be combined with strategy={self.strategy!r}: XLA "
@@ -229,9 +238,9 @@ class TrainConfig(_RunOptions):
                     )
         if self.backbone is not None:
             check_choice("backbone", self.backbone, BACKBONES)
-        check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
-        check_positive("base_filters", self.base_filters, allow_none=True)
-        check_int("depth", self.depth, minimum=1, maximum=6, allow_none=True)
+        check_bounded("num_classes", self.num_classes, allow_none=True)
+        check_bounded("base_filters", self.base_filters, allow_none=True)
+        check_bounded("depth", self.depth, allow_none=True)
         self.class_names = check_names("class_names", self.class_names)
 
 
@@ -365,7 +374,7 @@ class FinetuneConfig(_RunOptions):
         check_number(
             "consistency_threshold", self.consistency_threshold, minimum=0, maximum=1
         )
-        check_int("consistency_rampup", self.consistency_rampup, minimum=0)
+        check_bounded("consistency_rampup", self.consistency_rampup)
         check_choice("consistency_mix", self.consistency_mix, CONSISTENCY_MIX)
         if self.uses_consistency and not self.unlabeled_data:
             fail(
@@ -389,29 +398,34 @@ class FinetuneConfig(_RunOptions):
 
 
 def _text(weights):
-    return ",".join(f"{w:g}" for w in weights)
+    return ",".join(weight_text(w) for w in weights)
 
 
 def _weights(name, value):
-    """One weight or a list of them (each a finite number >= 0) as a tuple of
-    floats; None stays None."""
+    """One weight or a list of them (each a finite number in
+    ``LIMITS[name]``) as a tuple of floats; None stays None. A list must not
+    repeat a value, nor hold two values whose sweep folders would share a
+    name (:func:`~klseg.runs.configs.bounds.check_weight_folders`)."""
     if value is None:
         return None
     weights = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    low, high = LIMITS[name]
     for w in weights:
         if (
             isinstance(w, bool)
             or not isinstance(w, (int, float))
             or not math.isfinite(w)
-            or w < 0
+            or not low <= w <= high
         ):
             fail(
-                f"{name} must be a number >= 0 or a list of them. "
-                f"Received: {name}={value!r}"
+                f"{name} must be a number >= {low} and <= {high:,} or a list "
+                f"of them. Received: {name}={value!r}"
             )
     if not weights:
         fail(f"{name} must not be an empty list. Received: {name}=()")
-    return tuple(float(w) for w in weights)
+    weights = tuple(float(w) for w in weights)
+    check_weight_folders(name, weights)
+    return weights
 
 
 @dataclasses.dataclass
@@ -475,10 +489,10 @@ class DistillConfig(_RunOptions):
         check_model_name("model", self.model, MODELS)
         if self.backbone is not None:
             check_choice("backbone", self.backbone, BACKBONES)
-        check_int("num_classes", self.num_classes, minimum=2, allow_none=True)
-        check_positive("base_filters", self.base_filters, allow_none=True)
-        check_int("depth", self.depth, minimum=1, maximum=6, allow_none=True)
-        check_number("kl_weight", self.kl_weight, minimum=0)
+        check_bounded("num_classes", self.num_classes, allow_none=True)
+        check_bounded("base_filters", self.base_filters, allow_none=True)
+        check_bounded("depth", self.depth, allow_none=True)
+        check_bounded_number("kl_weight", self.kl_weight)
         self.kl_weight = float(self.kl_weight)
         check_number(
             "temperature",
