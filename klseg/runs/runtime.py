@@ -6,6 +6,8 @@
 - :func:`make_optimizer`: Adam, with loss scaling under float16;
 - :func:`multi_worker_fit_fixes`: the contained workaround that lets Keras 3
   ``fit`` run under ``MultiWorkerMirroredStrategy``;
+- :func:`disk_full`, :func:`out_of_memory`: what a failure from below
+  (TensorFlow, the system) means, for klseg's own errors;
 - :func:`interrupt_handler`: Ctrl-C that is never lost inside library code;
   :func:`uninterrupted` holds it back while a checkpoint is written.
 
@@ -13,13 +15,17 @@ TensorFlow and Keras are imported inside the functions.
 """
 
 import contextlib
+import errno
 import json
+import math
 import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
+from klseg import errors
 from klseg.runs.checks import check_choice, fail
 from klseg.runs.configs import STRATEGIES
 
@@ -30,29 +36,86 @@ __all__ = [
     "make_optimizer",
     "make_strategy",
     "build_before_fit",
+    "disk_full",
+    "first_line",
+    "out_of_memory",
     "multi_worker_fit_fixes",
     "precision",
     "raise_if_interrupted",
     "uninterrupted",
+    "wait_for_peers",
     "was_interrupted",
+    "worker_timeout",
+    "WORKER_TIMEOUT",
 ]
 
 
+#: Seconds a multi-worker run waits for its peers before it gives up; the
+#: environment variable ``KLSEG_WORKER_TIMEOUT`` (seconds) overrides it.
+WORKER_TIMEOUT = 300.0
+
+_TF_CONFIG_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+    '"task": {"type": "worker", "index": 0}}'
+)
+
+
 def _cluster_spec():
+    """``(cluster, task_type, index)`` from ``TF_CONFIG``, checked: JSON with
+    a ``cluster`` of ``chief``/``worker`` lists of ``host:port`` addresses
+    and a ``task`` that names one of them."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         fail(
             "strategy='multi-worker' needs the TF_CONFIG environment variable "
-            '(e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
-            '"task": {"type": "worker", "index": 0}}). Received: TF_CONFIG unset'
+            f"(e.g. {_TF_CONFIG_EXAMPLE}). Received: TF_CONFIG unset"
         )
+
+    def bad(what):
+        fail(
+            f"TF_CONFIG {what} (e.g. {_TF_CONFIG_EXAMPLE}). Received: TF_CONFIG={raw!r}"
+        )
+
     try:
         spec = json.loads(raw)
-        cluster, task = spec["cluster"], spec["task"]
-        task_type, index = task["type"], int(task["index"])
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"TF_CONFIG is not valid ({e}). Received: TF_CONFIG={raw!r}")
+    except ValueError as e:
+        bad(f"is not valid JSON ({e})")
+    if not isinstance(spec, dict) or not isinstance(spec.get("cluster"), dict):
+        bad('has no "cluster" (an object of "worker" and "chief" address lists)')
+    cluster, task = spec["cluster"], spec.get("task")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        bad('has no "task" with a "type" and an "index"')
+    for job, addresses in cluster.items():
+        if job not in ("chief", "worker") or not isinstance(addresses, list):
+            bad(
+                f'cluster has {job!r}: klseg runs "chief" and "worker" tasks, '
+                "each a list of host:port addresses"
+            )
+        for address in addresses:
+            if _address(address) is None:
+                bad(f"cluster {job} address {address!r} is not host:port")
+    task_type, index = task["type"], task["index"]
+    if task_type not in cluster:
+        bad(f"task type {task_type!r} is not in the cluster ({', '.join(cluster)})")
+    count = len(cluster[task_type])
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        bad(
+            f"task index {index!r} is past the {task_type} list ({count} "
+            f"{task_type}{'s' if count != 1 else ''}: indices 0..{count - 1})"
+        )
+    if len(cluster.get("chief", [])) > 1:
+        bad("cluster has more than one chief")
     return cluster, task_type, index
+
+
+def _address(text):
+    """``(host, port)`` of a ``host:port`` string, or None."""
+    if not isinstance(text, str):
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def make_strategy(name):
@@ -60,11 +123,23 @@ def make_strategy(name):
     ``"multi-worker"`` (MultiWorkerMirroredStrategy from ``TF_CONFIG``).
 
     The chief is the ``chief`` task, or worker 0 when the cluster names no
-    chief.
+    chief. A multi-worker run first waits for its peers
+    (:func:`wait_for_peers`), so that a peer that never comes ends it with
+    a message instead of a silent wait that ignores signals.
+
+    Raises:
+        klseg.errors.InvalidArgumentError: ``TF_CONFIG`` is unset or invalid
+            (JSON, cluster, task, index past its list), or
+            ``KLSEG_WORKER_TIMEOUT`` is not a positive number.
+        klseg.errors.RunError: a peer did not answer within the timeout, or
+            this worker's port is in use.
     """
+    check_choice("strategy", name, STRATEGIES)
+    if name == "multi-worker":
+        cluster, task_type, index = _cluster_spec()
+        timeout = worker_timeout()
     import tensorflow as tf
 
-    check_choice("strategy", name, STRATEGIES)
     if name == "default":
         return tf.distribute.get_strategy(), True
     if name == "mirrored":
@@ -74,12 +149,136 @@ def make_strategy(name):
         # process split the CPU with tf.config.set_logical_device_configuration).
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(cpus), True
-    cluster, task_type, index = _cluster_spec()
+    wait_for_peers(cluster, task_type, index, timeout)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     is_chief = task_type == "chief" or (
         task_type == "worker" and index == 0 and "chief" not in cluster
     )
     return strategy, is_chief
+
+
+def worker_timeout():
+    """Seconds to wait for multi-worker peers: ``KLSEG_WORKER_TIMEOUT``, else
+    :data:`WORKER_TIMEOUT`."""
+    raw = os.environ.get("KLSEG_WORKER_TIMEOUT", "").strip()
+    if not raw:
+        return WORKER_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        fail(
+            "KLSEG_WORKER_TIMEOUT must be a positive number of seconds. "
+            f"Received: KLSEG_WORKER_TIMEOUT={raw!r}"
+        )
+    return value
+
+
+def wait_for_peers(cluster, task_type, index, timeout=WORKER_TIMEOUT):
+    """Wait until every other task of ``cluster`` accepts TCP connections.
+
+    TensorFlow's own wait for the workers (the collective set-up of
+    ``MultiWorkerMirroredStrategy``) blocks in C++ without a deadline, says
+    nothing and holds back SIGINT and SIGTERM. This wait runs first, in
+    Python: it says which tasks it waits for and on which addresses,
+    listens on this task's own port meanwhile (so that the peers, waiting
+    the same way, see it), and gives up after ``timeout`` seconds. In the
+    main thread SIGTERM then exits 143 at once (SIGINT raises
+    ``KeyboardInterrupt``, 130 on the command line).
+
+    Raises:
+        klseg.errors.RunError: a peer did not answer in time (naming it and
+            its address), or this task's port is taken.
+    """
+    me = cluster[task_type][index]
+    peers = {
+        f"{job} {i}": address
+        for job, addresses in cluster.items()
+        for i, address in enumerate(addresses)
+        if (job, i) != (task_type, index)
+    }
+    if not peers:
+        return
+    waiting = ", ".join(f"{name} at {address}" for name, address in peers.items())
+    print(
+        f"Waiting up to {timeout:g} s for {waiting} (this is {task_type} {index} "
+        f"at {me}; KLSEG_WORKER_TIMEOUT sets the wait).",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _listening(me), _terminate_on_sigterm("waiting for the other workers"):
+        deadline = time.monotonic() + timeout
+        while peers:
+            for name, address in list(peers.items()):
+                left = deadline - time.monotonic()
+                if _answers(address, max(0.05, min(1.0, left))):
+                    del peers[name]
+            if not peers:
+                break
+            if time.monotonic() >= deadline:
+                missing = ", ".join(f"{n} at {a}" for n, a in peers.items())
+                raise errors.RunError(
+                    f"gave up after {timeout:g} s waiting for {missing} "
+                    "(TF_CONFIG): start the same command there with its own "
+                    "TF_CONFIG task, check the address and the firewall, or "
+                    "wait longer with KLSEG_WORKER_TIMEOUT=SECONDS."
+                )
+            time.sleep(0.2)
+
+
+def _answers(address, timeout):
+    import socket
+
+    host, port = _address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _listening(address):
+    """Accept connections on ``address``'s port (all interfaces, as
+    TensorFlow's server does) for the duration of the block."""
+    import socket
+
+    _, port = _address(address)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("", port))
+        sock.listen(16)
+    except OSError as e:
+        sock.close()
+        raise errors.RunError(
+            f"cannot listen on port {port}, this task's address {address} in "
+            f"TF_CONFIG ({e.strerror or e}): is another process using it?"
+        ) from None
+    try:
+        yield
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm(what):
+    """In the main thread, SIGTERM exits 143 at once (one line on stderr)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        sys.stderr.write(f"\nTerminated while {what}.\n")
+        sys.stderr.flush()
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -190,6 +389,43 @@ def multi_worker_fit_fixes(model, dataset):
         return one_step(next(iterator))
 
     model.train_function = train_function
+
+
+# --------------------------------------------------------------------------
+# Failures from below: a full disk, no memory
+# --------------------------------------------------------------------------
+
+
+def disk_full(error):
+    """Whether ``error`` says the disk is full: ``OSError`` ENOSPC, or
+    TensorFlow's ``ResourceExhaustedError`` saying "No space left on
+    device" (SaveV2 on a full disk)."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    text = str(error).lower()
+    return _is_resource_exhausted(error) and (
+        "no space left" in text or "enospc" in text
+    )
+
+
+def out_of_memory(error):
+    """Whether ``error`` is running out of memory: ``MemoryError``, or
+    TensorFlow's ``ResourceExhaustedError`` other than a full disk (OOM
+    when allocating a tensor)."""
+    return isinstance(error, MemoryError) or (
+        _is_resource_exhausted(error) and not disk_full(error)
+    )
+
+
+def _is_resource_exhausted(error):
+    # By name, so that this needs no TensorFlow import.
+    return any(cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
+
+
+def first_line(error):
+    """The first line of an error's message (its type when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------
