@@ -7,7 +7,7 @@ from pathlib import Path
 from klseg import errors
 from klseg._version import __version__
 from klseg.files import make_temp_dir, write_json
-from klseg.runs import inputs
+from klseg.runs import inputs, runtime
 from klseg.runs.checks import size_pair, size_text
 from klseg.runs.folder import OutputFolder, check_inputs_not_outputs, holds_folders
 from klseg.runs.results import PathResult
@@ -115,6 +115,14 @@ def export(cfg):
         write_json(folder / "export.json", info)
         out.install(folder)
         done = True
+    except Exception as e:
+        if runtime.disk_full(e):
+            raise errors.RunError(
+                f"cannot write the export to {out.path} (--output): the disk is "
+                f"full ({runtime.first_line(e)}). Free some space or export to "
+                "another disk; an earlier export there is left as it was."
+            ) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not done:
