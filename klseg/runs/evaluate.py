@@ -5,7 +5,8 @@ from pathlib import Path
 
 from klseg import errors
 from klseg.files import write_json
-from klseg.runs import inputs
+from klseg.runs import inputs, runtime
+from klseg.runs.checks import size_text
 from klseg.runs.folder import check_inputs_not_outputs
 from klseg.runs.scoring import evaluate_model
 
@@ -125,14 +126,24 @@ def evaluate(cfg):
         ignore_value=cfg.ignore_value,
         cache=inputs.cache_in_memory(split, image_size),
     )
-    result = evaluate_model(
-        model,
-        dataset,
-        num_classes=num_classes,
-        ignore_value=cfg.ignore_value,
-        class_names=models.get_class_names(model),
-        options=cfg,
-    )
+    try:
+        result = evaluate_model(
+            model,
+            dataset,
+            num_classes=num_classes,
+            ignore_value=cfg.ignore_value,
+            class_names=models.get_class_names(model),
+            options=cfg,
+        )
+    except Exception as e:
+        if not runtime.out_of_memory(e):
+            raise
+        raise errors.ResourceError(
+            f"out of memory evaluating {cfg.model} on {cfg.data} at "
+            f"{size_text(image_size)} ({runtime.first_line(e)}): predict in "
+            "windows with --tile-size N (e.g. --tile-size 512), or lower "
+            "--batch-size or --image-size."
+        ) from None
     options = cfg.inference_kwargs()
     if options["tile_size"] is not None:
         options["tile_size"] = list(options["tile_size"])

@@ -1,10 +1,13 @@
 """``klseg predict``: masks (and colour overlays) for a folder of images."""
 
+import contextlib
+import shutil
 from pathlib import Path
 
+from klseg import errors
 from klseg.files import make_temp_dir, write_json, write_png
-from klseg.runs import inputs
-from klseg.runs.checks import size_pair
+from klseg.runs import inputs, runtime
+from klseg.runs.checks import size_pair, size_text
 from klseg.runs.folder import OutputFolder, check_inputs_not_outputs, holds_folders
 from klseg.runs.results import PredictResult
 
@@ -30,6 +33,27 @@ def predict_image(model, image, *, multiple=None, options=None, forward=None):
         model, image[None], size_multiple=multiple, forward=forward, **kwargs
     )
     return classes[0].astype("uint8")
+
+
+@contextlib.contextmanager
+def _memory_hint(path, image, cfg):
+    """Out of memory while predicting ``path``: a ``ResourceError`` that
+    offers ``--tile-size`` (what predicting in windows bounds)."""
+    try:
+        yield
+    except Exception as e:
+        if not runtime.out_of_memory(e):
+            raise
+        height, width = image.shape[:2]
+        if cfg.tile_size:
+            hint = f"give a smaller --tile-size than {size_text(cfg.tile_size)}"
+        else:
+            hint = "predict it in windows with --tile-size N (e.g. --tile-size 512)"
+        raise errors.ResourceError(
+            f"out of memory predicting {path} ({width}x{height} pixels; "
+            f"{runtime.first_line(e)}): {hint}, or shrink it with --image-size. "
+            "Nothing was written."
+        ) from None
 
 
 def _image_files(images):
@@ -88,6 +112,7 @@ def predict(cfg):
         replace=cfg.overwrite, clear=False
     )
     staging = make_temp_dir(out.path, ".predictions-")
+    done = False
     try:
         masks_dir, overlay_dir = staging / "masks", staging / "overlays"
         masks_dir.mkdir()
@@ -106,7 +131,8 @@ def predict(cfg):
                 image = np.asarray(
                     Image.fromarray(image).resize((width, height), Image.BILINEAR)
                 )
-            classes = predict_image(model, image, multiple=multiple, options=cfg)
+            with _memory_hint(path, image, cfg):
+                classes = predict_image(model, image, multiple=multiple, options=cfg)
             write_png(masks_dir / f"{path.stem}.png", classes, palette=colors)
             if cfg.overlay:
                 blended = report.overlay(image, classes, colors, alpha=cfg.alpha)
@@ -119,10 +145,11 @@ def predict(cfg):
             {"class_names": names, "palette": colors.tolist()},
         )
         out.install(staging)
+        done = True
     finally:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
+        if not done:
+            out.discard()
     return PredictResult(
         out.path,
         len(files),
