@@ -52,6 +52,12 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
     and metrics, and ``KLRegularizedModel`` wrappers. The arguments are
     Keras'.
 
+    Raises:
+        klseg.errors.ModelError: with ``safe_mode`` (the default), the file
+            holds Python code (a Lambda layer, a function such as
+            ``os.system``) that Keras refused to load; the message names it
+            and how to load a trusted file.
+
     Example:
         >>> import klseg
         >>> model = klseg.load_model("model.keras")  # doctest: +SKIP
@@ -59,9 +65,67 @@ def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
     register_keras_objects()
     import keras
 
-    return keras.saving.load_model(
-        filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
-    )
+    try:
+        return keras.saving.load_model(
+            filepath,
+            custom_objects=custom_objects,
+            compile=compile,
+            safe_mode=safe_mode,
+        )
+    except Exception as error:
+        code = _python_code(filepath) if safe_mode else None
+        if code is None:
+            raise
+        from klseg.errors import ModelError
+
+        raise ModelError(
+            f"{filepath} contains Python code ({code}); klseg loads only safe "
+            "models. If you trust this file, load it yourself with "
+            "klseg.load_model(path, safe_mode=False) (or "
+            "keras.saving.load_model(path, safe_mode=False))."
+        ) from error
+
+
+# Modules whose functions a safe model may name.
+_SAFE_MODULES = ("keras", "klseg", "keras_hub", "keras_nlp")
+
+
+def _python_code(filepath):
+    """What Python code a ``.keras`` file's ``config.json`` holds (a Lambda
+    layer, a function such as ``os.system``), in words; None if none or
+    unreadable. Keras' safe mode refuses these, often without saying so."""
+    import json
+    import zipfile
+
+    found = []
+
+    def walk(node):
+        if isinstance(node, list):
+            for value in node:
+                walk(value)
+        if not isinstance(node, dict):
+            return
+        config = node.get("config")
+        kind, module = node.get("class_name"), node.get("module")
+        if kind == "Lambda" and isinstance(config, dict):
+            found.append(f"a Lambda layer {config.get('name')!r}")
+        elif kind == "__lambda__":
+            found.append("a Python lambda")
+        elif (
+            isinstance(module, str)
+            and isinstance(config, str)
+            and module.split(".")[0] not in _SAFE_MODULES
+        ):
+            found.append(f"a reference to {module}.{config}")
+        for value in node.values():
+            walk(value)
+
+    try:
+        with zipfile.ZipFile(filepath) as archive:
+            walk(json.loads(archive.read("config.json")))
+    except Exception:
+        return None
+    return ", ".join(dict.fromkeys(found)) or None
 
 
 def __getattr__(name):

@@ -49,8 +49,9 @@ def load_model(path_or_model):
 
     Raises:
         klseg.errors.ModelError: the file is missing, not a ``.keras`` file,
-            or not a loadable Keras model; the preset cannot be loaded; the
-            model needs KerasHub and it is not installed.
+            or not a loadable Keras model; it holds Python code (a Lambda
+            layer), which klseg does not load; the preset cannot be loaded;
+            the model needs KerasHub and it is not installed.
     """
     import keras
 
@@ -63,6 +64,8 @@ def load_model(path_or_model):
         hub.import_keras_hub(f"model {path}")
     try:
         return klseg.load_model(path, compile=False)
+    except errors.KlsegError:
+        raise
     except Exception as e:
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
