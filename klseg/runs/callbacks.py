@@ -21,7 +21,7 @@ import keras
 from klseg import errors, progress
 from klseg.files import save_model
 from klseg.runs import runtime
-from klseg.runs.checkpoint import save_checkpoint, to_numpy
+from klseg.runs.checkpoint import history_record, save_checkpoint, to_numpy
 from klseg.runs.scoring import inference_function
 
 __all__ = [
@@ -31,8 +31,11 @@ __all__ = [
     "StopOnInterrupt",
     "StopOnNonFinite",
     "ValidateEvery",
+    "check_monitor",
     "lower_is_better",
+    "training_keys",
     "validation",
+    "validation_keys",
 ]
 
 
@@ -92,6 +95,9 @@ class RunCheckpoint(keras.callbacks.Callback):
                 "steps_per_epoch": self.steps,
                 "optimizer_iterations": int(to_numpy(self.model.optimizer.iterations)),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # Written after this epoch's row (HistoryFile runs first): a
+                # resumed run rebuilds a damaged history.csv from it.
+                "history": history_record(self.run.history),
             }
             save_checkpoint(self.run, self.model, self.model.optimizer, state)
             self.state = state
@@ -174,6 +180,50 @@ def validation_keys(callback):
         if domain == "source" or domain.endswith("_source"):
             keys.add(f"val_{domain[: -len('source')]}forgetting")
     return tuple(sorted(keys))
+
+
+def training_keys(model):
+    """The log entries a training epoch of the compiled ``model`` gets, known
+    before it runs: ``loss``, the model's own trackers (``task_loss``,
+    ``kl_loss``, ...) and the compiled metrics; None when they cannot be
+    told (a compile-metrics container of another Keras version)."""
+    keys = {"loss"}
+    for metric in model.metrics:
+        if type(metric).__name__ != "CompileMetrics":
+            if not metric.name.startswith("_"):  # hidden from the logs
+                keys.add(metric.name)
+            continue
+        compiled = getattr(metric, "_user_metrics", None)
+        weighted = getattr(metric, "_user_weighted_metrics", None)
+        if compiled is None and weighted is None:
+            return None
+        for item in keras.tree.flatten([compiled or [], weighted or []]):
+            name = getattr(item, "name", item)
+            if not isinstance(name, str):
+                return None
+            keys.add(name)
+    return keys
+
+
+def check_monitor(monitor, model, validation):
+    """Refuse a ``monitor`` that is not a column of the run's history,
+    before the first epoch (the columns are the training logs of the
+    compiled ``model`` and the entries of the ``validation`` callback).
+
+    Raises:
+        klseg.errors.InvalidArgumentError: naming ``--monitor``, the value
+            and the valid columns.
+    """
+    trained = training_keys(model)
+    if trained is None:
+        return  # RunCheckpoint checks it after the first epoch
+    columns = sorted(trained | set(validation_keys(validation)))
+    if monitor not in columns:
+        raise errors.InvalidArgumentError(
+            f"--monitor names the history column that picks the best epoch; "
+            f"{monitor!r} is not one of this run's columns: "
+            f"{', '.join(columns)}. Received: monitor={monitor!r}"
+        )
 
 
 class HistoryFile(keras.callbacks.Callback):

@@ -5,14 +5,15 @@ Each completed epoch writes a folder with the model weights
 random-number state of the model's layers (``random.npz``: the seed
 generators of dropout layers, which Keras leaves out of the weights file)
 and ``state.json`` (epoch, best score so far, its epoch, the monitored
-column, the seed, the optimizer step, the steps per epoch, and the size and
-SHA-256 of each file). The folder is written under a temporary name and
-renamed into place, then ``latest.json`` is pointed at it; the two newest
-are kept (pruning removes klseg's files only: anything else kept in a
-checkpoint folder stays). An interruption at any moment leaves the previous
-checkpoint intact, and a checkpoint damaged afterwards (a truncated or edited file, a
-missing ``state.json``) is detected by :func:`usable_checkpoints` before
-anything is loaded from it.
+column, the seed, the optimizer step, the steps per epoch, the rows of
+``history.csv`` up to that epoch, and the size and SHA-256 of each file).
+The folder is written under a temporary name and renamed into place, then
+``latest.json`` is pointed at it; the two newest are kept (pruning removes
+klseg's files only: anything else kept in a checkpoint folder stays). An
+interruption at any moment leaves the previous checkpoint intact, and a
+checkpoint damaged afterwards (a truncated or edited file, a missing
+``state.json``) is detected by :func:`usable_checkpoints` before anything is
+loaded from it.
 
 With the data streams started where the checkpoint left them
 (``klseg.data.make_dataset(skip=...)``), a resumed run is the run that was
@@ -36,9 +37,12 @@ from klseg.files import (
 )
 
 __all__ = [
+    "check_history",
+    "history_record",
+    "read_history",
     "restore_checkpoint",
     "save_checkpoint",
-    "truncate_history",
+    "settle_history",
     "usable_checkpoints",
 ]
 
@@ -211,17 +215,98 @@ def restore_checkpoint(folder, model, optimizer):
         )
 
 
-def truncate_history(path, epochs_done):
-    """Drop history rows of epochs that were not checkpointed."""
+def read_history(path):
+    """``(columns, rows)`` of a ``history.csv`` (lists of strings), or None
+    when there is no file."""
     path = Path(path)
     if not path.is_file():
-        return
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    keep = [r for r in body if r and r[0].isdigit() and int(r[0]) < epochs_done]
+        return None
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = [r for r in csv.reader(f) if r]
+    return (rows[0], rows[1:]) if rows else ([], [])
+
+
+def history_record(path):
+    """What a checkpoint keeps of ``history.csv`` to rebuild it from:
+    ``{"columns": [...], "rows": [[...], ...]}``, or None without a file."""
+    read = read_history(path)
+    return None if read is None else {"columns": read[0], "rows": read[1]}
+
+
+def _history_damage(read, epochs_done, columns):
+    """Why the rows of the epochs ``0..epochs_done - 1`` are not all there
+    once each, complete, under ``columns`` (None: not recorded), or None."""
+    if read is None:
+        return "it is missing"
+    header, rows = read
+    if not header or header[0] != "epoch" or (columns and header != columns):
+        return "its header is not the run's columns"
+    epochs = []
+    for row in rows:
+        if len(row) != len(header):
+            return f"a row has {len(row)} of {len(header)} fields"
+        if not row[0].isdigit():
+            return f"a row has the epoch {row[0]!r}"
+        if int(row[0]) < epochs_done:
+            epochs.append(int(row[0]))
+    if epochs != list(range(epochs_done)):
+        return f"its epochs are {epochs}, not 0..{epochs_done - 1} once each"
+    return None
+
+
+def _write_history(path, columns, rows):
     text = io.StringIO()
-    csv.writer(text).writerows([header, *keep])
+    csv.writer(text).writerows([columns, *rows])
     atomic_write_text(path, text.getvalue())
+
+
+def check_history(path, state, checkpoint_name="the checkpoint"):
+    """Why ``history.csv`` is not the history of the checkpoint whose state
+    is ``state`` (it lacks a row of the epochs ``0..N-1``, holds one twice
+    or incomplete, or has other columns), or None when it is.
+
+    Raises:
+        klseg.errors.RunError: it is not, and the checkpoint (written by an
+            older klseg) holds no copy of the history to rebuild it from.
+    """
+    path = Path(path)
+    record = state.get("history") or None
+    columns = record["columns"] if record else None
+    why = _history_damage(read_history(path), int(state["epoch"]), columns)
+    if why is not None and record is None:
+        raise errors.RunError(
+            f"cannot resume: {path} does not match {checkpoint_name} ({why}), "
+            "and the checkpoint (written by an older klseg) holds no copy of "
+            "the history to rebuild it from. Nothing was changed. Put the "
+            "history back, or start the run over with --overwrite."
+        )
+    return why
+
+
+def settle_history(path, state, checkpoint_name="the checkpoint"):
+    """Make ``history.csv`` the history of the checkpoint resumed from.
+
+    Rows of epochs past the checkpoint (written before an interruption
+    stopped the checkpoint) are dropped. A history that :func:`check_history`
+    finds damaged is rebuilt from the rows the checkpoint recorded
+    (``state["history"]``).
+
+    Returns:
+        A line saying what was rebuilt, or None when the file was sound.
+
+    Raises:
+        klseg.errors.RunError: see :func:`check_history`.
+    """
+    path = Path(path)
+    epochs_done = int(state["epoch"])
+    why = check_history(path, state, checkpoint_name)
+    if why is None:
+        header, rows = read_history(path)
+        keep = [r for r in rows if int(r[0]) < epochs_done]
+        if len(keep) != len(rows):
+            _write_history(path, header, keep)
+        return None
+    record = state["history"]
+    rows = [r for r in record["rows"] if int(r[0]) < epochs_done]
+    _write_history(path, record["columns"], rows)
+    return f"Rebuilt {path.name} from {checkpoint_name} ({why}): {len(rows)} epochs."

@@ -15,6 +15,7 @@ the row of a checkpointed epoch (it drops rows past the checkpoint).
 """
 
 import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -23,7 +24,7 @@ from klseg import errors, progress
 from klseg.files import write_json
 from klseg.runs import callbacks as cb
 from klseg.runs import inputs, runtime
-from klseg.runs.checkpoint import restore_checkpoint, truncate_history
+from klseg.runs.checkpoint import restore_checkpoint, settle_history
 from klseg.runs.configs import DEFAULT_LEARNING_RATE, RESUMABLE_CHANGES
 from klseg.runs.folder import RunFolder, holds_folders, open_run
 from klseg.runs.reports import curves_section
@@ -37,6 +38,7 @@ __all__ = [
     "curves_section",
     "examples_drawn",
     "finish",
+    "finished_result",
     "fit",
     "in_run_folder",
     "run_in_folder",
@@ -68,10 +70,27 @@ def in_run_folder(cfg, job, *, is_chief=True):
     run, checkpoint = open_run(
         cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
     )
+    done = finished_result(run, checkpoint, cfg.epochs) if cfg.resume else None
+    if done is not None:
+        say(
+            cfg.verbose,
+            f"{run.path}: all {cfg.epochs} epochs are done; nothing to do "
+            "(raise --epochs to train longer).",
+        )
+        return done
     # Progress of the long steps inside (scores, stored predictions) follows
     # the run's verbosity.
     with progress.verbosity(cfg.verbose):
         return job(run, checkpoint)
+
+
+def finished_result(run, checkpoint, epochs):
+    """The :class:`RunResult` of ``run`` when it finished ``epochs`` (see
+    :meth:`klseg.runs.folder.RunFolder.finished`), else None."""
+    if not run.finished(checkpoint, epochs):
+        return None
+    metrics = json.loads(run.metrics.read_text(encoding="utf-8"))
+    return RunResult(run.path, run.model, metrics, metrics.get("best_epoch"), epochs)
 
 
 def run_in_folder(cfg, step, *, job, strategy, is_chief, callbacks, **prepared):
@@ -208,6 +227,11 @@ def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
         The state of the last checkpoint (``None`` when no epoch ran).
 
     Raises:
+        klseg.errors.InvalidArgumentError: ``monitor`` is not a column of
+            the run's history (before the first epoch).
+        klseg.errors.RunError: a resumed run's history cannot be made that
+            of its checkpoint (see :func:`klseg.runs.checkpoint.
+            settle_history`).
         klseg.errors.TrainingDiverged: the loss, a validation loss or a
             weight became NaN or infinite; the message names the epoch and
             the step, what to try, and what the run kept.
@@ -215,6 +239,7 @@ def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
     cfg, run, state = ctx.cfg, ctx.run, ctx.state
     train_ds = runtime.distribute_options(train_ds)
     initial_epoch = int(state["epoch"]) if state else 0
+    cb.check_monitor(monitor, model, validation)
     _prepare_history(ctx, monitor, steps)
     validation = cb.ValidateEvery(
         validation, every=cfg.val_every, epochs=cfg.epochs, verbose=cfg.verbose
@@ -283,7 +308,9 @@ def _prepare_history(ctx, monitor, steps):
             f"{state['monitor']!r}, not {monitor!r}; resume with the same "
             "--monitor."
         )
-    truncate_history(run.history, int(state["epoch"]))
+    rebuilt = settle_history(run.history, state, ctx.checkpoint[0].name)
+    if rebuilt:
+        say(cfg.verbose, rebuilt)
     saved_steps = state.get("steps_per_epoch")
     if saved_steps is not None and saved_steps != steps:
         say(

@@ -452,6 +452,23 @@ class RunFolder(OutputFolder):
             )
         return chosen
 
+    def finished(self, checkpoint, epochs):
+        """Whether the run completed ``epochs``: its ``checkpoint``
+        (``(folder, state)``) is of epoch ``epochs`` or later, and its
+        ``metrics.json`` (of a run of ``epochs``) and ``model.keras`` are
+        written."""
+        import json
+
+        if checkpoint is None or int(checkpoint[1].get("epoch", 0)) < epochs:
+            return False
+        if not self.metrics.is_file() or not self.model.is_file():
+            return False
+        try:
+            metrics = json.loads(self.metrics.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(metrics, dict) and metrics.get("epochs") == epochs
+
     def has_checkpoint(self):
         return (self.checkpoints / "latest.json").is_file()
 
@@ -559,11 +576,12 @@ def open_run(cfg, *, kind="run", ignore=frozenset(), say=print, abandoned=None):
 
 
 def _resume(run, cfg, ignore, say):
-    """Check the saved settings, then continue in ``run`` (locked)."""
+    """Check the saved settings and what there is to continue from, then
+    continue in ``run`` (locked). Nothing is changed before the checks."""
     current = cfg.to_dict()
-    diffs = config_differences(
-        _with_defaults(run.saved_config(), cfg, current), current, ignore
-    )
+    saved = run.saved_config()
+    _check_command(run, saved, cfg)
+    diffs = config_differences(_with_defaults(saved, cfg, current), current, ignore)
     if diffs:
         raise errors.RunError(
             f"cannot resume {run.path} with different settings: "
@@ -571,11 +589,83 @@ def _resume(run, cfg, ignore, say):
             + ". Resume with the saved settings (only --epochs may change), "
             "or start a new run."
         )
+    checkpoint = run.latest_checkpoint(say) if run.kind == "run" else None
+    if run.kind == "run" and checkpoint is None:
+        _check_nothing_completed(run)
+    if checkpoint is not None:
+        from klseg.runs.checkpoint import check_history
+
+        check_history(run.history, checkpoint[1], checkpoint[0].name)
+    if run.kind == "run" and run.finished(checkpoint, cfg.epochs):
+        run.lock()  # held for the job, as adopt() does; nothing is written
+        return run, checkpoint
     run.adopt()
     try:
-        checkpoint = run.latest_checkpoint(say) if run.kind == "run" else None
         run.write_config(current)
     except BaseException:
         run.release()
         raise
     return run, checkpoint
+
+
+def _command(config_class):
+    """The command of a run config (``TrainConfig`` -> ``train``)."""
+    return config_class.__name__.removesuffix("Config").lower()
+
+
+def _written_by(saved, cfg):
+    """The command that wrote the saved config ``saved`` when it is not the
+    one of ``cfg``, else None: the run config whose fields hold the most of
+    the saved keys (a key klseg dropped since counts against every one)."""
+    import dataclasses
+
+    from klseg.runs import configs
+
+    classes = (configs.TrainConfig, configs.FinetuneConfig, configs.DistillConfig)
+    if not isinstance(saved, dict) or type(cfg) not in classes:
+        return None
+    keys = set(saved)
+
+    def fit(config_class):
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        return len(keys & fields) - len(keys - fields)
+
+    best = max(classes, key=fit)
+    if fit(best) == fit(type(cfg)):
+        return None
+    return _command(best)
+
+
+def _check_command(run, saved, cfg):
+    """Refuse to resume a run that another command wrote."""
+    written = _written_by(saved, cfg)
+    if written is not None:
+        raise errors.RunError(
+            f"{run.option} {run.path} holds a klseg {written} run, not a "
+            f"{_command(type(cfg))} run (its {run.config.name} has the "
+            f"settings of klseg {written}). Resume it with klseg {written} "
+            "--resume, or choose another folder."
+        )
+
+
+def _completed_epochs(run):
+    """What in ``run`` shows that epochs were completed (file names)."""
+    shown = [p.name for p in (run.metrics, run.model) if p.is_file()]
+    if run.history.is_file():
+        with open(run.history, encoding="utf-8", errors="replace") as f:
+            if sum(1 for line in f if line.strip()) > 1:
+                shown.append(run.history.name)
+    return shown
+
+
+def _check_nothing_completed(run):
+    """Refuse to resume a run that completed epochs but kept no checkpoint:
+    continuing would train from scratch and replace its results."""
+    shown = _completed_epochs(run)
+    if shown:
+        raise errors.RunError(
+            f"cannot resume {run.path}: its {', '.join(shown)} show completed "
+            f"epochs, but {run.checkpoints} holds no checkpoint to continue "
+            "from. Nothing was changed. Pass --overwrite to start the run "
+            "over (replacing its results), or choose another folder."
+        )

@@ -10,21 +10,20 @@ finished settings are kept and the interrupted one continues.
 """
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from klseg.files import write_json
 from klseg.runs.configs import RESUMABLE_CHANGES
 from klseg.runs.configs.bounds import weight_text
-from klseg.runs.fit import say
+from klseg.runs.fit import finished_result, say
 from klseg.runs.folder import (
     RunFolder,
     check_inputs_not_outputs,
     holds_folders,
     open_run,
 )
-from klseg.runs.results import RunResult, SweepResult, pct
+from klseg.runs.results import SweepResult, pct
 
 __all__ = ["finished_run", "sweep"]
 
@@ -231,13 +230,7 @@ def finished_run(path, epochs):
     run = RunFolder(path)
     if not run.metrics.is_file() or not run.model.is_file():
         return None
-    latest = run.latest_checkpoint()
-    if latest is None or int(latest[1].get("epoch", 0)) < epochs:
-        return None
-    metrics = json.loads(run.metrics.read_text())
-    if metrics.get("epochs") != epochs:
-        return None
-    return RunResult(run.path, run.model, metrics, metrics.get("best_epoch"), epochs)
+    return finished_result(run, run.latest_checkpoint(), epochs)
 
 
 def _abandoned_sweep(top):
