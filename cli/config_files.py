@@ -116,14 +116,19 @@ def _display_key(param):
 def _command_tree(ctx):
     """``{path: command}`` for every command below the root (``"data synth"``)."""
     found = {}
+    root = ctx.find_root()
 
     def walk(command, prefix):
-        for name, sub in getattr(command, "commands", {}).items():
+        # list_commands/get_command, not .commands: the commands load lazily.
+        if not isinstance(command, click.Group):
+            return
+        for name in command.list_commands(root):
+            sub = command.get_command(root, name)
             path = f"{prefix} {name}".strip()
             found[path] = sub
             walk(sub, path)
 
-    walk(ctx.find_root().command, "")
+    walk(root.command, "")
     return found
 
 

@@ -52,9 +52,9 @@ def _resolve(path, args):
     ctx = click.Context(cli, info_name="klseg")
     command = cli
     for name in path[:-1]:
-        command = command.commands[name]
+        command = command.get_command(ctx, name)
         ctx = click.Context(command, info_name=name, parent=ctx)
-    command = command.commands[path[-1]]
+    command = command.get_command(ctx, path[-1])
     ctx = command.make_context(path[-1], list(args), parent=ctx)
     values, _ = resolve_options(ctx)
     return values

@@ -14,6 +14,7 @@ field fits in every window.
 import json
 import math
 
+import click
 import keras
 import numpy as np
 import pytest
@@ -678,6 +679,7 @@ def test_tta_modes_are_the_run_layers():
     from klseg.cli import options
 
     assert "none" in inference.TTA_MODES and "flip" in inference.TTA_MODES
-    params = {p.name: p for p in cli.commands["predict"].params}
+    predict = cli.get_command(click.Context(cli), "predict")
+    params = {p.name: p for p in predict.params}
     assert tuple(params["tta"].type.choices) == inference.TTA_MODES
     assert options.default(runs.PredictConfig, "tta") == "none"

@@ -407,3 +407,21 @@ def test_help_loads_no_command_module():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_config_files_see_every_command_in_a_fresh_process():
+    # A config key is checked against the options of every command, which
+    # load lazily: the walk must load them, not read what is loaded.
+    code = (
+        "import click\n"
+        "from klseg.cli.main import cli\n"
+        "from klseg.cli.config_files import _command_tree\n"
+        "print(' '.join(sorted(_command_tree(click.Context(cli)))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    found = out.stdout.strip().split(" ")
+    from klseg.cli.main import COMMANDS
+
+    assert set(COMMANDS) <= set(found) and "synth" in found, found
