@@ -151,7 +151,7 @@ def test_a_finished_run_resumed_with_more_epochs_continues(run):
 def test_a_finished_run_resumed_with_the_same_epochs_is_done(run):
     before = _files(run)
     result = ok("train", "-o", run, "--resume")
-    assert "all 3 epochs are done; nothing to do" in result.output
+    assert "all 3 epochs are done; nothing to train" in result.output
     assert _files(run) == before
 
 

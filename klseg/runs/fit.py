@@ -74,7 +74,7 @@ def in_run_folder(cfg, job, *, is_chief=True):
     if done is not None:
         say(
             cfg.verbose,
-            f"{run.path}: all {cfg.epochs} epochs are done; nothing to do "
+            f"{run.path}: all {cfg.epochs} epochs are done; nothing to train "
             "(raise --epochs to train longer).",
         )
         return done
