@@ -29,6 +29,11 @@ __all__ = ["COMMANDS", "cli", "main"]
 #: ``klseg --help`` builds none of their options; the short help is the one
 #: the command's docstring gives (a test checks they agree).
 COMMANDS = {
+    "adapt": (
+        "klseg.cli.adapt",
+        "adapt",
+        "Adapt a trained model to a target domain without target labels.",
+    ),
     "data": ("klseg.cli.tools", "data", "Data sets."),
     "demo": (
         "klseg.cli.tools",

@@ -40,6 +40,7 @@ from klseg.replicas import global_sum, num_replicas, replica_context
 __all__ = [
     "MIX_MODES",
     "MeanTeacherModel",
+    "classmix_mask",
     "consistency_divergence",
     "mix_batch",
     "photometric_augment",
@@ -146,15 +147,9 @@ def mix_batch(images, teacher_logits, *, mix="classmix", seed=None):
     other_logits = ops.roll(logits, 1, axis=0)
     if mix == "classmix":
         num_classes = int(logits.shape[-1])
-        onehot = ops.one_hot(ops.argmax(other_logits, axis=-1), num_classes)
-        present = ops.max(onehot, axis=(1, 2)) > 0  # (B, K)
-        keys = _uniform(batch, (num_classes,), seed)
-        keys = ops.where(present, keys, 2.0)  # absent classes sort last
-        rank = ops.argsort(ops.argsort(keys, axis=-1), axis=-1)
-        count = ops.sum(ops.cast(present, "int32"), axis=-1, keepdims=True)
-        picked = present & (ops.cast(rank, "int32") < (count + 1) // 2)
-        weights = ops.cast(picked, "float32")[:, None, None, :]
-        pasted = ops.sum(onehot * weights, axis=-1) > 0
+        pasted = classmix_mask(
+            ops.argmax(other_logits, axis=-1), num_classes, seed=seed
+        )
     else:
         share = _uniform(batch, (), seed)
         centre_y = _uniform(batch, (), seed)
@@ -170,6 +165,38 @@ def mix_batch(images, teacher_logits, *, mix="classmix", seed=None):
     mixed_images = ops.where(pasted[..., None], other_images, images)
     mixed_logits = ops.where(pasted[..., None], other_logits, logits)
     return mixed_images, mixed_logits, pasted
+
+
+def classmix_mask(classes, num_classes, *, seed=None):
+    """ClassMix's paste mask: the pixels of a random half of the classes.
+
+    For each image, a random half (rounded up) of the classes present in
+    ``classes`` is drawn; the mask is true where the pixel's class is one of
+    them. Values outside ``[0, num_classes)`` (an ignore label) are never
+    pasted and do not count as present.
+
+    Args:
+        classes: ``(B, H, W)`` integer class map (a teacher's argmax, or
+            labels).
+        num_classes: the number of classes.
+        seed: a ``keras.random.SeedGenerator`` or an int. Defaults to None.
+
+    Returns:
+        The bool ``(B, H, W)`` mask.
+    """
+    classes = ops.cast(classes, "int32")
+    valid = (classes >= 0) & (classes < num_classes)
+    onehot = ops.one_hot(ops.where(valid, classes, 0), num_classes)
+    onehot = onehot * ops.cast(valid, onehot.dtype)[..., None]
+    present = ops.max(onehot, axis=(1, 2)) > 0  # (B, K)
+    batch = ops.shape(classes)[0]
+    keys = _uniform(batch, (num_classes,), seed)
+    keys = ops.where(present, keys, 2.0)  # absent classes sort last
+    rank = ops.argsort(ops.argsort(keys, axis=-1), axis=-1)
+    count = ops.sum(ops.cast(present, "int32"), axis=-1, keepdims=True)
+    picked = present & (ops.cast(rank, "int32") < (count + 1) // 2)
+    weights = ops.cast(picked, "float32")[:, None, None, :]
+    return ops.sum(onehot * weights, axis=-1) > 0
 
 
 def _grey(images):
@@ -296,6 +323,21 @@ def rampup_factor(step, rampup):
         return ops.ones((), "float32")
     t = ops.minimum(ops.cast(step, "float32") / float(rampup), 1.0)
     return ops.exp(-5.0 * ops.square(1.0 - t))
+
+
+def _with_label_terms(values, student_logits, labels):
+    """``values`` where ``labels`` is negative; elsewhere the cross-entropy
+    ``-log softmax(student)[label]`` (float32; a label >= the class count,
+    an ignore label, counts 0)."""
+    num_classes = int(student_logits.shape[-1])
+    labels = ops.cast(labels, "int32")
+    log_probs = ops.log_softmax(ops.cast(student_logits, "float32"), axis=-1)
+    valid = (labels >= 0) & (labels < num_classes)
+    index = ops.where(valid, labels, 0)[..., None]
+    cross_entropy = -ops.squeeze(ops.take_along_axis(log_probs, index, axis=-1), -1)
+    pasted = labels >= 0
+    cross_entropy = ops.where(valid, cross_entropy, 0.0)
+    return ops.where(pasted, cross_entropy, values)
 
 
 # The model ----------------------------------------------------------------
@@ -533,22 +575,33 @@ class MeanTeacherModel(KLRegularizedModel):
 
     # -- loss -------------------------------------------------------------
 
-    def _strong_view(self, images, teacher_logits):
+    def _strong_view(self, images, teacher_logits, parts, y):
+        """``(images, teacher logits, labels)`` of the strong view; ``labels``
+        (None here) are hard labels of pixels pasted from labelled images,
+        where the student is pulled towards them instead of the teacher."""
+        del parts, y  # A subclass pastes from the labelled images.
         images, teacher_logits, _ = mix_batch(
             images, teacher_logits, mix=self.mix, seed=self.strong_view_seed
         )
         if self.photometric:
             images = photometric_augment(images, seed=self.strong_view_seed)
-        return images, teacher_logits
+        return images, teacher_logits, None
 
-    def _consistency_term(self, unlabeled, training):
+    def _track_teacher(self, teacher_logits, confidence, count):
+        """Epoch statistics of the teacher's predictions on the weak view."""
+        self.teacher_confidence_tracker.update_state(
+            ops.mean(confidence), sample_weight=count
+        )
+
+    def _consistency_term(self, unlabeled, training, parts=None, y=None):
         """This replica's share of the consistency term of the global batch."""
         images = ops.cast(unlabeled, "float32")
         teacher = self.ema_model(images, training=False)
         teacher = ops.stop_gradient(ops.cast(teacher, "float32"))
         weak_confidence = ops.max(ops.softmax(teacher, axis=-1), axis=-1)
+        labels = None
         if training:
-            images, teacher = self._strong_view(images, teacher)
+            images, teacher, labels = self._strong_view(images, teacher, parts, y)
         student = self.student(images, training=training)
         values, _ = consistency_divergence(
             teacher,
@@ -556,14 +609,14 @@ class MeanTeacherModel(KLRegularizedModel):
             temperature=self.consistency_temperature,
             threshold=self.consistency_threshold,
         )
+        if labels is not None:
+            values = _with_label_terms(values, student, labels)
         local_sum = ops.sum(values)
         count = ops.cast(ops.size(values), "float32")
         self.consistency_loss_tracker.update_state(
             local_sum / ops.maximum(count, 1.0), sample_weight=count
         )
-        self.teacher_confidence_tracker.update_state(
-            ops.mean(weak_confidence), sample_weight=count
-        )
+        self._track_teacher(teacher, weak_confidence, count)
         return local_sum / ops.maximum(global_sum(count), 1.0)
 
     def compute_loss(
@@ -579,10 +632,10 @@ class MeanTeacherModel(KLRegularizedModel):
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
         step = self._update_teacher() if training else None
-        unlabeled = unpack_inputs(x)["unlabeled_images"]
-        if unlabeled is None:
+        parts = unpack_inputs(x)
+        if parts["unlabeled_images"] is None:
             return total
-        term = self._consistency_term(unlabeled, training)
+        term = self._consistency_term(parts["unlabeled_images"], training, parts, y)
         weight = ops.cast(self.consistency_weight, "float32")
         if training:
             weight = weight * rampup_factor(step, self.consistency_rampup)

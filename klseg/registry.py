@@ -11,6 +11,10 @@ in ``--help``).
 """
 
 __all__ = [
+    "ADAPT_DEFAULTS",
+    "ADAPT_KL_WEIGHT",
+    "ADAPT_LEARNING_RATE",
+    "ADAPT_METHODS",
     "AUGMENT",
     "BACKBONES",
     "DEFAULT_LEARNING_RATE",
@@ -38,6 +42,7 @@ __all__ = [
     "SOURCE_PREDICTIONS",
     "STRATEGIES",
     "STUDENT_BN",
+    "STYLES",
     "SYNTH_DEFAULTS",
     "TEMPERATURE_RANGE",
     "TRAIN_DEFAULTS",
@@ -98,7 +103,16 @@ STUDENT_BN = ("trainable", "frozen", "synchronized")
 #: Whether the source model's predictions are computed live or stored once.
 SOURCE_PREDICTIONS = ("auto", "live", "stored")
 #: Adam learning rate of each job when none is given.
-DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4}
+DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4, "adapt": 1e-4}
+#: How ``klseg adapt`` adapts (docs/adapt.md).
+ADAPT_METHODS = ("self-training", "bn-stats", "tent")
+#: Restyling of source images towards the target domain (klseg.data.style).
+STYLES = ("none", "fda", "histogram", "pda")
+#: The KL weight of each adaptation method when none is given.
+ADAPT_KL_WEIGHT = {"self-training": 0.3, "tent": 0.0}
+#: The Adam learning rate of each trained adaptation method when none is
+#: given (TENT: Wang et al. 2021 train the BatchNorm affine parameters at 1e-3).
+ADAPT_LEARNING_RATE = {"self-training": 1e-4, "tent": 1e-3}
 
 #: Defaults of the options every training job shares (train, finetune,
 #: distill).
@@ -124,6 +138,19 @@ FINETUNE_DEFAULTS = {
     "consistency_threshold": 0.9,
     "consistency_rampup": 0,
     "consistency_mix": "classmix",
+}
+ADAPT_DEFAULTS = {
+    "method": "self-training",
+    "temperature": 2.0,
+    "consistency_weight": 1.0,
+    "ema_decay": 0.99,
+    "consistency_threshold": 0.9,
+    "consistency_rampup": 0,
+    "consistency_mix": "classmix",
+    "balance_weight": 0.0,
+    "entropy_weight": 1.0,
+    "student_bn": "trainable",
+    "style": "none",
 }
 DISTILL_DEFAULTS = {"model": "unet", "kl_weight": DISTILL_KL_WEIGHT, "kl_type": "pixel"}
 EVALUATE_DEFAULTS = {"batch_size": 8, "ignore_value": 255}
@@ -171,6 +198,8 @@ LIMITS = {
     "finetune_epochs": (1, 1_000_000),
     "kl_weight": (0, 1_000_000),
     "consistency_weight": (0, 1_000_000),
+    "balance_weight": (0, 1_000_000),
+    "entropy_weight": (0, 1_000_000),
 }
 
 #: Images with more pixels than this are refused, naming the file, before

@@ -37,6 +37,7 @@ ENGINE = {
 JOBS = {
     "train",
     "finetune",
+    "adapt",
     "sweep",
     "evaluate",
     "predict",
@@ -386,10 +387,9 @@ def test_the_lazy_command_table_is_the_commands():
         )
     } | {
         n
-        for n in dir(importlib.import_module("klseg.cli.training"))
-        if isinstance(
-            getattr(importlib.import_module("klseg.cli.training"), n), click.Command
-        )
+        for module in ("klseg.cli.training", "klseg.cli.adapt")
+        for n in dir(importlib.import_module(module))
+        if isinstance(getattr(importlib.import_module(module), n), click.Command)
     }
     assert {c for c in found if c in COMMANDS or c != "synth"} == set(COMMANDS)
 

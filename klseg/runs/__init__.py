@@ -52,6 +52,7 @@ import sys
 import types
 
 __all__ = [
+    "AdaptConfig",
     "DemoConfig",
     "DemoResult",
     "DistillConfig",
@@ -66,6 +67,7 @@ __all__ = [
     "SweepResult",
     "SynthConfig",
     "TrainConfig",
+    "adapt",
     "demo",
     "distill",
     "evaluate",
@@ -83,6 +85,7 @@ __all__ = [
 ]
 
 _CONFIGS = (
+    "AdaptConfig",
     "DemoConfig",
     "DistillConfig",
     "EvaluateConfig",
@@ -106,6 +109,7 @@ _LAZY = {
     **{name: ("klseg.runs.configs", name) for name in _CONFIGS},
     **{name: ("klseg.runs.results", name) for name in _RESULTS},
     "RunFolder": ("klseg.runs.folder", "RunFolder"),
+    "adapt": ("klseg.runs.adapt", "adapt"),
     "demo": ("klseg.runs.demo", "demo"),
     "distill": ("klseg.runs.distill", "distill"),
     "evaluate": ("klseg.runs.evaluate", "evaluate"),

@@ -156,7 +156,8 @@ def compile_model(ctx, model, policy, *, num_classes, scores=None):
     The task's defaults: Adam at ``ctx.learning_rate`` (loss-scaled under
     ``mixed_float16``), :class:`klseg.losses.SparseKLDivergence` and the
     streaming ``scores`` (names ending in ``mean_iou`` or
-    ``pixel_accuracy``; defaults to ``("mean_iou", "pixel_accuracy")``).
+    ``pixel_accuracy``; defaults to ``("mean_iou", "pixel_accuracy")``; ``()``
+    for none, for batches without labels).
     Call it inside the strategy's scope.
     """
     from klseg import losses, metrics
@@ -173,7 +174,10 @@ def compile_model(ctx, model, policy, *, num_classes, scores=None):
     model.compile(
         optimizer=optimizer,
         loss=losses.SparseKLDivergence(ignore_class=ignore),
-        metrics=[metric(n) for n in scores or ("mean_iou", "pixel_accuracy")],
+        metrics=[
+            metric(n)
+            for n in (("mean_iou", "pixel_accuracy") if scores is None else scores)
+        ],
         jit_compile=runtime.jit_setting(cfg),
     )
     if ctx.checkpoint:

@@ -621,7 +621,12 @@ def _written_by(saved, cfg):
 
     from klseg.runs import configs
 
-    classes = (configs.TrainConfig, configs.FinetuneConfig, configs.DistillConfig)
+    classes = (
+        configs.TrainConfig,
+        configs.FinetuneConfig,
+        configs.DistillConfig,
+        configs.AdaptConfig,
+    )
     if not isinstance(saved, dict) or type(cfg) not in classes:
         return None
     keys = set(saved)

@@ -78,10 +78,12 @@ def steps_per_epoch(cfg, images):
     return cfg.steps_per_epoch or max(1, math.ceil(images / cfg.batch_size))
 
 
-def training_stream(cfg, split, image_size, *, seed, skip=0, maps=None):
+def training_stream(cfg, split, image_size, *, seed, skip=0, maps=None, style=None):
     """Shuffled, augmented, repeated batches of ``split`` (``drop_remainder``),
     started ``skip`` examples in; ``maps`` are per-image maps that travel
-    with the masks (:func:`klseg.data.make_dataset`'s ``extra_maps``)."""
+    with the masks (:func:`klseg.data.make_dataset`'s ``extra_maps``);
+    ``style`` restyles each image before the augmentation (a
+    :class:`klseg.data.style.DomainStyle`)."""
     from klseg import data
 
     return data.make_dataset(
@@ -98,6 +100,7 @@ def training_stream(cfg, split, image_size, *, seed, skip=0, maps=None):
         extra_maps=maps,
         cache=inputs.cache_in_memory(split, image_size),
         skip=skip,
+        style=style,
     )
 
 
@@ -119,7 +122,7 @@ class TrainingStreams:
         self.image_size = image_size
         self.skip = skip
 
-    def stream(self, key, maps=None, skip=None):
+    def stream(self, key, maps=None, skip=None, style=None):
         """The stream of ``splits[key]`` with its seed (``SEED_OFFSETS``)."""
         return training_stream(
             self.cfg,
@@ -128,6 +131,7 @@ class TrainingStreams:
             seed=self.cfg.seed + SEED_OFFSETS[key],
             skip=self.skip if skip is None else skip,
             maps=maps,
+            style=style,
         )
 
     def mixed(self, maps=None):

@@ -6,10 +6,13 @@ reads without importing these modules (the commands build the configs).
 
 - :mod:`klseg.runs.configs.training`: the training jobs (``train``,
   ``finetune``, ``distill``) and the options they share;
+- :mod:`klseg.runs.configs.adaptation`: ``adapt`` (adaptation without target
+  labels);
 - :mod:`klseg.runs.configs.tools`: the jobs that do not train (``evaluate``,
   ``predict``, ``export``, ``data synth``, ``demo``).
 """
 
+from klseg.runs.configs.adaptation import AdaptConfig
 from klseg.runs.configs.tools import (
     DEMO_PRESETS,
     DemoConfig,
@@ -42,6 +45,7 @@ from klseg.runs.configs.training import (
 )
 
 __all__ = [
+    "AdaptConfig",
     "AUGMENT",
     "BACKBONES",
     "CONSISTENCY_MIX",

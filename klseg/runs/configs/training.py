@@ -176,6 +176,11 @@ class _RunOptions:
         }
 
 
+#: The options every training job shares, for configs defined elsewhere
+#: (:mod:`klseg.runs.configs.adaptation`).
+RunOptions = _RunOptions
+
+
 @dataclasses.dataclass
 class TrainConfig(_RunOptions):
     """Options of :func:`train` (``klseg train``).
