@@ -163,8 +163,7 @@ def _guards():
         click.option(
             "--style-references",
             type=PATH,
-            help="Target-domain images the style follows  [default: "
-            "--target-images].",
+            help="Target-domain images the style follows  [default: --target-images].",
         ),
     )
 

@@ -305,9 +305,7 @@ def _source_shares(ctx, nets):
 
     forward = inference_function(nets.source)
     shares = ClassShares(nets.num_classes)
-    ds = streams.evaluation_stream(
-        ctx.cfg, ctx.splits["target_images"], ctx.image_size
-    )
+    ds = streams.evaluation_stream(ctx.cfg, ctx.splits["target_images"], ctx.image_size)
     for x, _ in ds:
         shares.update_state(forward(x))
     return keras.ops.convert_to_numpy(shares.shares())
