@@ -20,6 +20,7 @@ from klseg.registry import (
     MODELS,
     SOURCE_PREDICTIONS,
     STUDENT_BN,
+    STYLES,
     TEMPERATURE_RANGE,
     TRAIN_DEFAULTS,
 )
@@ -124,6 +125,18 @@ def _architecture_options(who=""):
     type=NameList(),
     help="Comma-separated class names stored in the model  [default: from "
     "classes.json beside --data, else class_0, class_1, ...].",
+)
+@default_option(
+    TRAIN_DEFAULTS,
+    "--style",
+    type=click.Choice(STYLES),
+    help="Restyle every training image towards a --style-references image "
+    "before augmentation (FDA, histogram matching, PDA; docs/adapt.md).",
+)
+@click.option(
+    "--style-references",
+    type=PATH,
+    help="Target-domain images (a folder with images/) that --style follows.",
 )
 @run_options
 @click.pass_context

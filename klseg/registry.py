@@ -129,7 +129,7 @@ RUN_DEFAULTS = {
     "mixed_precision": "off",
 }
 #: Defaults of the options of each job, beside ``RUN_DEFAULTS``.
-TRAIN_DEFAULTS = {"model": "unet"}
+TRAIN_DEFAULTS = {"model": "unet", "style": "none"}
 FINETUNE_DEFAULTS = {
     "kl_inputs": "auto",
     "student_bn": "trainable",

@@ -298,3 +298,44 @@ def test_a_collapsing_run_warns_and_records_it(bench, source, tmp_path, capsys):
     assert found["lost_classes"] == [name]
     assert found["warnings"] == [{"epoch": 1, "lost_classes": [name]}]
     assert f"Warning: epoch 1: the pseudo-labels lost {name}" in out
+
+
+# --------------------------------------------------------------------------
+# --style on klseg train
+
+
+def test_train_restyles_its_images_towards_the_references(bench, tmp_path):
+    from helpers import train_args
+
+    from klseg.data import load_arrays, load_split
+    from klseg.data.style import DomainStyle, load_references
+
+    out = tmp_path / "styled"
+    refs = bench / "target" / "unlabeled"
+    ok(*train_args(bench, out), "--style", "histogram", "--style-references", refs,
+       "--epochs", 1, "--batch-size", 4, "--base-filters", 4, "--depth", 2)  # fmt: skip
+    saved = (out / "config.yaml").read_text()
+    assert "style: histogram" in saved and str(refs) in saved
+    # The stream's images are the restyled ones: histogram matching moves the
+    # source images' colour histogram towards the target images'.
+    from klseg.runs import streams
+
+    cfg = runs.TrainConfig(
+        data=str(bench / "source" / "train"), val_data=str(bench / "source" / "val"),
+        output=str(tmp_path / "unused"), style="histogram",
+        style_references=str(refs), augment="none", batch_size=2, image_size=SIZE,
+    )  # fmt: skip
+    style = streams.domain_style(cfg, load_split(str(refs), require_masks=False), SIZE)
+    assert isinstance(style, DomainStyle) and style.method == "histogram"
+    images, _ = load_arrays(load_split(str(bench / "source" / "train")), SIZE)
+    target = np.stack(load_references(str(refs), image_size=SIZE)).astype(float)
+    styled = style(images, seed=0).astype(float)
+    gap = abs(images.mean() - target.mean())
+    assert abs(styled.mean() - target.mean()) < 0.5 * gap
+
+
+def test_train_style_needs_its_references(bench, tmp_path):
+    from helpers import train_args
+
+    result = refused(*train_args(bench, tmp_path / "o"), "--style", "fda", code=2)
+    assert "style and style_references go together" in result.output

@@ -278,15 +278,9 @@ def _training_stream(ctx):
 
 def _style(ctx):
     """The restyling of the labelled source images, or None."""
-    cfg = ctx.cfg
-    if cfg.style == "none":
-        return None
-    from klseg.data.style import DomainStyle, load_references
-
-    references = ctx.splits.get("style_references", ctx.splits["target_images"])
-    return DomainStyle(
-        cfg.style, load_references(references, image_size=ctx.image_size)
-    )
+    splits = ctx.splits
+    references = splits.get("style_references", splits["target_images"])
+    return streams.domain_style(ctx.cfg, references, ctx.image_size)
 
 
 def _evaluation_streams(ctx):

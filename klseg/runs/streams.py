@@ -23,6 +23,7 @@ from klseg.runs import inputs, runtime
 __all__ = [
     "SEED_OFFSETS",
     "TrainingStreams",
+    "domain_style",
     "evaluation_stream",
     "examples_drawn",
     "images_per_epoch",
@@ -195,6 +196,17 @@ def with_source_images(batches, source_batches):
     from klseg import finetune as ft
 
     return tf.data.Dataset.zip((batches, source_batches)).map(ft.pair_batches)
+
+
+def domain_style(cfg, references, image_size):
+    """The restyling of ``cfg.style`` towards the images of the split
+    ``references`` (:class:`klseg.data.style.DomainStyle`, at most 64 of
+    them at ``image_size``), or None for ``"none"``."""
+    if cfg.style == "none":
+        return None
+    from klseg.data.style import DomainStyle, load_references
+
+    return DomainStyle(cfg.style, load_references(references, image_size=image_size))
 
 
 def evaluation_stream(cfg, split, image_size):

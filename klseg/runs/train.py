@@ -45,7 +45,12 @@ def train(cfg, *, callbacks=None):
     started = time.time()
     check_inputs_not_outputs(
         {"output": cfg.output},
-        {"data": cfg.data, "val_data": cfg.val_data, "class_map": cfg.class_map},
+        {
+            "data": cfg.data,
+            "val_data": cfg.val_data,
+            "class_map": cfg.class_map,
+            "style_references": cfg.style_references,
+        },
     )
     if hub.is_hub_spec(cfg.model):
         hub.check_spec(cfg.model)
@@ -55,6 +60,10 @@ def train(cfg, *, callbacks=None):
         "data": inputs.load_split(cfg.data, cfg),
         "val_data": inputs.load_split(cfg.val_data, cfg),
     }
+    if cfg.style_references:
+        splits["style_references"] = inputs.load_split(
+            cfg.style_references, cfg, require_masks=False
+        )
     classes = _resolve_classes(cfg, splits["data"])
     # Without --image-size, the training images' own size (one for all).
     image_size = inputs.default_image_size(cfg, splits["data"])
@@ -117,9 +126,14 @@ def _train(ctx, num_classes, class_names):
         steps = streams.steps_per_epoch(cfg, n_train)
         # A resumed run continues the stream where its checkpoint left it.
         drawn = streams.examples_drawn(ctx.state, steps, cfg.batch_size)
+        style = None
+        if cfg.style != "none":
+            style = streams.domain_style(
+                cfg, ctx.splits["style_references"], ctx.image_size
+            )
         train_ds = streams.TrainingStreams(
             cfg, ctx.splits, ctx.image_size, skip=drawn
-        ).stream("data")
+        ).stream("data", style=style)
         val_ds = streams.evaluation_stream(cfg, ctx.splits["val_data"], ctx.image_size)
         monitor = "val_mean_iou" if cfg.monitor == "auto" else cfg.monitor
         say(

@@ -30,6 +30,7 @@ from klseg.registry import (
     SOURCE_PREDICTIONS,
     STRATEGIES,
     STUDENT_BN,
+    STYLES,
     TEMPERATURE_RANGE,
     TRAIN_DEFAULTS,
 )
@@ -200,6 +201,10 @@ class TrainConfig(_RunOptions):
             largest mask value + 1).
         class_names: names stored in the model; ``None`` reads them from a
             ``classes.json`` like ``num_classes``, else ``class_0``, ...
+        style, style_references: restyle every training image towards the
+            images of ``style_references`` (target-domain images) before
+            augmentation: ``"fda"``, ``"histogram"`` or ``"pda"``
+            (``klseg.data.style``); ``"none"`` (the default) leaves them.
         image_size: training and validation size, ``N``, ``(H, W)`` or
             ``"HxW"`` (stored as an int for a square, else ``(H, W)``);
             images are resized to it. ``None`` takes the size of the
@@ -222,9 +227,12 @@ class TrainConfig(_RunOptions):
     depth: int | None = None
     num_classes: int | None = None
     class_names: tuple | None = None
+    style: str = TRAIN_DEFAULTS["style"]
+    style_references: str | None = None
 
     def __post_init__(self):
         self._check_run_options()
+        self._check_style()
         if not self.data or not self.val_data:
             fail(
                 "train needs data and val_data. "
@@ -247,6 +255,17 @@ class TrainConfig(_RunOptions):
         check_bounded("base_filters", self.base_filters, allow_none=True)
         check_bounded("depth", self.depth, allow_none=True)
         self.class_names = check_names("class_names", self.class_names)
+
+    def _check_style(self):
+        check_choice("style", self.style, STYLES)
+        check_path("style_references", self.style_references)
+        if (self.style == "none") != (self.style_references is None):
+            fail(
+                "style and style_references go together: style restyles the "
+                "training images towards the style_references images (a "
+                "folder of target-domain images). Received: "
+                f"style={self.style!r}, style_references={self.style_references!r}"
+            )
 
 
 @dataclasses.dataclass
