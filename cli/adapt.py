@@ -157,13 +157,15 @@ def _guards():
             ADAPT_DEFAULTS,
             "--style",
             type=click.Choice(STYLES),
-            help="Restyle the --source-data images towards the target domain "
-            "before augmentation (FDA, histogram matching, PDA).",
+            help="Restyle the --source-data images before augmentation: towards "
+            "target images (fda, histogram, pda) or with random colours "
+            "(random-colour, domain randomisation).",
         ),
         click.option(
             "--style-references",
             type=PATH,
-            help="Target-domain images the style follows  [default: --target-images].",
+            help="Target-domain images that --style fda, histogram or pda follows  "
+            "[default: --target-images].",
         ),
     )
 

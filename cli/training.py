@@ -130,13 +130,15 @@ def _architecture_options(who=""):
     TRAIN_DEFAULTS,
     "--style",
     type=click.Choice(STYLES),
-    help="Restyle every training image towards a --style-references image "
-    "before augmentation (FDA, histogram matching, PDA; docs/adapt.md).",
+    help="Restyle every training image before augmentation: towards a "
+    "--style-references image (fda, histogram, pda) or with random colours "
+    "(random-colour; docs/adapt.md).",
 )
 @click.option(
     "--style-references",
     type=PATH,
-    help="Target-domain images (a folder with images/) that --style follows.",
+    help="Target-domain images (a folder with images/) that --style fda, "
+    "histogram or pda follows.",
 )
 @run_options
 @click.pass_context

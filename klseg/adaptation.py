@@ -25,15 +25,21 @@ Everything here uses ``keras.ops`` only and runs on the TensorFlow and JAX
 backends, including under ``tf.distribute``.
 """
 
+import itertools
 import math
 
 import keras
 from keras import ops
 
-from klseg.consistency import MeanTeacherModel, classmix_mask, photometric_augment
+from klseg.consistency import (
+    MeanTeacherModel,
+    classmix_mask,
+    mix_batch,
+    photometric_augment,
+)
 from klseg.errors import InvalidArgumentError
 from klseg.finetune import KLRegularizedModel, unpack_inputs
-from klseg.replicas import global_sum
+from klseg.replicas import global_sum, num_replicas
 
 __all__ = [
     "LOST_FRACTION",
@@ -174,9 +180,7 @@ def adapt_batchnorm(model, batches, *, steps=None):
     try:
         for layer in layers:
             layer.trainable = True
-        for n, batch in enumerate(batches, start=1):
-            if steps is not None and n > steps:
-                break
+        for n, batch in enumerate(itertools.islice(batches, steps), start=1):
             images = _images_of(batch)
             for layer in layers:
                 layer.momentum = (n - 1) / n
@@ -210,6 +214,10 @@ class ClassShares(keras.metrics.Metric):
     is the normalised entropy of the shares, ``H(shares) / log K`` in
     [0, 1] (1: every class equally often; 0: one class everywhere), the
     collapse signal in one number; :meth:`shares` gives the vector.
+
+    ``reference`` (set with :meth:`set_reference`, zeros by default) holds
+    the shares the counts are compared with; it is state of the metric (so
+    that it is at hand in a JAX metrics step) that ``reset_state`` keeps.
     """
 
     def __init__(self, num_classes, name="class_shares", **kwargs):
@@ -218,6 +226,21 @@ class ClassShares(keras.metrics.Metric):
         self.counts = self.add_variable(
             shape=(self.num_classes,), initializer="zeros", name="counts"
         )
+        self.reference = self.add_variable(
+            shape=(self.num_classes,),
+            initializer="zeros",
+            name="reference",
+            aggregation="mean",
+        )
+
+    def set_reference(self, shares):
+        shares = ops.convert_to_numpy(shares).astype("float32").reshape(-1)
+        if shares.shape != (self.num_classes,):
+            raise InvalidArgumentError(
+                f"reference shares must have one entry per class "
+                f"({self.num_classes}). Received: shape {shares.shape}"
+            )
+        self.reference.assign(shares)
 
     def update_state(self, logits, sample_weight=None):
         del sample_weight
@@ -236,7 +259,7 @@ class ClassShares(keras.metrics.Metric):
         return value / math.log(max(self.num_classes, 2))
 
     def reset_state(self):
-        self.counts.assign(ops.zeros_like(self.counts))
+        self.counts.assign(ops.zeros(self.counts.shape, self.counts.dtype))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes}
@@ -351,23 +374,21 @@ class SelfTrainingModel(MeanTeacherModel):
         self.confident_share_tracker = keras.metrics.Mean(name="confident_share")
         self.pseudo_shares = ClassShares(self.num_classes, name="pseudo_class_entropy")
         self.balance_loss_tracker = keras.metrics.Mean(name="balance_loss")
-        self.reference_shares = self.add_weight(
-            shape=(self.num_classes,),
-            initializer="zeros",
-            trainable=False,
-            name="reference_shares",
-        )
+        # Whether compute_loss runs a training step: then _strong_view counts
+        # the pseudo-labels (the weak view's; _track_teacher sees the strong
+        # view's teacher logits, maybe mixed). The same on every replica.
+        self._training_step = False
 
     def set_reference_shares(self, shares):
         """Set the class shares the collapse signal compares with (the source
-        model's predictions on the target images; zeros turn it off)."""
-        shares = ops.convert_to_numpy(shares).astype("float32").reshape(-1)
-        if shares.shape != (self.num_classes,):
-            raise InvalidArgumentError(
-                f"reference shares must have one entry per class "
-                f"({self.num_classes}). Received: shape {shares.shape}"
-            )
-        self.reference_shares.assign(shares)
+        model's predictions on the target images; zeros, the default, turn it
+        off). Not saved with the model: set it again after loading."""
+        self.pseudo_shares.set_reference(shares)
+
+    @property
+    def reference_shares(self):
+        """The shares :meth:`lost_classes` compares with (a variable)."""
+        return self.pseudo_shares.reference
 
     def lost_classes(self, shares=None):
         """The classes the teacher's pseudo-labels lost: those with a reference
@@ -388,9 +409,11 @@ class SelfTrainingModel(MeanTeacherModel):
         self.confident_share_tracker.update_state(
             ops.mean(confident), sample_weight=count
         )
-        self.pseudo_shares.update_state(teacher_logits)
+        if not self._training_step:
+            self.pseudo_shares.update_state(teacher_logits)
 
     def _strong_view(self, images, teacher_logits, parts, y):
+        self.pseudo_shares.update_state(teacher_logits)  # the weak view's
         if not self.cross_domain_mix or y is None:
             return super()._strong_view(images, teacher_logits, parts, y)
         labels = ops.cast(y, "int32")
@@ -398,7 +421,15 @@ class SelfTrainingModel(MeanTeacherModel):
             labels = ops.squeeze(labels, -1)
         pasted = classmix_mask(labels, self.num_classes, seed=self.strong_view_seed)
         labelled = ops.cast(parts["images"], "float32")
-        images = ops.where(pasted[..., None], labelled, images)
+        # A batch without labelled pixels mixes target images with each other.
+        mixed, mixed_logits, _ = mix_batch(
+            images, teacher_logits, mix=self.mix, seed=self.strong_view_seed
+        )
+        has_labels = ops.any(pasted)
+        images = ops.where(
+            has_labels, ops.where(pasted[..., None], labelled, images), mixed
+        )
+        teacher_logits = ops.where(has_labels, teacher_logits, mixed_logits)
         if self.photometric:
             images = photometric_augment(images, seed=self.strong_view_seed)
         return images, teacher_logits, ops.where(pasted, labels, -1)
@@ -407,6 +438,7 @@ class SelfTrainingModel(MeanTeacherModel):
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         """The loss of one batch (see the class docstring)."""
+        self._training_step = bool(training)
         total = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
@@ -422,6 +454,8 @@ class SelfTrainingModel(MeanTeacherModel):
         )
         balance = class_balance_divergence(y_pred[:n], reference)
         self.balance_loss_tracker.update_state(balance)
+        # This replica's share (Keras sums the replicas' gradients).
+        balance = balance / float(num_replicas())
         return total + ops.cast(self.balance_weight * balance, total.dtype)
 
     def get_metrics_result(self):
@@ -497,7 +531,12 @@ class TentModel(KLRegularizedModel):
         self.entropy_weight = _number(entropy_weight, "entropy_weight")
         kwargs.setdefault("kl_weight", 0.0)
         kwargs["kl_inputs"] = "target"
-        kwargs["student_bn"] = "trainable"
+        kwargs.setdefault("student_bn", "trainable")
+        if kwargs["student_bn"] == "frozen":
+            raise InvalidArgumentError(
+                "TENT normalises with each batch's statistics: student_bn must "
+                "be 'trainable' or 'synchronized'. Received: student_bn='frozen'"
+            )
         super().__init__(student, source, **kwargs)
         _tent_trainable(student)
         self.entropy_tracker = keras.metrics.Mean(name="entropy")
@@ -505,10 +544,12 @@ class TentModel(KLRegularizedModel):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        n = ops.shape(unpack_inputs(x)["images"])[0]
+        if y is None:  # no masks: all ignore_class
+            y = ops.full(ops.shape(y_pred[:n])[:-1], self.ignore_class, "int32")
         total = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
-        n = ops.shape(unpack_inputs(x)["images"])[0]
         values = entropy(y_pred[:n])
         count = ops.cast(ops.size(values), "float32")
         local_sum = ops.sum(values)
@@ -528,6 +569,5 @@ class TentModel(KLRegularizedModel):
     def get_config(self):
         config = super().get_config()
         config["entropy_weight"] = self.entropy_weight
-        for key in ("kl_inputs", "student_bn"):
-            config.pop(key, None)
+        config.pop("kl_inputs", None)
         return config

@@ -38,6 +38,7 @@ __all__ = [
     "MODELS",
     "PREDICT_DEFAULTS",
     "QUANTIZATIONS",
+    "REFERENCE_STYLES",
     "RUN_DEFAULTS",
     "SOURCE_PREDICTIONS",
     "STRATEGIES",
@@ -106,8 +107,11 @@ SOURCE_PREDICTIONS = ("auto", "live", "stored")
 DEFAULT_LEARNING_RATE = {"train": 1e-3, "finetune": 1e-4, "adapt": 1e-4}
 #: How ``klseg adapt`` adapts (docs/adapt.md).
 ADAPT_METHODS = ("self-training", "bn-stats", "tent")
-#: Restyling of source images towards the target domain (klseg.data.style).
-STYLES = ("none", "fda", "histogram", "pda")
+#: Restyling of source images (klseg.data.style): towards target images
+#: (fda, histogram, pda: they need references) or randomised colours.
+STYLES = ("none", "fda", "histogram", "pda", "random-colour")
+#: The styles that follow reference images.
+REFERENCE_STYLES = ("fda", "histogram", "pda")
 #: The KL weight of each adaptation method when none is given.
 ADAPT_KL_WEIGHT = {"self-training": 0.3, "tent": 0.0}
 #: The Adam learning rate of each trained adaptation method when none is

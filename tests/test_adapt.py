@@ -205,7 +205,7 @@ def test_resumed_adaptation_is_the_uninterrupted_run(bench, source, uda_run, tmp
         (["--style", "fda"], "give source_data or drop style"),
         (["--method", "tent", "--source-data", "SRC"], "adapts on target images"),
         (["--source-data", "SRC", "--balance-weight", "1"], "guard source-free"),
-        (["--style-references", "SRC"], "choose a style"),
+        (["--style-references", "SRC"], "choose fda, histogram, pda"),
         (["--ema-decay", "1"], "ema-decay"),
     ],
 )
@@ -338,4 +338,4 @@ def test_train_style_needs_its_references(bench, tmp_path):
     from helpers import train_args
 
     result = refused(*train_args(bench, tmp_path / "o"), "--style", "fda", code=2)
-    assert "style and style_references go together" in result.output
+    assert "style_references go with style fda, histogram or pda" in result.output

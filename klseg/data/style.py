@@ -44,7 +44,7 @@ from klseg.data.resize import resize, size_pair
 from klseg.data.split import Split
 from klseg.errors import DataError, InvalidArgumentError
 
-__all__ = ["METHODS", "DomainStyle", "load_references"]
+__all__ = ["METHODS", "ColourRandomization", "DomainStyle", "load_references"]
 
 METHODS = {
     "fda": ("FDA", "fda_metadata"),
@@ -203,6 +203,61 @@ class DomainStyle:
 
     def __call__(self, images, *, seed=0):
         """Restyles a batch ``(N, H, W, 3)`` (or one image); returns uint8."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            return self.apply(images, seed=[seed, 0])
+        return np.stack(
+            [self.apply(image, seed=[seed, i]) for i, image in enumerate(images)]
+        )
+
+
+class ColourRandomization:
+    """Domain randomisation of colour: no references, every image its own look.
+
+    Each image gets a random permutation of its three colour channels (one
+    of 6, uniform) and, with probability ``invert``, is inverted
+    (``255 - x``). Global restyling (FDA, histogram matching, PDA) moves a
+    source image's colours towards the target's as a whole; where each class
+    changes its colour in its own way (the built-in benchmark's target
+    reuses source colours for other classes), it cannot undo that, and a
+    model trained on randomised colours has to use shape and layout instead
+    (domain randomisation: Tobin et al. 2017; Yue et al., ICCV 2019).
+
+    Args:
+        invert: probability of inverting an image. Defaults to 0.3.
+
+    Example:
+
+    >>> import numpy as np
+    >>> image = np.zeros((2, 2, 3), np.uint8); image[..., 0] = 200
+    >>> out = ColourRandomization(invert=0.0).apply(image, seed=1)
+    >>> sorted(out[0, 0].tolist())
+    [0, 0, 200]
+    """
+
+    method = "random-colour"
+
+    def __init__(self, invert=0.3):
+        if not 0.0 <= float(invert) <= 1.0:
+            raise InvalidArgumentError(
+                f"`invert` must be in [0, 1]. Received: invert={invert!r}"
+            )
+        self.invert = float(invert)
+
+    def __repr__(self):
+        return f"ColourRandomization(invert={self.invert})"
+
+    def apply(self, image, *, seed=0):
+        """Randomises one ``uint8 (H, W, 3)`` image; deterministic for a seed."""
+        words = [int(s) & 0xFFFFFFFF for s in np.atleast_1d(seed)]
+        rng = np.random.default_rng([0xC0_10, *words])
+        out = np.asarray(image)[..., rng.permutation(3)]
+        if rng.random() < self.invert:
+            out = 255 - out
+        return np.ascontiguousarray(out.astype(np.uint8))
+
+    def __call__(self, images, *, seed=0):
+        """Randomises a batch ``(N, H, W, 3)`` (or one image)."""
         images = np.asarray(images)
         if images.ndim == 3:
             return self.apply(images, seed=[seed, 0])

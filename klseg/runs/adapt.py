@@ -216,7 +216,11 @@ def _wrapper(cfg, student, source):
     if cfg.method == "tent":
         try:
             return adaptation.TentModel(
-                student, source, entropy_weight=cfg.entropy_weight, **common
+                student,
+                source,
+                entropy_weight=cfg.entropy_weight,
+                student_bn=cfg.student_bn,
+                **common,
             )
         except errors.InvalidArgumentError as e:
             raise errors.ModelError(f"{cfg.source}: {e}") from None
@@ -321,8 +325,8 @@ def _adapt(ctx):
         baseline = _baseline(ctx, nets, domains)
         watch = None
         if cfg.method == "self-training":
-            if ctx.state is None:
-                nets.model.set_reference_shares(_source_shares(ctx, nets))
+            # Not in the checkpoint: a resumed run counts it again (the same).
+            nets.model.set_reference_shares(_source_shares(ctx, nets))
             watch = CollapseWatch(nets.names, verbose=cfg.verbose)
             ctx = dataclasses.replace(
                 ctx, callbacks=[watch, *list(ctx.callbacks or [])]

@@ -199,13 +199,16 @@ def with_source_images(batches, source_batches):
 
 
 def domain_style(cfg, references, image_size):
-    """The restyling of ``cfg.style`` towards the images of the split
+    """The restyling of ``cfg.style``: towards the images of the split
     ``references`` (:class:`klseg.data.style.DomainStyle`, at most 64 of
-    them at ``image_size``), or None for ``"none"``."""
+    them at ``image_size``), :class:`klseg.data.style.ColourRandomization`
+    for ``"random-colour"``, or None for ``"none"``."""
     if cfg.style == "none":
         return None
-    from klseg.data.style import DomainStyle, load_references
+    from klseg.data.style import ColourRandomization, DomainStyle, load_references
 
+    if cfg.style == "random-colour":
+        return ColourRandomization()
     return DomainStyle(cfg.style, load_references(references, image_size=image_size))
 
 

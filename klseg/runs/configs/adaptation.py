@@ -12,6 +12,7 @@ from klseg.registry import (
     ADAPT_LEARNING_RATE,
     ADAPT_METHODS,
     MIX_MODES,
+    REFERENCE_STYLES,
     STUDENT_BN,
     STYLES,
     TEMPERATURE_RANGE,
@@ -142,10 +143,11 @@ class AdaptConfig(RunOptions):
                 "(source_data) towards the target domain; give source_data or "
                 "drop style. Received: source_data=None"
             )
-        if self.style == "none" and self.style_references:
+        if self.style not in REFERENCE_STYLES and self.style_references:
             fail(
                 "style_references are the target images that style follows; "
-                f"choose a style ({', '.join(STYLES[1:])}). Received: style='none'"
+                f"choose {', '.join(REFERENCE_STYLES)}. Received: "
+                f"style={self.style!r}"
             )
         if self.method == "bn-stats" and self.resume:
             fail(
@@ -158,6 +160,12 @@ class AdaptConfig(RunOptions):
                 f"method={self.method!r} adapts on target images alone; "
                 "source_data feeds self-training. Received: "
                 f"source_data={self.source_data!r}"
+            )
+        if self.method == "tent" and self.student_bn == "frozen":
+            fail(
+                "method='tent' normalises with each batch's statistics; "
+                "student_bn must be 'trainable' or 'synchronized'. "
+                "Received: student_bn='frozen'"
             )
         if self.source_data and (self.balance_weight > 0 or self.freeze_head):
             fail(

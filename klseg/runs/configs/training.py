@@ -26,6 +26,7 @@ from klseg.registry import (
     MIXED_PRECISION,
     MODELS,
     QUANTIZATIONS,
+    REFERENCE_STYLES,
     RUN_DEFAULTS,
     SOURCE_PREDICTIONS,
     STRATEGIES,
@@ -204,7 +205,9 @@ class TrainConfig(_RunOptions):
         style, style_references: restyle every training image towards the
             images of ``style_references`` (target-domain images) before
             augmentation: ``"fda"``, ``"histogram"`` or ``"pda"``
-            (``klseg.data.style``); ``"none"`` (the default) leaves them.
+            (``klseg.data.style``); ``"random-colour"`` randomises each
+            image's colours (no references); ``"none"`` (the default)
+            leaves them.
         image_size: training and validation size, ``N``, ``(H, W)`` or
             ``"HxW"`` (stored as an int for a square, else ``(H, W)``);
             images are resized to it. ``None`` takes the size of the
@@ -259,11 +262,13 @@ class TrainConfig(_RunOptions):
     def _check_style(self):
         check_choice("style", self.style, STYLES)
         check_path("style_references", self.style_references)
-        if (self.style == "none") != (self.style_references is None):
+        needs = self.style in REFERENCE_STYLES
+        if needs != (self.style_references is not None):
             fail(
-                "style and style_references go together: style restyles the "
-                "training images towards the style_references images (a "
-                "folder of target-domain images). Received: "
+                "style_references go with style fda, histogram or pda: they "
+                "restyle the training images towards the style_references "
+                "images (a folder of target-domain images); none and "
+                "random-colour take no references. Received: "
                 f"style={self.style!r}, style_references={self.style_references!r}"
             )
 
