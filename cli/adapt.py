@@ -4,9 +4,9 @@ import click
 
 from klseg.registry import (
     ADAPT_DEFAULTS,
-    ADAPT_KL_WEIGHT,
     ADAPT_LEARNING_RATE,
     ADAPT_METHODS,
+    ADAPT_RECIPES,
     LIMITS,
     MIX_MODES,
     STUDENT_BN,
@@ -73,17 +73,31 @@ def _inputs():
     )
 
 
+def _mode_default(key):
+    """``[default: V for MODE, ...]`` of an option whose default depends on
+    the mode (``klseg.registry.ADAPT_RECIPES``)."""
+    values = [
+        f"{value:g}" if isinstance(value, float) else str(value)
+        for value in (recipe.get(key) for recipe in ADAPT_RECIPES.values())
+    ]
+    parts = [
+        f"{value} {mode}"
+        for value, (mode, recipe) in zip(values, ADAPT_RECIPES.items())
+        if key in recipe
+    ]
+    return f"  [default: {', '.join(parts)}; docs/adapt.md]"
+
+
 def _terms():
     """The KL term and the pseudo-labels."""
-    kl_defaults = ", ".join(f"{w:g} for {m}" for m, w in ADAPT_KL_WEIGHT.items())
     rates = ", ".join(f"{r:g} for {m}" for m, r in ADAPT_LEARNING_RATE.items())
     return option_block(
         click.option(
             "--kl-weight",
             type=FiniteFloat(min=0, max=LIMITS["kl_weight"][1]),
             help="Weight of the KL term to the frozen source model (on source "
-            f"images with --source-data, else on target images).  [default: "
-            f"{kl_defaults}; learning rate: {rates}]",
+            "images with --source-data, else on target images); the learning "
+            f"rate defaults to {rates}." + _mode_default("kl_weight"),
         ),
         default_option(
             ADAPT_DEFAULTS,
@@ -97,23 +111,23 @@ def _terms():
             type=FiniteFloat(min=0, max=LIMITS["consistency_weight"][1]),
             help="Weight of the pseudo-label term (self-training).",
         ),
-        default_option(
-            ADAPT_DEFAULTS,
+        click.option(
             "--ema-decay",
             type=FiniteFloat(min=0, max=1, max_open=True),
-            help="Decay of the teacher's moving average of the weights.",
+            help="Decay of the teacher's moving average of the weights."
+            + _mode_default("ema_decay"),
         ),
-        default_option(
-            ADAPT_DEFAULTS,
+        click.option(
             "--consistency-threshold",
             type=FiniteFloat(min=0, max=1),
-            help="Teacher confidence a pixel needs to count as a pseudo-label.",
+            help="Teacher confidence a pixel needs to count as a pseudo-label."
+            + _mode_default("consistency_threshold"),
         ),
-        default_option(
-            ADAPT_DEFAULTS,
+        click.option(
             "--consistency-rampup",
             type=bounded("consistency_rampup"),
-            help="Optimizer steps of the sigmoid ramp-up of the pseudo-label weight.",
+            help="Optimizer steps of the sigmoid ramp-up of the pseudo-label weight."
+            + _mode_default("consistency_rampup"),
         ),
         default_option(
             ADAPT_DEFAULTS,
@@ -153,13 +167,12 @@ def _guards():
             type=click.Choice(STUDENT_BN),
             help="BatchNorm statistics of the adapted model in self-training.",
         ),
-        default_option(
-            ADAPT_DEFAULTS,
+        click.option(
             "--style",
             type=click.Choice(STYLES),
             help="Restyle the --source-data images before augmentation: towards "
             "target images (fda, histogram, pda) or with random colours "
-            "(random-colour, domain randomisation).",
+            "(random-colour, domain randomisation)." + _mode_default("style"),
         ),
         click.option(
             "--style-references",

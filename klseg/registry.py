@@ -12,9 +12,9 @@ in ``--help``).
 
 __all__ = [
     "ADAPT_DEFAULTS",
-    "ADAPT_KL_WEIGHT",
     "ADAPT_LEARNING_RATE",
     "ADAPT_METHODS",
+    "ADAPT_RECIPES",
     "AUGMENT",
     "BACKBONES",
     "DEFAULT_LEARNING_RATE",
@@ -112,8 +112,26 @@ ADAPT_METHODS = ("self-training", "bn-stats", "tent")
 STYLES = ("none", "fda", "histogram", "pda", "random-colour")
 #: The styles that follow reference images.
 REFERENCE_STYLES = ("fda", "histogram", "pda")
-#: The KL weight of each adaptation method when none is given.
-ADAPT_KL_WEIGHT = {"self-training": 0.3, "tent": 0.0}
+#: The defaults of ``klseg adapt`` that depend on the mode (docs/adapt.md,
+#: "Defaults"): measured with benchmarks/bench_adapt.py. An option given
+#: explicitly wins; a mode's entry fills the options left unset, the rest
+#: come from ADAPT_DEFAULTS.
+ADAPT_RECIPES = {
+    "unsupervised": {
+        "kl_weight": 1.0,
+        "ema_decay": 0.99,
+        "consistency_threshold": 0.968,
+        "consistency_rampup": 100,
+        "style": "none",
+    },
+    "source-free": {
+        "kl_weight": 1.0,
+        "ema_decay": 0.97,
+        "consistency_threshold": 0.9,
+        "consistency_rampup": 100,
+    },
+    "tent": {"kl_weight": 0.0},
+}
 #: The Adam learning rate of each trained adaptation method when none is
 #: given (TENT: Wang et al. 2021 train the BatchNorm affine parameters at 1e-3).
 ADAPT_LEARNING_RATE = {"self-training": 1e-4, "tent": 1e-3}
@@ -145,6 +163,7 @@ FINETUNE_DEFAULTS = {
 }
 ADAPT_DEFAULTS = {
     "method": "self-training",
+    "kl_weight": 0.0,
     "temperature": 2.0,
     "consistency_weight": 1.0,
     "ema_decay": 0.99,

@@ -103,7 +103,14 @@ def test_unsupervised_adaptation_from_the_command_line(bench, source, tmp_path):
     )
     # The recipe is said once, with every value the run used.
     assert result.output.count("method=self-training, unsupervised") == 1
-    assert "kl_weight=0.3" in result.output and "style=histogram" in result.output
+    assert "kl_weight=1 " in result.output and "style=histogram" in result.output
+    # The mode's defaults, named once; the explicit --style is not among them.
+    assert (
+        "[defaults of the unsupervised mode: kl_weight=1, ema_decay=0.99, "
+        "consistency_threshold=0.968, consistency_rampup=100]" in result.output
+    )
+    saved = (out / "config.yaml").read_text()
+    assert "consistency_threshold: 0.968" in saved and "kl_weight: 1.0" in saved
     found = metrics(out / "metrics.json")
     assert found["mode"] == "unsupervised" and found["saved_model"] == "ema_teacher"
     assert found["monitor"] == "val_ema_target_mean_iou"
@@ -192,6 +199,41 @@ def test_resumed_adaptation_is_the_uninterrupted_run(bench, source, uda_run, tmp
             Interrupt(epoch=epoch, step=step),
         )
         assert_same_run(out, uda_run)
+
+
+# --------------------------------------------------------------------------
+# the defaults of each mode
+
+
+def test_each_mode_takes_its_measured_defaults_and_an_explicit_option_wins(
+    tmp_path,
+):
+    from klseg.registry import ADAPT_DEFAULTS, ADAPT_RECIPES
+
+    def make(**changes):
+        return runs.AdaptConfig(
+            source="m.keras", target_images="t", output=str(tmp_path / "o"),
+            **changes,
+        )  # fmt: skip
+
+    unsupervised = make(source_data="s")
+    assert unsupervised.mode == "unsupervised"
+    for key, value in ADAPT_RECIPES["unsupervised"].items():
+        assert getattr(unsupervised, key) == value
+    assert unsupervised.applied == ADAPT_RECIPES["unsupervised"]
+    free = make()
+    assert free.mode == "source-free" and free.ema_decay == 0.97
+    assert free.consistency_threshold == 0.9 and free.kl_weight == 1.0
+    assert free.style == ADAPT_DEFAULTS["style"]
+    tent = make(method="tent")
+    assert tent.kl_weight == 0.0 and tent.learning_rate == 1e-3
+    explicit = make(source_data="s", consistency_threshold=0.5, kl_weight=0)
+    assert explicit.consistency_threshold == 0.5 and explicit.kl_weight == 0.0
+    assert "consistency_threshold" not in explicit.applied
+    assert "kl_weight" not in explicit.applied
+    # config.yaml records the values used, so a resumed run keeps them.
+    saved = unsupervised.to_dict()
+    assert saved["consistency_threshold"] == 0.968 and saved["kl_weight"] == 1.0
 
 
 # --------------------------------------------------------------------------

@@ -117,7 +117,20 @@ def _load_inputs(cfg):
 
 
 def recipe(cfg):
-    """The one line that says what the run does, with every value it uses."""
+    """The one line that says what the run does, with every value it uses
+    (and which of them are the mode's defaults)."""
+    text = _recipe(cfg)
+    applied = getattr(cfg, "applied", None)
+    if applied:
+        values = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in applied.items()
+        )
+        text += f" [defaults of the {cfg.mode} mode: {values}]"
+    return text
+
+
+def _recipe(cfg):
     head = f"method={cfg.method}"
     if cfg.method == "bn-stats":
         return head + " (BatchNorm statistics re-estimated on the target images)"

@@ -8,9 +8,9 @@ import dataclasses
 
 from klseg.registry import (
     ADAPT_DEFAULTS,
-    ADAPT_KL_WEIGHT,
     ADAPT_LEARNING_RATE,
     ADAPT_METHODS,
+    ADAPT_RECIPES,
     MIX_MODES,
     REFERENCE_STYLES,
     STUDENT_BN,
@@ -48,9 +48,8 @@ class AdaptConfig(RunOptions):
         val_data, source_val_data: labelled target / source validation
             data, used only to score (``val_data`` also picks
             ``model.keras``; without it the last epoch is kept).
-        kl_weight: weight of the KL term to the frozen source model
-            (default per method, ``ADAPT_KL_WEIGHT``). temperature: its
-            temperature.
+        kl_weight: weight of the KL term to the frozen source model.
+            temperature: its temperature.
         consistency_weight, ema_decay, consistency_threshold,
         consistency_rampup, consistency_mix: the pseudo-label term (as
             ``klseg finetune``'s consistency term).
@@ -61,6 +60,13 @@ class AdaptConfig(RunOptions):
         style, style_references: restyle the labelled source images towards
             the target domain (``klseg.data.style``; references default to
             ``target_images``).
+
+    ``kl_weight``, ``ema_decay``, ``consistency_threshold``,
+    ``consistency_rampup`` and ``style`` left at None take the value of the
+    run's mode (:attr:`mode`) in ``klseg.registry.ADAPT_RECIPES``, the
+    values the benchmark chose for it, else ``ADAPT_DEFAULTS``; the config
+    then holds the values used (``config.yaml``), and :attr:`applied` says
+    which came from the mode.
     """
 
     source: str | None = None
@@ -72,15 +78,15 @@ class AdaptConfig(RunOptions):
     kl_weight: float | None = None
     temperature: float = ADAPT_DEFAULTS["temperature"]
     consistency_weight: float = ADAPT_DEFAULTS["consistency_weight"]
-    ema_decay: float = ADAPT_DEFAULTS["ema_decay"]
-    consistency_threshold: float = ADAPT_DEFAULTS["consistency_threshold"]
-    consistency_rampup: int = ADAPT_DEFAULTS["consistency_rampup"]
+    ema_decay: float | None = None
+    consistency_threshold: float | None = None
+    consistency_rampup: int | None = None
     consistency_mix: str = ADAPT_DEFAULTS["consistency_mix"]
     balance_weight: float = ADAPT_DEFAULTS["balance_weight"]
     freeze_head: bool = False
     entropy_weight: float = ADAPT_DEFAULTS["entropy_weight"]
     student_bn: str = ADAPT_DEFAULTS["student_bn"]
-    style: str = ADAPT_DEFAULTS["style"]
+    style: str | None = None
     style_references: str | None = None
 
     def __post_init__(self):
@@ -91,6 +97,8 @@ class AdaptConfig(RunOptions):
                 f"source={self.source!r}, target_images={self.target_images!r}"
             )
         check_model_source("source", self.source)
+        check_choice("method", self.method, ADAPT_METHODS)
+        self._apply_recipe()
         for name in (
             "target_images",
             "source_data",
@@ -99,10 +107,8 @@ class AdaptConfig(RunOptions):
             "style_references",
         ):
             check_path(name, getattr(self, name))
-        check_choice("method", self.method, ADAPT_METHODS)
-        check_bounded_number("kl_weight", self.kl_weight, allow_none=True)
-        if self.kl_weight is not None:
-            self.kl_weight = float(self.kl_weight)
+        check_bounded_number("kl_weight", self.kl_weight)
+        self.kl_weight = float(self.kl_weight)
         check_number(
             "temperature",
             self.temperature,
@@ -113,9 +119,6 @@ class AdaptConfig(RunOptions):
         check_bounded_number("entropy_weight", self.entropy_weight)
         check_choice("style", self.style, STYLES)
         self._check_method_options()
-        # The method's defaults, recorded in config.yaml as the values used.
-        if self.kl_weight is None:
-            self.kl_weight = ADAPT_KL_WEIGHT.get(self.method, 0.0)
         if self.learning_rate is None and self.method in ADAPT_LEARNING_RATE:
             self.learning_rate = ADAPT_LEARNING_RATE[self.method]
 
@@ -174,6 +177,32 @@ class AdaptConfig(RunOptions):
                 f"balance_weight={self.balance_weight:g}, "
                 f"freeze_head={self.freeze_head}"
             )
+
+    def _apply_recipe(self):
+        """Fill the options left unset with the mode's values (recorded in
+        config.yaml as the values used)."""
+        self.applied = {}
+        for key, value in ADAPT_RECIPES.get(self.mode, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+                self.applied[key] = value
+        for key in (
+            "kl_weight",
+            "ema_decay",
+            "consistency_threshold",
+            "consistency_rampup",
+            "style",
+        ):
+            if getattr(self, key) is None:
+                setattr(self, key, ADAPT_DEFAULTS[key])
+
+    @property
+    def mode(self):
+        """``"unsupervised"`` (self-training with source_data),
+        ``"source-free"``, ``"tent"`` or ``"bn-stats"``."""
+        if self.method != "self-training":
+            return self.method
+        return "source-free" if not self.source_data else "unsupervised"
 
     @property
     def source_free(self):
