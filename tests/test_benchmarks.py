@@ -218,3 +218,22 @@ def test_bench_fewlabel_script_prints_every_row(tmp_path):
     assert len(saved["runs"]) == 3  # one per variant
     mt = [r for r in saved["runs"] if r["variant"] == "mt"]
     assert all(0 <= r["ema"]["target_mean_iou"] <= 1 for r in mt)
+
+
+def test_bench_adapt_script_prints_every_row(tmp_path):
+    out = _run(
+        "bench_adapt.py",
+        "--size 32 --base-filters 4 --depth 2 --source-images 8 --source-epochs 1 "
+        "--unlabelled 6 --val 4 --steps 2 --batch 2 --seeds 0 --json runs.json",
+        tmp_path,
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 0 ")]
+    # The source model, AdaBN, TENT, then every self-training row twice (EMA
+    # teacher, student).
+    assert len(rows) == 3 + 2 * 6, out
+    assert "source colours randomised, EMA teacher" in out
+    assert len(_table_rows(out, "48")) == 1
+    assert "(1) UDA (uda, EMA teacher): target" in out
+    assert "(2) source-free (sf, EMA teacher): target" in out
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert {r["variant"] for r in saved["runs"]} >= {"adabn", "tent", "uda", "sf"}

@@ -1,6 +1,7 @@
 """The README's command-line block: the lines that evaluate with windows and
-flip, and that export to TFLite, run as written on a small built-in data
-set (a tiny model stands in for the fine-tuned one they name)."""
+flip, that export to TFLite, and that adapt without target labels, run as
+written on a small built-in data set (tiny models stand in for the trained
+ones they name)."""
 
 import json
 
@@ -72,3 +73,33 @@ def test_readme_int8_tflite_export_runs(project, monkeypatch):
     classes = run_litert(out / "model.tflite", images)
     assert classes.shape == (4, 32, 32) and classes.dtype == np.int32
     assert 0 <= classes.min() and classes.max() < len(info["class_names"])
+
+
+def test_readme_adapt_runs(tmp_path, monkeypatch):
+    root = tmp_path
+    ok(
+        "data", "synth", "--output", root / "data", "--image-size", 32,
+        "--num-train", 8, "--num-val", 4, "--num-unlabeled", 8,
+    )  # fmt: skip
+    runs.train(
+        runs.TrainConfig(
+            data=str(root / "data" / "source" / "train"),
+            val_data=str(root / "data" / "source" / "val"),
+            output=str(root / "runs" / "source"),
+            image_size=32,
+            base_filters=4,
+            depth=2,
+            epochs=1,
+            batch_size=4,
+            verbose=0,
+        )  # fmt: skip
+    )
+    monkeypatch.chdir(root)
+    command = readme_command("--target-images")
+    assert command[0] == "adapt" and "--source-data" in command
+    result = ok(*command)
+    assert "unsupervised" in result.output
+    out = root / command[command.index("--output") + 1]
+    found = json.loads((out / "metrics.json").read_text())
+    assert found["mode"] == "unsupervised" and found["epochs"] == 2
+    assert {"target", "source", "source_model"} <= set(found)
