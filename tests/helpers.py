@@ -342,7 +342,15 @@ def assert_same_run(resumed, reference, *, random_state=True):
     assert_same_history(
         history(resumed / "history.csv"), history(reference / "history.csv")
     )
-    assert metrics(resumed / "metrics.json") == metrics(reference / "metrics.json")
+    found, expected = (
+        metrics(resumed / "metrics.json"),
+        metrics(reference / "metrics.json"),
+    )
+    assert found == expected, {
+        k: (found.get(k), expected.get(k))
+        for k in found.keys() | expected.keys()
+        if found.get(k) != expected.get(k)
+    }
 
 
 def assert_same_history(a, b):

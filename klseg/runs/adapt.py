@@ -518,7 +518,9 @@ def _result_metrics(ctx, nets, scores, summary, watch):
         **scores,
         "method": cfg.method,
         "mode": _mode(cfg),
-        "recipe": recipe(cfg),
+        # The recipe itself: which values were the mode's defaults is a
+        # remark for the console (a resumed run reads them from config.yaml).
+        "recipe": _recipe(cfg),
         "saved_model": "ema_teacher" if cfg.method == "self-training" else "student",
         **summary,
     }
