@@ -110,6 +110,16 @@ def test_bad_settings_name_the_field_and_the_value(changes, message):
         runs.FinetuneConfig(**{**base, **changes})
 
 
+def test_the_note_names_both_scores_when_the_student_beat_the_teacher():
+    last = {"epoch": 7, "student": {"target": 0.823}, "ema": {"target": 0.713}}
+    note = mean_teacher.student_note(last)
+    assert "epoch (7)" in note and "82.3" in note and "71.3" in note
+    assert "--ema-decay" in note
+    assert mean_teacher.student_note({**last, "ema": {"target": 0.9}}) is None
+    assert mean_teacher.student_note({**last, "ema": {}}) is None
+    assert mean_teacher.student_note(None) is None
+
+
 def test_weight_zero_is_off_and_lists_make_a_sweep():
     cfg = runs.FinetuneConfig(
         source="s.keras", data="d", val_data="v", output="o", consistency_weight=0
@@ -255,6 +265,9 @@ def test_the_consistency_run_records_both_models(cli_sweep):
     assert last["student"]["source"] == pytest.approx(
         float(rows[-1]["val_source_mean_iou"])
     )
+    # The run says so when the student beat the saved teacher on the target.
+    said = "Note: at the last validated epoch (2) the student scored" in output
+    assert said == (last["student"]["target"] > last["ema"]["target"])
     # metrics.json's scores are model.keras's: the EMA teacher's best epoch.
     best = metrics["best_epoch"]
     ema_best = max(float(r["val_ema_target_mean_iou"]) for r in rows)

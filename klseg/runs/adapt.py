@@ -535,28 +535,8 @@ def _result_metrics(ctx, nets, scores, summary, watch):
     if watch is not None:
         result["pseudo_labels"] = _pseudo_labels(nets, watch)
         result["last_epoch"] = mean_teacher.last_epoch_scores(ctx.run.history)
-        _say_if_student_better(cfg, result["last_epoch"])
+        say(cfg.verbose, mean_teacher.student_note(result["last_epoch"]))
     return result
-
-
-def _say_if_student_better(cfg, last):
-    """Say so when the student beat the EMA teacher (model.keras) on the
-    target at the last validated epoch: the saved model is the teacher, by
-    the documented rule, and the user should know what it left behind."""
-    if not last:
-        return
-    student = last["student"].get("target")
-    teacher = last["ema"].get("target")
-    if student is None or teacher is None or student <= teacher:
-        return
-    say(
-        cfg.verbose,
-        f"Note: at the last validated epoch ({last['epoch']}) the student "
-        f"scored {100 * student:.1f} target mIoU against the EMA teacher's "
-        f"{100 * teacher:.1f}; model.keras holds the teacher of the best epoch "
-        "(metrics.json last_epoch has both). A higher --ema-decay smooths more "
-        "and lags more; with a short run, try a lower one.",
-    )
 
 
 def _pseudo_labels(nets, watch):

@@ -502,6 +502,7 @@ def _result_metrics(ctx, plan, nets, scores, summary):
     if plan.consistency:
         result["consistency"] = plan.consistency
         result["last_epoch"] = mean_teacher.last_epoch_scores(ctx.run.history)
+        say(ctx.cfg.verbose, mean_teacher.student_note(result["last_epoch"]))
     return result
 
 

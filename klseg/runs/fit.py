@@ -48,7 +48,8 @@ __all__ = [
 
 
 def say(verbose, message):
-    if verbose:
+    """Print ``message`` when ``verbose`` (nothing for None)."""
+    if verbose and message is not None:
         print(message, flush=True)
 
 

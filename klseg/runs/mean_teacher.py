@@ -34,6 +34,7 @@ __all__ = [
     "make_model",
     "report_section",
     "settings",
+    "student_note",
     "validation_of",
     "with_unlabeled",
 ]
@@ -242,6 +243,26 @@ def last_epoch_scores(history_path):
             if f"val_{prefix}{domain}_mean_iou" in row
         }
     return scores
+
+
+def student_note(last):
+    """The line that says the student beat the EMA teacher (``model.keras``)
+    on the target at the last validated epoch (``last``: from
+    :func:`last_epoch_scores`), or None. The saved model is the teacher, by
+    the documented rule; the user should know what the run left behind."""
+    if not last:
+        return None
+    student = last["student"].get("target")
+    teacher = last["ema"].get("target")
+    if student is None or teacher is None or student <= teacher:
+        return None
+    return (
+        f"Note: at the last validated epoch ({last['epoch']}) the student "
+        f"scored {100 * student:.1f} target mIoU against the EMA teacher's "
+        f"{100 * teacher:.1f}; model.keras holds the EMA teacher of the best "
+        "epoch (metrics.json last_epoch has both). A higher --ema-decay "
+        "smooths more and lags more; with a short run, try a lower one."
+    )
 
 
 def report_section(metrics, pct):
