@@ -371,6 +371,7 @@ def _adapt(ctx):
         run_summary(ctx, final_state, monitor),
         watch,
     )
+    say(cfg.verbose, mean_teacher.student_note(metrics.get("last_epoch")))
     _write_report(ctx, best, domains, nets.names, metrics)
     return finish(ctx.run, cfg, metrics)
 
@@ -535,7 +536,6 @@ def _result_metrics(ctx, nets, scores, summary, watch):
     if watch is not None:
         result["pseudo_labels"] = _pseudo_labels(nets, watch)
         result["last_epoch"] = mean_teacher.last_epoch_scores(ctx.run.history)
-        say(cfg.verbose, mean_teacher.student_note(result["last_epoch"]))
     return result
 
 

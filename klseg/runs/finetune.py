@@ -332,6 +332,7 @@ def _finetune(ctx, baseline):
         {**after, "source_model": baseline},
         run_summary(ctx, final_state, monitor),
     )
+    say(cfg.verbose, mean_teacher.student_note(result_metrics.get("last_epoch")))
     _write_report(ctx, best, domains, nets.names, result_metrics)
     return finish(ctx.run, cfg, result_metrics)
 
@@ -502,7 +503,6 @@ def _result_metrics(ctx, plan, nets, scores, summary):
     if plan.consistency:
         result["consistency"] = plan.consistency
         result["last_epoch"] = mean_teacher.last_epoch_scores(ctx.run.history)
-        say(ctx.cfg.verbose, mean_teacher.student_note(result["last_epoch"]))
     return result
 
 
