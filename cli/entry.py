@@ -6,8 +6,9 @@ from the middle of it. :func:`main` therefore holds Ctrl-C before importing
 anything (:func:`klseg.cli.interrupts.hold_interrupts`): a Ctrl-C is held
 until a command's own handler takes over (it then stops at once; see
 ``klseg.cli.options.run_errors``), or until the command line is done, and
-the process exits with status 130 after one line, ``Interrupted.``. A
-second Ctrl-C exits 130 at once.
+the process exits with status 130 after one line, ``Interrupted.`` (without
+the interpreter's teardown, see :func:`_exit_now`). A second Ctrl-C exits
+130 at once.
 
 The quiet start of a command (:func:`quiet_imports`, :func:`capture_stderr`,
 :func:`filter_startup_lines`, :data:`HARMLESS`) lives in
@@ -53,7 +54,31 @@ def main():
     if take_interrupt() and code != 130:
         sys.stderr.write("\nInterrupted.\n")
         code = 130
+    if code == 130:
+        _exit_now(code)
     sys.exit(code)
+
+
+def _exit_now(code):
+    """End an interrupted command without the interpreter's teardown.
+
+    By now the command has unwound: its files are written or removed and its
+    run folder released. What is left is native state of an interrupted
+    training loop (TensorFlow's input-pipeline and executor threads), whose
+    destructors at interpreter exit can abort or crash the process (seen on
+    a loaded 2-core machine: "terminate called without an active exception",
+    exit -6 instead of 130).
+    """
+    import os
+
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,7 @@ class Klseg:
             ]
         )
         env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", TF_CPP_MIN_LOG_LEVEL="2")
+        env["PYTHONFAULTHANDLER"] = "1"  # a crash prints where it happened
         self.process = subprocess.Popen(
             [*command, *(str(a) for a in args)],
             stdout=subprocess.PIPE,
@@ -366,3 +367,28 @@ def test_ctrl_c_after_a_checkpoint_suggests_a_resume_that_works(bench, tmp_path)
     assert code == 0, output
     assert history_epochs(out / "history.csv") == list(range(epochs))
     assert json.loads((out / "metrics.json").read_text())["epochs"] == epochs
+
+
+def test_a_ctrl_c_inside_fit_waits_for_the_batch_end():
+    """Inside ``model.fit`` a Ctrl-C only sets the flag; the training loop's
+    callback raises it (never TensorFlow's half-done native work), and the
+    block still ends with it; a Ctrl-C outside raises at once."""
+    from klseg.runs import callbacks, runtime
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs at the next bytecode
+
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.interrupt_handler():
+            with runtime.interrupts_at_batch_ends():
+                ctrl_c()
+                assert runtime.was_interrupted()
+                with pytest.raises(KeyboardInterrupt):
+                    callbacks.StopOnInterrupt().on_train_batch_end(0)
+                reached_the_end = True
+    assert reached_the_end
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.interrupt_handler():
+            ctrl_c()
+            pytest.fail("the Ctrl-C did not raise")

@@ -280,15 +280,16 @@ def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
     elif cfg.strategy == "mirrored":
         runtime.build_before_fit(model, train_ds)
     try:
-        model.fit(
-            train_ds,
-            epochs=cfg.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
-            callbacks=all_callbacks,
-            shuffle=False,  # the datasets shuffle themselves, with the run's seed
-            verbose=_fit_verbosity(cfg.verbose),
-        )
+        with runtime.interrupts_at_batch_ends():
+            model.fit(
+                train_ds,
+                epochs=cfg.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps,
+                callbacks=all_callbacks,
+                shuffle=False,  # the datasets shuffle themselves (run's seed)
+                verbose=_fit_verbosity(cfg.verbose),
+            )
     except errors.TrainingDiverged as e:
         raise errors.TrainingDiverged(
             f"{e} {_after_divergence(run)}", epoch=e.epoch, step=e.step

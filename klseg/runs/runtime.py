@@ -434,6 +434,7 @@ def first_line(error):
 
 _interrupted = threading.Event()
 _held = 0  # depth of uninterrupted() blocks
+_at_batch_ends = 0  # depth of interrupts_at_batch_ends() blocks
 
 
 def raise_if_interrupted():
@@ -465,6 +466,29 @@ def uninterrupted():
         raise_if_interrupted()
 
 
+@contextlib.contextmanager
+def interrupts_at_batch_ends():
+    """Inside the block a Ctrl-C only sets the flag; the training loop's
+    :class:`klseg.runs.callbacks.StopOnInterrupt` raises it at the next
+    batch or epoch end.
+
+    ``model.fit`` runs in such a block: a ``KeyboardInterrupt`` raised at an
+    arbitrary point of TensorFlow's tracing, compilation or input pipeline
+    can leave native state half torn down (a rare segmentation fault on the
+    way out was seen under load), while one raised from a callback leaves
+    through Keras's ordinary error path. The cost is that the first Ctrl-C
+    waits for the running step (the first one includes its compilation). A
+    second Ctrl-C still stops the process at once.
+    """
+    global _at_batch_ends
+    _at_batch_ends += 1
+    try:
+        yield
+    finally:
+        _at_batch_ends -= 1
+    raise_if_interrupted()
+
+
 def _ignore_lost_interrupts(unraisable):
     # Python prints a traceback for an exception it cannot raise, for example
     # a KeyboardInterrupt arriving inside a garbage-collection callback. The
@@ -486,7 +510,8 @@ def interrupt_handler():
     exceptions in garbage-collection callbacks), the flag makes the next
     training batch raise it (:class:`klseg.runs.callbacks.StopOnInterrupt`)
     and the block still ends with ``KeyboardInterrupt``. Inside
-    :func:`uninterrupted` the exception waits for the end of that block. A
+    :func:`uninterrupted` the exception waits for the end of that block,
+    inside :func:`interrupts_at_batch_ends` for the next batch end. A
     second Ctrl-C stops the process at once with status 130.
     """
     global _previous_hook
@@ -501,7 +526,7 @@ def interrupt_handler():
             sys.stderr.flush()
             os._exit(130)
         _interrupted.set()
-        if not _held:
+        if not _held and not _at_batch_ends:
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handle)
