@@ -400,18 +400,35 @@ def build(config_class, values, drop=()):
         raise click.UsageError(str(e)) from None
 
 
-def run_job(ctx, job, config_class, *required, resumable=False):
+def run_job(ctx, job, config_class, *required, resumable=False, mode_keys=()):
     """What a command does once its options are parsed.
 
     Merges the options with ``--config`` (and, for a ``resumable`` job, the
     saved config of the run being resumed), checks that the ``required``
     ones are set, builds ``klseg.runs.CONFIG_CLASS`` and calls
     ``klseg.runs.JOB`` with it, then prints the result's summary.
+
+    ``mode_keys`` are options whose default depends on the run's mode: left
+    at their command-line default, they reach the config as ``None`` (the
+    config picks the mode's value). A resumed run whose ``config.yaml``
+    predates the mode defaults (no ``mode_defaults`` key) keeps the job's
+    defaults it was made with.
     """
-    from .config_files import resolve_options
+    from .config_files import read_config_file, resolve_options
 
     saved = saved_run_config if resumable else None
-    values, _ = resolve_options(ctx, saved_config_for=saved)
+    values, origins = resolve_options(ctx, saved_config_for=saved)
+    if mode_keys:
+        saved_path = saved_run_config(values) if resumable else None
+        if (
+            saved_path is not None
+            and origins["mode_defaults"] == "default"
+            and "mode_defaults"
+            not in read_config_file(saved_path, param_hint="'--resume'")
+        ):
+            values["mode_defaults"] = False
+        else:
+            values.update({k: None for k in mode_keys if origins[k] == "default"})
     require(values, *required)
     prepare_runtime()
     from klseg import runs

@@ -14,6 +14,7 @@ from klseg.registry import (
     DISTILL_TEMPERATURE,
     FINETUNE_DEFAULTS,
     FINETUNE_KL_WEIGHT,
+    FINETUNE_RECIPES,
     FINETUNE_TEMPERATURE,
     KL_INPUTS,
     MIX_MODES,
@@ -192,6 +193,27 @@ def _finetune_inputs():
     )
 
 
+def _few(key):
+    """``V in the few-label mode`` for an option the mode sets."""
+    value = FINETUNE_RECIPES["few-label"][key]
+    return (
+        f"{value:g} in the few-label mode"
+        if isinstance(value, float)
+        else f"{value} in the few-label mode"
+    )
+
+
+#: The few-label mode's defaults as options (the --consistency-weight help).
+_FEW_LABEL = " ".join(
+    f"--{k.replace('_', '-')} {v:g}"
+    if isinstance(v, float)
+    else f"--{k.replace('_', '-')} {v}"
+    for k, v in FINETUNE_RECIPES["few-label"].items()
+)
+#: The options the command line leaves to the config when not given.
+_MODE_KEYS = tuple(sorted({k for r in FINETUNE_RECIPES.values() for k in r}))
+
+
 def _kl_options():
     """The KL term to the source model."""
     return option_block(
@@ -200,7 +222,8 @@ def _kl_options():
             type=FloatList(),
             help="Weight of the KL term; 0 is plain fine-tuning. A list such as "
             "0,0.1,0.3,1 runs one fine-tune per weight into subfolders and plots "
-            f"the source-vs-target trade-off.  [default: {FINETUNE_KL_WEIGHT:g}]",
+            "the source-vs-target trade-off.  [default: "
+            f"{FINETUNE_KL_WEIGHT:g}; {_few('kl_weight')}]",
         ),
         click.option(
             "--temperature",
@@ -221,7 +244,7 @@ def _kl_options():
             type=click.Choice(STUDENT_BN),
             help="BatchNorm statistics of the fine-tuned model: learned, frozen at "
             "the source model's, or learned and synchronised across replicas "
-            "(mirrored).",
+            f"(mirrored); {_few('student_bn')}.",
         ),
         default_option(
             FINETUNE_DEFAULTS,
@@ -263,14 +286,17 @@ def _consistency_options():
             help="Weight of the KL consistency to an EMA teacher on "
             "--unlabeled-data (mean teacher; needs --unlabeled-data). model.keras "
             "is then the EMA teacher, picked by its target mIoU. A list runs one "
-            "fine-tune per weight (a grid with a --kl-weight list).  "
-            "[default: off]",
+            "fine-tune per weight (a grid with a --kl-weight list). Above 0 "
+            "(in any run of a list) it is the few-label mode, whose defaults "
+            "are the measured recipe: " + _FEW_LABEL + " (docs/finetune.md); "
+            "an option given explicitly wins.  [default: off]",
         ),
         default_option(
             FINETUNE_DEFAULTS,
             "--ema-decay",
             type=FiniteFloat(min=0, max=1, max_open=True),
-            help="Decay of the teacher's exponential moving average of the weights.",
+            help="Decay of the teacher's exponential moving average of the "
+            f"weights; {_few('ema_decay')}.",
         ),
         default_option(
             FINETUNE_DEFAULTS,
@@ -282,7 +308,16 @@ def _consistency_options():
             FINETUNE_DEFAULTS,
             "--consistency-rampup",
             type=bounded("consistency_rampup"),
-            help="Optimizer steps of the sigmoid ramp-up of the consistency weight.",
+            help="Optimizer steps of the sigmoid ramp-up of the consistency "
+            f"weight; {_few('consistency_rampup')}.",
+        ),
+        click.option(
+            "--mode-defaults/--no-mode-defaults",
+            default=True,
+            show_default=True,
+            help="Options not given take the defaults of the run's mode (the "
+            "few-label recipe with --consistency-weight); --no-mode-defaults "
+            "takes the [default: ...] values shown here.",
         ),
         default_option(
             FINETUNE_DEFAULTS,
@@ -322,7 +357,7 @@ def finetune(ctx, **_):
       klseg finetune --source runs/source/model.keras \\
           --data data/target/train --unlabeled-data data/target/unlabeled \\
           --val-data data/target/val --source-images data/source/unlabeled \\
-          --kl-weight 0.1 --consistency-weight 1 --output runs/fewlabel
+          --consistency-weight 1 --output runs/fewlabel
     """
     run_job(
         ctx,
@@ -333,6 +368,7 @@ def finetune(ctx, **_):
         "val_data",
         "output",
         resumable=True,
+        mode_keys=_MODE_KEYS,
     )
 
 

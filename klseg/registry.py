@@ -27,6 +27,7 @@ __all__ = [
     "EXPORT_DEFAULTS",
     "EXPORT_FORMATS",
     "FINETUNE_DEFAULTS",
+    "FINETUNE_RECIPES",
     "FINETUNE_KL_WEIGHT",
     "FINETUNE_TEMPERATURE",
     "IMAGE_PIXELS_VARIABLE",
@@ -160,6 +161,24 @@ FINETUNE_DEFAULTS = {
     "consistency_threshold": 0.9,
     "consistency_rampup": 0,
     "consistency_mix": "classmix",
+}
+#: The defaults of ``klseg finetune`` that depend on the mode
+#: (docs/finetune.md, "Defaults"): "few-label" is the consistency term on
+#: (a consistency weight above 0; in a sweep, any), measured with
+#: benchmarks/bench_fewlabel.py (8 labelled target images, 1800 steps: the
+#: EMA teacher reaches plain fine-tuning with 48 labels on the target and
+#: keeps the source). An option given explicitly wins; the rest come from
+#: FINETUNE_DEFAULTS, RUN_DEFAULTS and FINETUNE_KL_WEIGHT.
+FINETUNE_RECIPES = {
+    "few-label": {
+        "kl_weight": 1.0,
+        "student_bn": "frozen",
+        "ema_decay": 0.97,
+        "consistency_rampup": 100,
+        "learning_rate": 3e-3,
+        "epochs": 72,
+        "steps_per_epoch": 25,
+    },
 }
 ADAPT_DEFAULTS = {
     "method": "self-training",

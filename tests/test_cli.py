@@ -81,8 +81,16 @@ def test_help_states_the_library_defaults(runner):
     import klseg.finetune
 
     text = " ".join(runner.invoke(cli, ["finetune", "--help"]).output.split())
-    assert f"[default: {klseg.finetune.DEFAULT_KL_WEIGHT:g}]" in text
+    from klseg.registry import FINETUNE_RECIPES
+
+    few = FINETUNE_RECIPES["few-label"]
+    assert (
+        f"[default: {klseg.finetune.DEFAULT_KL_WEIGHT:g}; "
+        f"{few['kl_weight']:g} in the few-label mode]" in text
+    )
     assert f"[default: {klseg.finetune.DEFAULT_TEMPERATURE:g}]" in text
+    # The few-label mode's recipe, as options, in --consistency-weight's help.
+    assert f"--ema-decay {few['ema_decay']:g}" in text.replace("- ", "-")
 
 
 def test_version(runner):
@@ -410,3 +418,125 @@ def test_saved_config_round_trips_through_config(runner, recorded, tmp_path):
     assert result.exit_code == 0, result.output
     again = recorded["train"]
     assert again.to_dict() == cfg.to_dict()
+
+
+# --------------------------------------------------------------------------
+# the defaults of finetune's modes
+# --------------------------------------------------------------------------
+
+FEW = ["--unlabeled-data", "u", "--consistency-weight"]
+
+
+def test_consistency_weight_alone_gives_the_few_label_recipe(runner, recorded):
+    from klseg.registry import FINETUNE_RECIPES
+
+    result = runner.invoke(cli, [*FINETUNE_ARGS, *FEW, "1", "--output", "o"])
+    assert result.exit_code == 0, result.output
+    cfg = recorded["finetune"]
+    recipe = FINETUNE_RECIPES["few-label"]
+    assert cfg.mode == "few-label" and cfg.applied == recipe
+    assert cfg.kl_weight == (1.0,) and cfg.student_bn == "frozen"
+    assert (cfg.ema_decay, cfg.consistency_rampup) == (0.97, 100)
+    assert (cfg.learning_rate, cfg.epochs, cfg.steps_per_epoch) == (3e-3, 72, 25)
+    # config.yaml records the values used, not "the mode's".
+    saved = cfg.to_dict()
+    assert saved["student_bn"] == "frozen" and saved["epochs"] == 72
+    assert saved["mode_defaults"] is True
+    note = cfg.recipe_note()
+    assert note.startswith("[defaults of the few-label mode: kl_weight=1, ")
+    assert "(1800 optimizer steps)" in note
+
+
+def test_an_explicit_option_wins_over_the_mode(runner, recorded, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("finetune:\n  student_bn: trainable\n  learning_rate: 0.001\n")
+    args = [*FINETUNE_ARGS, *FEW, "1", "--ema-decay", "0.95", "--epochs", "3"]
+    result = runner.invoke(cli, [*args, "--config", str(config), "--output", "o"])
+    assert result.exit_code == 0, result.output
+    cfg = recorded["finetune"]
+    assert (cfg.ema_decay, cfg.epochs) == (0.95, 3)
+    assert (cfg.student_bn, cfg.learning_rate) == ("trainable", 1e-3)
+    assert set(cfg.applied) == {"kl_weight", "consistency_rampup", "steps_per_epoch"}
+    assert "ema_decay" not in cfg.recipe_note()
+
+
+def test_a_sweep_with_the_consistency_term_is_few_label_throughout(runner, recorded):
+    result = runner.invoke(cli, [*FINETUNE_ARGS, *FEW, "0,1", "--output", "o"])
+    assert result.exit_code == 0, result.output
+    cfg = recorded["finetune"]
+    assert cfg.consistency_weight == (0.0, 1.0) and cfg.mode == "few-label"
+    assert cfg.student_bn == "frozen" and cfg.kl_weight == (1.0,)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # the KL mode
+        ["--kl-weight", "0"],  # plain
+        [*FEW, "0"],  # the consistency term off
+        [*FEW, "1", "--no-mode-defaults"],
+    ],
+)
+def test_the_other_modes_keep_the_job_defaults(runner, recorded, extra):
+    result = runner.invoke(cli, [*FINETUNE_ARGS, *extra, "--output", "o"])
+    assert result.exit_code == 0, result.output
+    cfg = recorded["finetune"]
+    assert cfg.applied == {} and cfg.recipe_note() is None
+    assert (cfg.student_bn, cfg.ema_decay, cfg.consistency_rampup) == (
+        "trainable",
+        0.99,
+        0,
+    )
+    assert (cfg.learning_rate, cfg.epochs, cfg.steps_per_epoch) == (None, 20, None)
+    assert cfg.kl_weight in (None, (0.0,))
+
+
+def test_a_run_saved_before_the_mode_defaults_resumes_with_its_values(
+    runner, recorded, tmp_path
+):
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    # A few-label run's config.yaml as klseg wrote it before the mode
+    # defaults: the job's defaults, no mode_defaults key.
+    old = {
+        "source": "m.keras",
+        "data": "t",
+        "val_data": "v",
+        "unlabeled_data": "u",
+        "consistency_weight": [1.0],
+        "student_bn": "trainable",
+        "ema_decay": 0.99,
+        "consistency_rampup": 0,
+        "epochs": 20,
+        "learning_rate": None,
+        "steps_per_epoch": None,
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    result = runner.invoke(cli, ["finetune", "--output", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    cfg = recorded["finetune"]
+    assert cfg.mode_defaults is False and cfg.applied == {}
+    assert (cfg.learning_rate, cfg.steps_per_epoch, cfg.kl_weight) == (None, None, None)
+    # A run saved with them resumes with the values it recorded.
+    new = {**old, "mode_defaults": True, "student_bn": "frozen", "epochs": 72}
+    new.update(kl_weight=[1.0], learning_rate=3e-3, steps_per_epoch=25)
+    new.update(ema_decay=0.97, consistency_rampup=100)
+    (out / "config.yaml").write_text(yaml.safe_dump(new))
+    result = runner.invoke(cli, ["finetune", "--output", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    cfg = recorded["finetune"]
+    assert cfg.mode_defaults is True and cfg.applied == {}
+    assert (cfg.student_bn, cfg.learning_rate, cfg.epochs) == ("frozen", 3e-3, 72)
+
+
+def test_a_saved_config_without_mode_defaults_compares_as_made_without_them():
+    from klseg.runs.folder import _with_defaults
+
+    cfg = runs.FinetuneConfig(
+        source="m.keras", data="t", val_data="v", output="o", mode_defaults=False
+    )
+    current = cfg.to_dict()
+    saved = {k: v for k, v in current.items() if k != "mode_defaults"}
+    assert _with_defaults(saved, cfg, current)["mode_defaults"] is False

@@ -19,6 +19,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 from helpers import (
     SIZE,
@@ -59,6 +60,9 @@ def config(bench, source, out, **changes):
             "consistency_weight": (1.0,),
             "consistency_threshold": 0.5,
             "seed": 5,
+            # The mechanics under the job's defaults (one pass over the data
+            # per epoch, EMA 0.99); the CLI sweep below runs the mode's.
+            "mode_defaults": False,
             **changes,
         },
     )
@@ -71,9 +75,13 @@ def config(bench, source, out, **changes):
 def test_defaults_are_the_library_defaults():
     params = inspect.signature(MeanTeacherModel.__init__).parameters
     fields = {f.name: f.default for f in dataclasses.fields(runs.FinetuneConfig)}
-    assert fields["ema_decay"] == params["ema_decay"].default
+    # The job's defaults outside the few-label mode are the library's; in it,
+    # the measured recipe (tests/test_cli.py).
+    defaults = registry.FINETUNE_DEFAULTS
+    assert defaults["ema_decay"] == params["ema_decay"].default
+    assert defaults["consistency_rampup"] == params["consistency_rampup"].default
+    assert fields["ema_decay"] is None and fields["consistency_rampup"] is None
     assert fields["consistency_threshold"] == params["consistency_threshold"].default
-    assert fields["consistency_rampup"] == params["consistency_rampup"].default
     assert fields["consistency_mix"] == params["mix"].default
     assert fields["consistency_weight"] is None  # off unless asked for
     assert CONSISTENCY_MIX is registry.MIX_MODES
@@ -199,8 +207,12 @@ def cli_sweep(bench, source, tmp_path_factory):
         "0,1",
         "--consistency-threshold",
         "0.5",
+        # The few-label mode's other defaults (frozen BatchNorm, EMA 0.97,
+        # ramp-up 100, Adam 3e-3); a run length short enough for a test.
         "--epochs",
         "2",
+        "--steps-per-epoch",
+        "3",
         "--image-size",
         SIZE,
         "--batch-size",
@@ -251,11 +263,20 @@ def test_the_consistency_run_records_both_models(cli_sweep):
     assert metrics["monitor"] == "val_ema_target_mean_iou"
     assert metrics["consistency"] == {
         "weight": 1.0,
-        "ema_decay": 0.99,
+        "ema_decay": 0.97,
         "threshold": 0.5,
-        "rampup": 0,
+        "rampup": 100,
         "mix": "classmix",
     }
+    # The mode's defaults were said once, for the whole sweep, and recorded.
+    assert output.count("[defaults of the few-label mode: ") == 1
+    assert (
+        "[defaults of the few-label mode: student_bn=frozen, ema_decay=0.97, "
+        "consistency_rampup=100, learning_rate=0.003; docs/finetune.md]" in output
+    )
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["student_bn"], saved["learning_rate"]) == ("frozen", 0.003)
+    assert saved["kl_weight"] == [0.1] and saved["mode_defaults"] is True
     # The last epoch's scores of both models are the history's last row.
     last = metrics["last_epoch"]
     assert last["epoch"] == 2
@@ -276,7 +297,6 @@ def test_the_consistency_run_records_both_models(cli_sweep):
     text = (run / "report.md").read_text()
     assert "## Student and EMA teacher" in text
     assert "EMA teacher, epoch" in text and "student, last epoch (2)" in text
-    # Two unlabelled batches are drawn per epoch: ceil(max(3, 5) / 2) = 3 steps.
     state = json.loads((run / "checkpoints" / "epoch_0002" / "state.json").read_text())
     assert state["steps_per_epoch"] == 3
 
@@ -288,7 +308,11 @@ def test_model_keras_is_the_ema_teacher_of_the_best_epoch(cli_sweep, source):
     # Rebuild the wrapper and read the best epoch's checkpoint into it.
     source_model = runs.load_model(source)
     wrapper = MeanTeacherModel(
-        clone_student(source_model), source_model, kl_inputs="source", seed=1
+        clone_student(source_model),
+        source_model,
+        kl_inputs="source",
+        student_bn="frozen",  # the few-label mode's
+        seed=1,
     )
     optimizer = keras.optimizers.Adam()
     optimizer.build(wrapper.trainable_variables)

@@ -47,6 +47,7 @@ def finetune(cfg, *, callbacks=None):
         klseg.errors.TrainingDiverged: as for :func:`klseg.runs.train`.
     """
     strategy, is_chief = runtime.make_strategy(cfg.strategy)
+    say(cfg.verbose, cfg.recipe_note())
     if cfg.is_sweep:
         return sweep(
             cfg,

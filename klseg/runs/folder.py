@@ -511,7 +511,9 @@ def config_differences(saved, current, ignore):
 
 def _with_defaults(saved, cfg, current):
     """A saved config with the fields added to klseg after it was saved: a
-    run that predates a field ran with that field's default."""
+    run that predates a field ran with that field's default (or with the
+    value its ``metadata["predating"]`` names, for a field whose default
+    changes what a run does)."""
     import dataclasses
 
     if not isinstance(saved, dict) or not dataclasses.is_dataclass(cfg):
@@ -520,7 +522,9 @@ def _with_defaults(saved, cfg, current):
     for field in dataclasses.fields(cfg):
         name = field.name
         if name in current and name not in saved:
-            if field.default is not dataclasses.MISSING:
+            if "predating" in field.metadata:
+                saved[name] = field.metadata["predating"]
+            elif field.default is not dataclasses.MISSING:
                 saved[name] = field.default
     return saved
 

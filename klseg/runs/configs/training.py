@@ -21,6 +21,7 @@ from klseg.registry import (
     DISTILL_TEMPERATURE,
     EXPORT_FORMATS,
     FINETUNE_DEFAULTS,
+    FINETUNE_RECIPES,
     KL_INPUTS,
     LIMITS,
     MIXED_PRECISION,
@@ -277,6 +278,16 @@ class TrainConfig(_RunOptions):
 class FinetuneConfig(_RunOptions):
     """Options of :func:`finetune` (``klseg finetune``).
 
+    Some defaults depend on the run's mode (:attr:`mode`): with the
+    consistency term on ("few-label"), the options left ``None``
+    (``kl_weight``, ``student_bn``, ``ema_decay``, ``consistency_rampup``,
+    ``learning_rate``, ``epochs``, ``steps_per_epoch``) take the measured
+    recipe's values (``klseg.registry.FINETUNE_RECIPES``; docs/finetune.md,
+    "Defaults"); in the other modes the job's defaults. After ``__init__``
+    the fields hold the values used (``config.yaml``) and :attr:`applied`
+    says which came from the mode. ``mode_defaults=False`` turns the mode's
+    values off (a run made before they existed resumes with it).
+
     Attributes:
         source: the source model file (``.keras``).
         data: labelled target-domain training folder.
@@ -295,7 +306,9 @@ class FinetuneConfig(_RunOptions):
             (``"source"`` when ``source_images`` is given, else
             ``"target"``).
         student_bn: ``"trainable"``, ``"frozen"`` or ``"synchronized"``
-            (trainable, batch statistics over all replicas) BatchNorm.
+            (trainable, batch statistics over all replicas) BatchNorm;
+            ``None``: the mode's (frozen in the few-label mode, else
+            trainable).
         source_predictions: ``"live"`` (source model run each step),
             ``"stored"`` (computed once, float16) or ``"auto"``: stored when
             the images that need them have a known count and their
@@ -321,11 +334,14 @@ class FinetuneConfig(_RunOptions):
             stream of their own (one unlabelled batch beside each labelled
             batch) and ``model.keras`` holds the EMA teacher.
         ema_decay: decay of the teacher's exponential moving average, in
-            [0, 1).
+            [0, 1); ``None``: the mode's (0.97 few-label, else 0.99).
         consistency_threshold: teacher confidence (max probability) a pixel
             needs to count in the consistency term, in [0, 1].
         consistency_rampup: optimizer steps of the sigmoid ramp-up of the
-            consistency weight (0: none).
+            consistency weight (0: none); ``None``: the mode's (100
+            few-label, else 0).
+        mode_defaults: whether options left ``None`` take the mode's
+            values (see above).
         consistency_mix: mixing of the student's strong view:
             ``"classmix"``, ``"cutmix"`` or ``"none"``.
         learning_rate: Adam learning rate. ``None`` means 1e-4.
@@ -343,17 +359,21 @@ class FinetuneConfig(_RunOptions):
     kl_weight: tuple | float | None = None
     temperature: float | None = None
     kl_inputs: str = FINETUNE_DEFAULTS["kl_inputs"]
-    student_bn: str = FINETUNE_DEFAULTS["student_bn"]
+    student_bn: str | None = None
     source_predictions: str = FINETUNE_DEFAULTS["source_predictions"]
     class_names: tuple | None = None
     source_class_map: str | None = None
     consistency_weight: tuple | float | None = None
-    ema_decay: float = FINETUNE_DEFAULTS["ema_decay"]
+    ema_decay: float | None = None
     consistency_threshold: float = FINETUNE_DEFAULTS["consistency_threshold"]
-    consistency_rampup: int = FINETUNE_DEFAULTS["consistency_rampup"]
+    consistency_rampup: int | None = None
     consistency_mix: str = FINETUNE_DEFAULTS["consistency_mix"]
+    epochs: int | None = None
+    # A run saved before the mode defaults existed ran without them.
+    mode_defaults: bool = dataclasses.field(default=True, metadata={"predating": False})
 
     def __post_init__(self):
+        self._apply_recipe()
         self._check_run_options()
         self.class_names = check_names("class_names", self.class_names)
         if not self.source or not self.data or not self.val_data:
@@ -412,6 +432,52 @@ class FinetuneConfig(_RunOptions):
                 f"Received: consistency_weight={_text(self.consistency_weight)}, "
                 "unlabeled_data=None"
             )
+
+    def _apply_recipe(self):
+        """Fill the options left unset (``None``) with the mode's values
+        (``klseg.registry.FINETUNE_RECIPES``), the rest with the job's
+        defaults; :attr:`applied` says which came from the mode, and
+        ``config.yaml`` records every value used."""
+        check_flag("mode_defaults", self.mode_defaults)
+        self.consistency_weight = _weights(
+            "consistency_weight", self.consistency_weight
+        )
+        self.applied = {}
+        if self.mode_defaults:
+            for key, value in FINETUNE_RECIPES.get(self.mode, {}).items():
+                if getattr(self, key) is None:
+                    setattr(self, key, (value,) if key == "kl_weight" else value)
+                    self.applied[key] = value
+        for key in ("student_bn", "ema_decay", "consistency_rampup"):
+            if getattr(self, key) is None:
+                setattr(self, key, FINETUNE_DEFAULTS[key])
+        if self.epochs is None:
+            self.epochs = RUN_DEFAULTS["epochs"]
+
+    @property
+    def mode(self):
+        """``"few-label"`` (the consistency term on in any run of the
+        config), ``"plain"`` (every KL weight 0) or ``"kl"``."""
+        if self.uses_consistency:
+            return "few-label"
+        weights = self.kl_weight
+        if weights is not None and not isinstance(weights, (list, tuple)):
+            weights = (weights,)
+        return "plain" if weights and not any(weights) else "kl"
+
+    def recipe_note(self):
+        """``[defaults of the few-label mode: ...]`` for the options the
+        mode filled in, or ``None``."""
+        if not self.applied:
+            return None
+        values = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.applied.items()
+        )
+        length = ""
+        if {"epochs", "steps_per_epoch"} & set(self.applied) and self.steps_per_epoch:
+            length = f" ({self.epochs * self.steps_per_epoch} optimizer steps)"
+        return f"[defaults of the {self.mode} mode: {values}{length}; docs/finetune.md]"
 
     @property
     def uses_consistency(self):
