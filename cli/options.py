@@ -303,9 +303,10 @@ def _device_options():
             RUN_DEFAULTS,
             "--strategy",
             type=click.Choice(STRATEGIES),
-            help="tf.distribute strategy: one device, all GPUs of this machine "
-            "(mirrored), or several machines configured by TF_CONFIG "
-            "(multi-worker).",
+            help="One device, all GPUs of this machine (mirrored; on the JAX "
+            "backend keras.distribution.DataParallel over the local devices), "
+            "or several machines configured by TF_CONFIG (multi-worker, "
+            "TensorFlow only).",
         ),
         default_option(
             RUN_DEFAULTS,

@@ -94,21 +94,21 @@ def test_bench_losses_ratios_divide_by_the_keras_row(monkeypatch, capsys):
 
 
 def test_bench_gpu_script_runs_on_this_backend(tmp_path):
+    devices = "one,all" if BACKEND == "jax" else "one"
     out = _run(
         "bench_gpu.py",
         "--size 32 --batch 1 --steps 1 --warmup 1 --repeats 1 --models unet "
-        "--unet-filters 4 --unet-depth 2 --json gpu.json",
+        f"--unet-filters 4 --unet-depth 2 --devices {devices} --json gpu.json",
         tmp_path,
     )
     results = json.loads((tmp_path / "gpu.json").read_text())
-    steps = {(r["policy"], r["step"]) for r in results}
-    assert steps == {
-        ("float32", "train"),
-        ("float32", "kl_finetune"),
-        ("mixed_bfloat16", "train"),
-        ("mixed_bfloat16", "kl_finetune"),
-    }, out
+    steps = ["consistency", "distill", "kl_finetune", "kl_stored", "train"]
+    modes = len(devices.split(","))  # one device, then all (JAX)
+    for policy in ("float32", "mixed_bfloat16"):
+        found = sorted(r["step"] for r in results if r["policy"] == policy)
+        assert found == sorted(steps * modes), out
     assert all(r["images_per_s"] > 0 for r in results)
+    assert all(r["ratio_vs_plain"] > 0 for r in results if r["step"] != "train")
 
 
 def test_bench_models_script_runs(tmp_path):

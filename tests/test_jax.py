@@ -14,6 +14,7 @@ the whole module.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -284,3 +285,61 @@ def test_finetune_run_folder_and_scores(bench, source_run, finetune_run):
     before, after = saved["source_model"]["source"], saved["source"]
     forgetting = before["mean_iou"] - after["mean_iou"]
     assert saved["forgetting"] == pytest.approx(forgetting, abs=1e-6)
+
+
+# --------------------------------------------------------------------------
+# keras.distribution.DataParallel (strategy="mirrored" on JAX)
+# --------------------------------------------------------------------------
+
+
+def test_data_parallel_on_two_devices(tmp_path):
+    """Each training wrapper under ``keras.distribution.DataParallel`` on two
+    host devices: the global-batch losses and the weights after training
+    equal the one-device run's; each job with ``strategy="mirrored"`` trains
+    under DataParallel over both devices (a fresh process: JAX fixes its
+    device count when it starts)."""
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    script = os.path.join(os.path.dirname(__file__), "data_parallel_check.py")
+    done = subprocess.run(
+        [sys.executable, script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(s for s in done.stdout.splitlines() if s.startswith("RESULT "))
+    found = json.loads(line[len("RESULT ") :])
+    assert found["devices"] == 2
+    for kind in ("kl", "mean_teacher", "distill"):
+        case = found[kind]
+        assert case["devices"] == 2, kind  # the weights live on both devices
+        assert case["weights"] < 3e-5, (kind, case["weights"])
+        for key, values in case["one"].items():
+            np.testing.assert_allclose(values, case["two"][key], rtol=1e-5)
+    # Each job trains under DataParallel over both devices. Its numbers are
+    # not compared with one device's run (see tests/data_parallel_check.py:
+    # on JAX two runs of one fine-tuning config can differ).
+    for name in ("train", "finetune_stored", "finetune_consistency", "distill"):
+        case = found[f"job_{name}"]
+        assert case["devices"] == 2, name
+        header, *rows = case["history"]
+        assert len(rows) == 2 and "loss" in header.split(","), name
+        for row in rows:
+            values = [float(v) for v in row.split(",") if v]
+            assert all(math.isfinite(v) for v in values), (name, row)
+
+
+def test_multi_worker_is_refused_on_jax_naming_mirrored():
+    from klseg import errors
+    from klseg.runs import runtime
+
+    with pytest.raises(errors.InvalidArgumentError, match="strategy='mirrored'"):
+        runtime.make_strategy("multi-worker")

@@ -32,6 +32,8 @@ from klseg.runs.configs import STRATEGIES
 __all__ = [
     "distribute_options",
     "interrupt_handler",
+    "interrupts_at_batch_ends",
+    "is_tensorflow",
     "jit_setting",
     "make_optimizer",
     "make_strategy",
@@ -122,6 +124,10 @@ def make_strategy(name):
     """``(strategy, is_chief)`` for ``"default"``, ``"mirrored"`` or
     ``"multi-worker"`` (MultiWorkerMirroredStrategy from ``TF_CONFIG``).
 
+    On the JAX backend ``"mirrored"`` is ``keras.distribution.DataParallel``
+    over the local devices (the same meaning: every local device, the
+    weights mirrored, the batch split), and ``"multi-worker"`` is refused.
+
     The chief is the ``chief`` task, or worker 0 when the cluster names no
     chief. A multi-worker run first waits for its peers
     (:func:`wait_for_peers`), so that a peer that never comes ends it with
@@ -135,6 +141,10 @@ def make_strategy(name):
             this worker's port is in use.
     """
     check_choice("strategy", name, STRATEGIES)
+    import keras
+
+    if keras.backend.backend() == "jax" and name != "default":
+        return _jax_data_parallel(name), True
     if name == "multi-worker":
         cluster, task_type, index = _cluster_spec()
         timeout = worker_timeout()
@@ -155,6 +165,49 @@ def make_strategy(name):
         task_type == "worker" and index == 0 and "chief" not in cluster
     )
     return strategy, is_chief
+
+
+def is_tensorflow():
+    """Whether Keras runs on the TensorFlow backend."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
+
+
+class _JaxDataParallel:
+    """The strategy object of a JAX run with ``--strategy mirrored``.
+
+    ``keras.distribution.DataParallel`` over every local JAX device, set for
+    the process: each step computes on the global batch, sharded along the
+    batch axis, with the weights replicated. The losses and their gradients
+    are those of the whole batch (no per-replica shares to sum), and
+    BatchNorm statistics are the global batch's (synchronised). ``scope``
+    is a no-op: the distribution is already set.
+    """
+
+    def __init__(self, distribution):
+        self.distribution = distribution
+        self.num_replicas_in_sync = len(distribution.device_mesh.devices.flat)
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def _jax_data_parallel(name):
+    """``mirrored`` on the JAX backend (see :class:`_JaxDataParallel`)."""
+    if name == "multi-worker":
+        fail(
+            "strategy='multi-worker' is TensorFlow's MultiWorkerMirroredStrategy; "
+            "on the JAX backend use strategy='mirrored' (keras.distribution "
+            "DataParallel over this machine's devices), or run with "
+            "KERAS_BACKEND=tensorflow. Received: strategy='multi-worker'"
+        )
+    import jax
+    import keras
+
+    distribution = keras.distribution.DataParallel(devices=jax.devices())
+    keras.distribution.set_distribution(distribution)
+    return _JaxDataParallel(distribution)
 
 
 def worker_timeout():
