@@ -158,7 +158,7 @@ def _rows(args, devices, unet_kwargs, timing):
     y = rng.integers(0, args.classes, (batch, args.size, args.size)).astype("int32")
     rows = []
     for name in args.models.split(","):
-        for policy in ("float32", args.mixed):
+        for policy in ("float32",) if args.mixed == "none" else ("float32", args.mixed):
             plain_seconds = None
             for step, (model, inputs) in _steps(
                 name, args, policy, unet_kwargs, x, y
@@ -191,7 +191,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--mixed", default="mixed_bfloat16")
+    parser.add_argument(
+        "--mixed", default="mixed_bfloat16", help="the mixed policy, or none"
+    )
     parser.add_argument("--models", default="unet,deeplabv3_plus")
     parser.add_argument("--unet-filters", type=int, help="base filters (default 32)")
     parser.add_argument("--unet-depth", type=int, help="(default 4)")
