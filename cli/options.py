@@ -412,21 +412,16 @@ def run_job(ctx, job, config_class, *required, resumable=False, mode_keys=()):
     ``mode_keys`` are options whose default depends on the run's mode: left
     at their command-line default, they reach the config as ``None`` (the
     config picks the mode's value). A resumed run whose ``config.yaml``
-    predates the mode defaults (no ``mode_defaults`` key) keeps the job's
-    defaults it was made with.
+    predates the mode defaults (``mode_defaults`` came from no layer, not
+    even that file) keeps the job's defaults it was made with.
     """
-    from .config_files import read_config_file, resolve_options
+    from .config_files import resolve_options
 
     saved = saved_run_config if resumable else None
     values, origins = resolve_options(ctx, saved_config_for=saved)
     if mode_keys:
-        saved_path = saved_run_config(values) if resumable else None
-        if (
-            saved_path is not None
-            and origins["mode_defaults"] == "default"
-            and "mode_defaults"
-            not in read_config_file(saved_path, param_hint="'--resume'")
-        ):
+        resumed = resumable and saved_run_config(values) is not None
+        if resumed and origins["mode_defaults"] == "default":
             values["mode_defaults"] = False
         else:
             values.update({k: None for k in mode_keys if origins[k] == "default"})

@@ -193,21 +193,18 @@ def _finetune_inputs():
     )
 
 
+def _text(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _few(key):
     """``V in the few-label mode`` for an option the mode sets."""
-    value = FINETUNE_RECIPES["few-label"][key]
-    return (
-        f"{value:g} in the few-label mode"
-        if isinstance(value, float)
-        else f"{value} in the few-label mode"
-    )
+    return f"{_text(FINETUNE_RECIPES['few-label'][key])} in the few-label mode"
 
 
 #: The few-label mode's defaults as options (the --consistency-weight help).
 _FEW_LABEL = " ".join(
-    f"--{k.replace('_', '-')} {v:g}"
-    if isinstance(v, float)
-    else f"--{k.replace('_', '-')} {v}"
+    f"--{k.replace('_', '-')} {_text(v)}"
     for k, v in FINETUNE_RECIPES["few-label"].items()
 )
 #: The options the command line leaves to the config when not given.

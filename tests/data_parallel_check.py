@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import keras
 import numpy as np
-from helpers import tiny_unet
+from helpers import distill_config, finetune_config, tiny_unet, train_config
 
 from klseg import finetune, losses, metrics, runs
 from klseg.consistency import MeanTeacherModel
@@ -81,46 +81,19 @@ def _diff(a, b):
 
 
 def _job(name, strategy, root, bench, **changes):
-    folders = {"source": bench / "source", "target": bench / "target"}
-    common = {
-        "output": str(root / f"{name}_{strategy}"),
-        "image_size": 32,
-        "epochs": 2,
-        "batch_size": 4,
-        "strategy": strategy,
-        "seed": 3,
-        "verbose": 0,
-    }
+    """Job ``name`` (train, distill, finetune*) as the tests' tiny configs
+    make it, two epochs in batches of 4 with seed 3."""
+    out = root / f"{name}_{strategy}"
+    common = {"epochs": 2, "batch_size": 4, "strategy": strategy, "seed": 3}
     keras.distribution.set_distribution(None)
     if name == "train":
-        cfg = runs.TrainConfig(
-            data=str(folders["source"] / "train"),
-            val_data=str(folders["source"] / "val"),
-            base_filters=4,
-            depth=2,
-            **common,
-            **changes,
-        )
-        result = runs.train(cfg)
+        result = runs.train(train_config(bench, out, **common, **changes))
     elif name == "distill":
-        cfg = runs.DistillConfig(
-            data=str(folders["source"] / "train"),
-            val_data=str(folders["source"] / "val"),
-            base_filters=2,
-            depth=2,
-            **common,
-            **changes,
-        )
-        result = runs.distill(cfg)
+        result = runs.distill(distill_config(bench, out=out, **common, **changes))
     else:
-        cfg = runs.FinetuneConfig(
-            data=str(folders["target"] / "train"),
-            val_data=str(folders["target"] / "val"),
-            source_val_data=str(folders["source"] / "val"),
-            source_images=str(folders["source"] / "unlabeled"),
-            **common,
-            **changes,
-        )
+        folders = {"source_val_data": str(bench / "source" / "val")}
+        folders["source_images"] = str(bench / "source" / "unlabeled")
+        cfg = finetune_config(bench, out=out, **folders, **common, **changes)
         result = runs.finetune(cfg)
     distribution = keras.distribution.distribution()
     devices = 0 if distribution is None else distribution.device_mesh.devices.size

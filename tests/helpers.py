@@ -213,6 +213,15 @@ def resume_train_config(bench, out, **changes):
     return train_config(bench, out, **{"epochs": 3, "seed": 3, **changes})
 
 
+def distill_config(bench, teacher, out, **changes):
+    """A tiny ``DistillConfig`` of the model file ``teacher`` into a 2-filter,
+    depth-2 U-Net on the benchmark's source domain: two epochs in batches
+    of 4; ``changes`` override."""
+    tiny = {"teacher": str(teacher), "epochs": 2, "batch_size": 4}
+    tiny.update(base_filters=2, depth=2)
+    return _tiny_config("DistillConfig", bench / "source", out, tiny, changes)
+
+
 def finetune_config(bench, source, out, **changes):
     """A tiny ``FinetuneConfig`` of the model file ``source`` on the
     benchmark's target domain: two epochs in batches of 2; ``changes``

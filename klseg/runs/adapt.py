@@ -26,6 +26,7 @@ import keras
 
 from klseg import errors
 from klseg.runs import inputs, mean_teacher, runtime, streams
+from klseg.runs.configs.bounds import mode_defaults_text
 from klseg.runs.fit import (
     best_model,
     compile_model,
@@ -122,11 +123,7 @@ def recipe(cfg):
     text = _recipe(cfg)
     applied = getattr(cfg, "applied", None)
     if applied:
-        values = ", ".join(
-            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in applied.items()
-        )
-        text += f" [defaults of the {cfg.mode} mode: {values}]"
+        text += f" [{mode_defaults_text(cfg.mode, applied)}]"
     return text
 
 

@@ -80,6 +80,16 @@ def weight_text(weight):
     return f"{weight:g}"
 
 
+def mode_defaults_text(mode, applied):
+    """``defaults of the MODE mode: k=v, ...`` for the options a mode's
+    recipe filled in (``applied``: ``{option: value}``), as the runs of
+    ``klseg finetune`` and ``klseg adapt`` say it."""
+    values = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in applied.items()
+    )
+    return f"defaults of the {mode} mode: {values}"
+
+
 def check_weight_folders(name, weights):
     """Refuse a list of weights that repeats a value, or holds two values
     whose run folders would share a name (``0.3`` and

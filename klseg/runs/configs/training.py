@@ -55,6 +55,7 @@ from klseg.runs.configs.bounds import (
     check_bounded_number,
     check_side_limit,
     check_weight_folders,
+    mode_defaults_text,
     weight_text,
 )
 from klseg.runs.hub import is_hub_spec
@@ -470,14 +471,11 @@ class FinetuneConfig(_RunOptions):
         mode filled in, or ``None``."""
         if not self.applied:
             return None
-        values = ", ".join(
-            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in self.applied.items()
-        )
         length = ""
         if {"epochs", "steps_per_epoch"} & set(self.applied) and self.steps_per_epoch:
             length = f" ({self.epochs * self.steps_per_epoch} optimizer steps)"
-        return f"[defaults of the {self.mode} mode: {values}{length}; docs/finetune.md]"
+        text = mode_defaults_text(self.mode, self.applied)
+        return f"[{text}{length}; docs/finetune.md]"
 
     @property
     def uses_consistency(self):
