@@ -67,6 +67,7 @@ __all__ = [
     "map_labels",
     "map_log_probs",
     "pair_batches",
+    "set_batch_norm",
     "store_source_predictions",
     "unpack_inputs",
 ]
@@ -305,8 +306,12 @@ def _check_settings(kl_weight, temperature, kl_inputs, student_bn):
         )
 
 
-def _set_student_bn(student, policy):
-    """Apply ``student_bn`` to the student's BatchNorm layers."""
+def set_batch_norm(student, policy):
+    """Apply a BatchNorm policy (``student_bn``) to ``student``'s BatchNorm
+    layers: ``"frozen"`` (not trainable: moving statistics, fixed scale
+    and offset), ``"synchronized"`` (batch statistics of the global batch
+    under a ``tf.distribute`` strategy; the TensorFlow backend's
+    ``BatchNormalization.synchronized``) or ``"trainable"`` (unchanged)."""
     synchronized = policy == "synchronized" and keras.backend.backend() == "tensorflow"
     for layer in student._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -468,7 +473,7 @@ class KLRegularizedModel(keras.Model):
         self.student = student
         self.source = source
         self.source.trainable = False
-        _set_student_bn(student, student_bn)
+        set_batch_norm(student, student_bn)
         # Pixel-weighted epoch means (Mean with the pixel count as weight).
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")

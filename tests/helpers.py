@@ -49,6 +49,7 @@ __all__ = [
     "weights",
     "finetune_args",
     "finetune_config",
+    "free_ports",
     "history",
     "hub_segmenter",
     "history_epochs",
@@ -478,6 +479,19 @@ TWO_CPU_REPLICAS = textwrap.dedent(
     )
     """
 )
+
+
+def free_ports(n):
+    """``n`` TCP ports free on the loopback interface now."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def run_script(script, *args, env=None, cwd=None, timeout=600):

@@ -18,7 +18,6 @@ staging folder left behind.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from helpers import SIZE, invoke, ok, refused, tiny_unet, train_args
+from helpers import SIZE, free_ports, invoke, ok, refused, tiny_unet, train_args
 from PIL import Image
 
 from klseg import errors
@@ -176,22 +175,12 @@ def test_bad_worker_timeout_is_refused(monkeypatch):
 # --------------------------------------------------------------------------
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class _Worker:
     """``klseg train --strategy multi-worker`` as worker 0 of two on
     loopback, with no worker 1; its output collected line by line."""
 
     def __init__(self, bench, out, timeout):
-        ports = _free_ports(2)
+        ports = free_ports(2)
         self.peer = f"localhost:{ports[1]}"
         tf_config = {
             "cluster": {"worker": [f"localhost:{ports[0]}", self.peer]},

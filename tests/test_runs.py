@@ -8,7 +8,6 @@ on top of it, then evaluate, predict, export and serving the export.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -482,7 +481,7 @@ def test_config_validation_in_python():
 
 
 # --------------------------------------------------------------------------
-# mixed precision, demo, multi-worker
+# mixed precision, demo
 # --------------------------------------------------------------------------
 
 
@@ -503,77 +502,6 @@ def test_quick_demo(tmp_path):
     assert (out / "export" / "saved_model.pb").is_file()
     again = invoke("demo", "--quick", "--output", out)
     assert again.exit_code == 1 and "--overwrite" in again.output
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-def test_multi_worker_run_of_two_local_processes(bench, tmp_path):
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
-    out = tmp_path / "mw"
-    args = [
-        sys.executable,
-        "-m",
-        "klseg.cli.main",
-        "train",
-        "--data",
-        str(bench / "source" / "train"),
-        "--val-data",
-        str(bench / "source" / "val"),
-        "--epochs",
-        "1",
-        "--strategy",
-        "multi-worker",
-        "--output",
-        str(out),
-        *TINY_MODEL,
-        *TINY_RUN,
-    ]
-    procs = []
-    for index in range(2):
-        tf_config = {
-            "cluster": {"worker": workers},
-            "task": {"type": "worker", "index": index},
-        }
-        env = {
-            **os.environ,
-            "TF_CONFIG": json.dumps(tf_config),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "TMPDIR": str(tmp_path / f"tmp{index}"),
-        }
-        (tmp_path / f"tmp{index}").mkdir()
-        procs.append(
-            subprocess.Popen(
-                args,
-                env=env,
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=420)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-3000:]
-    assert (out / "model.keras").is_file()
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
-    # The chief wrote the run folder; the other worker left nothing behind.
-    assert list(tmp_path.rglob("model.keras")) == [out / "model.keras"]
 
 
 def test_finetune_to_another_class_set(bench, source_run, tmp_path):

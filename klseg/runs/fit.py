@@ -54,24 +54,31 @@ def say(verbose, message):
 
 
 @holds_folders
-def in_run_folder(cfg, job, *, is_chief=True):
+def in_run_folder(cfg, job, *, is_chief=True, strategy=None):
     """Run ``job(run, checkpoint)`` in the prepared run folder.
 
     The run folder is locked until the job returns or raises. Workers of a
     multi-worker run other than the chief take no lock and write to a private
     temporary folder that is removed at the end: the chief alone writes
-    ``cfg.output``.
+    ``cfg.output``. To ``--resume``, every worker reads the chief's newest
+    checkpoint in ``cfg.output`` (a file system they share), and the workers
+    check that they start from the same epoch (:func:`_workers_agree`, with
+    ``strategy``) before any of them trains.
     """
+    several = strategy is not None and cfg.strategy == "multi-worker"
     if not is_chief:
-        run = RunFolder(tempfile.mkdtemp(prefix="klseg-worker-"))
-        try:
-            return job(run, None)
-        finally:
-            shutil.rmtree(run.path, ignore_errors=True)
-    run, checkpoint = open_run(
-        cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
-    )
-    done = finished_result(run, checkpoint, cfg.epochs) if cfg.resume else None
+        return _as_worker(cfg, job, strategy if several else None)
+    try:
+        run, checkpoint = open_run(
+            cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
+        )
+        done = finished_result(run, checkpoint, cfg.epochs) if cfg.resume else None
+    except Exception:
+        if several:  # the other workers stop too, instead of waiting for it
+            _workers_agree(strategy, cfg, None, chief=True)
+        raise
+    if several:
+        _workers_agree(strategy, cfg, (checkpoint, done), chief=True)
     if done is not None:
         say(
             cfg.verbose,
@@ -83,6 +90,66 @@ def in_run_folder(cfg, job, *, is_chief=True):
     # the run's verbosity.
     with progress.verbosity(cfg.verbose):
         return job(run, checkpoint)
+
+
+def _as_worker(cfg, job, strategy):
+    """A multi-worker run's job on a worker other than the chief: the
+    chief's checkpoint to resume from, a private folder to write."""
+    checkpoint = done = None
+    try:
+        if cfg.resume:
+            chief = RunFolder(cfg.output)
+            checkpoint = chief.latest_checkpoint()
+            done = finished_result(chief, checkpoint, cfg.epochs)
+    except Exception:
+        if strategy is not None:
+            _workers_agree(strategy, cfg, None, chief=False)
+        raise
+    if strategy is not None:
+        _workers_agree(strategy, cfg, (checkpoint, done), chief=False)
+    if done is not None:
+        return done
+    run = RunFolder(tempfile.mkdtemp(prefix="klseg-worker-"))
+    try:
+        return job(run, checkpoint)
+    finally:
+        shutil.rmtree(run.path, ignore_errors=True)
+
+
+def _workers_agree(strategy, cfg, start, *, chief):
+    """Stop unless every worker starts the run from the same epoch.
+
+    ``start`` is this worker's ``(checkpoint, done)`` (the checkpoint it
+    resumes from and the result of a run already done, each None when
+    there is none), or None when it failed to open the run. A worker that
+    failed has its own error; the others stop with one that points to it.
+    Workers that disagree on the epoch (one that cannot read
+    ``cfg.output``) all stop, before the first step.
+    """
+    failed = start is None
+    checkpoint, done = start or (None, None)
+    epoch = int(checkpoint[1]["epoch"]) if checkpoint else 0
+    rows = runtime.gather_from_workers(
+        strategy, (int(not failed), epoch, int(done is not None), int(chief))
+    )
+    if failed:
+        return
+    if not all(row[0] for row in rows):
+        who = "the chief" if any(r[3] and not r[0] for r in rows) else "a worker"
+        raise errors.RunError(
+            f"{who} of this multi-worker run stopped before training (its "
+            "output says why); fix that and start every worker again."
+        )
+    starts = {(row[1], row[2]) for row in rows}
+    if len(starts) > 1:
+        chief_epoch = next((r[1] for r in rows if r[3]), None)
+        raise errors.RunError(
+            "the workers of this multi-worker run would resume from different "
+            f"epochs (the chief from {chief_epoch or 'none'}, this worker from "
+            f"{epoch or 'none'}): every worker reads the chief's checkpoints "
+            f"in {cfg.output} to --resume, so that folder must be on a file "
+            "system every worker shares, at the same path."
+        )
 
 
 def finished_result(run, checkpoint, epochs):
@@ -114,7 +181,7 @@ def run_in_folder(cfg, step, *, job, strategy, is_chief, callbacks, **prepared):
             )
         )
 
-    return in_run_folder(cfg, in_folder, is_chief=is_chief)
+    return in_run_folder(cfg, in_folder, is_chief=is_chief, strategy=strategy)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -40,6 +40,7 @@ __all__ = [
     "build_before_fit",
     "disk_full",
     "first_line",
+    "gather_from_workers",
     "out_of_memory",
     "multi_worker_fit_fixes",
     "precision",
@@ -140,6 +141,7 @@ def make_strategy(name):
         klseg.errors.RunError: a peer did not answer within the timeout, or
             this worker's port is in use.
     """
+    global _multi_worker
     check_choice("strategy", name, STRATEGIES)
     import keras
 
@@ -148,6 +150,8 @@ def make_strategy(name):
     if name == "multi-worker":
         cluster, task_type, index = _cluster_spec()
         timeout = worker_timeout()
+        if _multi_worker is not None:
+            return _joined_cluster(cluster, task_type, index)
     import tensorflow as tf
 
     if name == "default":
@@ -164,7 +168,48 @@ def make_strategy(name):
     is_chief = task_type == "chief" or (
         task_type == "worker" and index == 0 and "chief" not in cluster
     )
+    _multi_worker = ((cluster, task_type, index), (strategy, is_chief))
     return strategy, is_chief
+
+
+#: ``((cluster, task type, index), (strategy, is_chief))`` of the cluster
+#: this process joined: TensorFlow's server holds this task's port for the
+#: life of the process, so later multi-worker jobs of the process (a
+#: Python user training then fine-tuning) run in the same cluster.
+_multi_worker = None
+
+
+def _joined_cluster(cluster, task_type, index):
+    """The strategy of the cluster this process joined, if ``TF_CONFIG``
+    still names it; else a clear error (a process joins one cluster)."""
+    joined, result = _multi_worker
+    if joined != (cluster, task_type, index):
+        fail(
+            "this process already joined a multi-worker cluster as "
+            f"{joined[1]} {joined[2]} of {json.dumps(joined[0])}; TensorFlow "
+            "serves one cluster per process, so run a job on another cluster "
+            "in a new process. Received: TF_CONFIG="
+            f"{os.environ.get('TF_CONFIG')!r}"
+        )
+    return result
+
+
+def gather_from_workers(strategy, values):
+    """Every replica's ``values`` (a few small integers) on every worker of
+    a multi-worker run, as a list of tuples (one per replica); a collective
+    step, so each worker must call it at the same point."""
+    import tensorflow as tf
+
+    gather = getattr(strategy, "_klseg_gather", None)
+    if gather is None:
+
+        @tf.function
+        def gather(local):
+            return strategy.gather(strategy.run(tf.identity, args=(local,)), axis=0)
+
+        strategy._klseg_gather = gather  # one trace per cluster
+    gathered = gather(tf.constant([list(values)], tf.float32))
+    return [tuple(int(v) for v in row) for row in gathered.numpy().tolist()]
 
 
 def is_tensorflow():
