@@ -81,13 +81,22 @@ def _diff(a, b):
 
 
 def _job(name, strategy, root, bench, **changes):
-    """Job ``name`` (train, distill, finetune*) as the tests' tiny configs
+    """Job ``name`` (train, distill, adapt, finetune*) as the tests' tiny configs
     make it, two epochs in batches of 4 with seed 3."""
     out = root / f"{name}_{strategy}"
     common = {"epochs": 2, "batch_size": 4, "strategy": strategy, "seed": 3}
     keras.distribution.set_distribution(None)
     if name == "train":
         result = runs.train(train_config(bench, out, **common, **changes))
+    elif name == "adapt":
+        cfg = runs.AdaptConfig(
+            target_images=str(bench / "target" / "unlabeled"),
+            source_data=str(bench / "source" / "train"),
+            val_data=str(bench / "target" / "val"),
+            output=str(out), image_size=32, steps_per_epoch=2, verbose=0,
+            **common, **changes,
+        )  # fmt: skip
+        result = runs.adapt(cfg)
     elif name == "distill":
         result = runs.distill(distill_config(bench, out=out, **common, **changes))
     else:
@@ -135,6 +144,7 @@ def main(root):
             },
         ),  # fmt: skip
         ("distill", {"teacher": str(source)}),
+        ("adapt", {"source": str(source)}),
     ):
         history, _, devices = _job(name, "mirrored", root, bench, **changes)
         out[f"job_{name}"] = {"history": history, "devices": devices}

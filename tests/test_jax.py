@@ -327,7 +327,13 @@ def test_data_parallel_on_two_devices(tmp_path):
     # Each job trains under DataParallel over both devices. Its numbers are
     # not compared with one device's run (see tests/data_parallel_check.py:
     # on JAX two runs of one fine-tuning config can differ).
-    for name in ("train", "finetune_stored", "finetune_consistency", "distill"):
+    for name in (
+        "train",
+        "finetune_stored",
+        "finetune_consistency",
+        "distill",
+        "adapt",
+    ):
         case = found[f"job_{name}"]
         assert case["devices"] == 2, name
         header, *rows = case["history"]
