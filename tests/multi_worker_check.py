@@ -8,8 +8,9 @@ there for the same jobs on one device (``strategy="default"``).
 (``source.keras``). Each step is a job of the tests' tiny configs, run in
 this one process (one cluster): ``train``, ``finetune_stored``,
 ``finetune_live``, ``finetune_consistency``, ``distill`` or ``adapt``, into
-``ROOT/JOB_multi-worker``; ``train:kill`` kills this process (SIGKILL) when
-the first epoch has ended, ``train:resume`` resumes that run; ``keras``
+``ROOT/JOB_multi-worker``; in ``train:die`` worker 1 kills itself (SIGKILL)
+inside the second epoch, so that the chief stops, and ``train:resume``
+resumes that run; ``keras``
 fits a model with plain Keras (no ``runtime.multi_worker_fit_fixes``) and
 records how it fails. Prints one JSON line: ``{"keras": [errors]}``.
 """
@@ -93,12 +94,18 @@ def config(job, strategy, root, **changes):
     return runs.finetune, cfg
 
 
-class _KillAfterFirstEpoch(keras.callbacks.Callback):
-    """SIGKILL this process when the first epoch ended (the chief has
-    written its checkpoint: klseg's callbacks run before the caller's)."""
+class _WorkerOneDies(keras.callbacks.Callback):
+    """Worker 1 kills itself (SIGKILL) after the first step of the second
+    epoch: the chief has written the checkpoint of epoch 1 and is in the
+    middle of epoch 2."""
 
-    def on_epoch_end(self, epoch, logs=None):
-        os.kill(os.getpid(), signal.SIGKILL)
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        task = json.loads(os.environ["TF_CONFIG"])["task"]
+        if task["index"] == 1 and self.epoch == 1 and batch == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def keras_failures():
@@ -141,7 +148,7 @@ def main(root, *steps):
         job, _, how = step.partition(":")
         changes = {"resume": True} if how == "resume" else {}
         run, cfg = config(job, "multi-worker", root, **changes)
-        run(cfg, callbacks=[_KillAfterFirstEpoch()] if how == "kill" else None)
+        run(cfg, callbacks=[_WorkerOneDies()] if how == "die" else None)
     print(json.dumps(result), flush=True)
 
 

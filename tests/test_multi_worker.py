@@ -1,13 +1,14 @@
 """Every training job under ``--strategy multi-worker`` with two local worker
 processes (loopback ports), against the same job on one device.
 
-One cluster is killed (SIGKILL, both workers) after the first epoch of a
-training run; a second cluster resumes it, then runs every other job in the
-same two processes (tests/multi_worker_check.py), and fits a model with
-plain Keras to record how Keras fails without klseg's workaround. The
-one-device runs happen in this process. Each job's history (every logged
-loss and score) and its model's weights equal the one-device run's within
-the tolerances of the mirrored tests (tests/test_distribute.py).
+In one cluster worker 1 is killed (SIGKILL) inside the second epoch of a
+training run, and the chief stops with a message; a second cluster resumes
+the run, then runs every other job in the same two processes
+(tests/multi_worker_check.py), and fits a model with plain Keras to record
+how Keras fails without klseg's workaround. The one-device runs happen in
+this process. Each job's history (every logged loss and score) and its
+model's weights equal the one-device run's within the tolerances of the
+mirrored tests (tests/test_distribute.py).
 """
 
 import json
@@ -84,8 +85,10 @@ def cluster(tmp_path_factory):
     )  # fmt: skip
     source = runs.train(train_config(bench, root / "source"))
     os.link(source.model_path, root / "source.keras")
-    killed = _two_workers(root, "train:kill")
+    killed = _two_workers(root, "train:die")
     after_kill = sorted(p.name for p in (root / "train_multi-worker").iterdir())
+    checkpoints = root / "train_multi-worker" / "checkpoints"
+    checkpoints_after_kill = sorted(p.name for p in checkpoints.iterdir())
     resumed = _two_workers(root, "train:resume", *JOBS[1:], "keras")
     for rc, text, _ in resumed:
         assert rc == 0, text[-4000:]
@@ -97,6 +100,7 @@ def cluster(tmp_path_factory):
         "root": root,
         "killed": killed,
         "after_kill": after_kill,
+        "checkpoints_after_kill": checkpoints_after_kill,
         "resumed": resumed,
         "keras": found["keras"],
     }
@@ -124,20 +128,25 @@ def test_two_workers_equal_one_device(cluster, job):
 
 
 @pytest.mark.slow
-def test_a_killed_cluster_resumes_from_the_chiefs_checkpoint(cluster):
-    """Both workers killed after the first epoch: the chief's checkpoint of
-    epoch 1 and no metrics; resumed, every worker restored it (the run equals
+def test_a_lost_worker_stops_the_run_and_it_resumes(cluster):
+    """Worker 1 killed inside the second epoch: the chief stops (exit 1)
+    naming it and what to do, keeps the checkpoint of epoch 1 and writes no
+    metrics; resumed, every worker restored that checkpoint (the run equals
     one device's, above), and the workers that ended left nothing in their
     own temporary folders."""
-    for rc, text, _ in cluster["killed"]:
-        assert rc == -9, text[-3000:]
+    (chief_rc, chief_out, _), (rc, text, temp) = cluster["killed"]
+    assert rc == -9, text[-3000:]
+    assert chief_rc == 1, chief_out[-3000:]
+    assert "worker 1 of this multi-worker run stopped during training" in chief_out
+    assert "--resume" in chief_out
     assert "metrics.json" not in cluster["after_kill"]
     assert "checkpoints" in cluster["after_kill"]
+    assert cluster["checkpoints_after_kill"] == ["epoch_0001", "latest.json"]
     root = cluster["root"]
     assert history_epochs(root / "train_multi-worker" / "history.csv") == [0, 1]
     # A killed worker cannot clean up its temporary folder; the workers that
     # ended removed theirs.
-    assert list(cluster["killed"][1][2].glob("klseg-worker-*/model.keras"))
+    assert list(temp.glob("klseg-worker-*/model.keras"))
     for _, _, temp in cluster["resumed"]:
         assert not list(temp.glob("klseg-worker-*")), temp
     runs_written = [f"{job}_{s}" for job in JOBS for s in ("default", "multi-worker")]
@@ -218,3 +227,25 @@ def test_a_process_joins_one_cluster(monkeypatch):
     text = str(e.value)
     assert "already joined" in text and "worker 1" in text
     assert '"index": 0' in text and "new process" in text
+
+
+def test_a_lost_peer_is_told_apart_from_other_errors():
+    """TensorFlow's message when a peer stops sending heartbeats (as seen
+    with two local workers) names the task; other errors are not a lost
+    peer."""
+
+    class UnavailableError(Exception):
+        pass
+
+    seen = (
+        "Graph execution error:\n\nCollective ops is aborted by: Error reported "
+        "from /job:worker/task:1: The following tasks are unhealthy (stopped "
+        "sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have "
+        "crashed."
+    )
+    assert runtime.lost_peers(UnavailableError(seen)) == "worker 1"
+    assert runtime.lost_peers(UnavailableError("Collective ops is aborted")) == (
+        "a worker"
+    )
+    assert runtime.lost_peers(UnavailableError("socket closed")) is None
+    assert runtime.lost_peers(ValueError(seen)) is None

@@ -361,6 +361,16 @@ def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
         raise errors.TrainingDiverged(
             f"{e} {_after_divergence(run)}", epoch=e.epoch, step=e.step
         ) from None
+    except Exception as e:
+        lost = runtime.lost_peers(e) if cfg.strategy == "multi-worker" else None
+        if lost is None:
+            raise
+        raise errors.RunError(
+            f"{lost} of this multi-worker run stopped during training "
+            "(TensorFlow found it unresponsive). The checkpoints the chief "
+            f"wrote in {cfg.output} are kept: start every worker again with "
+            "--resume."
+        ) from None
     # The state the run just wrote: no need to read back (and checksum) the
     # checkpoint files.
     return checkpoints.state

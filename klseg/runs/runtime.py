@@ -41,6 +41,7 @@ __all__ = [
     "disk_full",
     "first_line",
     "gather_from_workers",
+    "lost_peers",
     "out_of_memory",
     "multi_worker_fit_fixes",
     "precision",
@@ -518,6 +519,22 @@ def out_of_memory(error):
 def _is_resource_exhausted(error):
     # By name, so that this needs no TensorFlow import.
     return any(cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
+
+
+def lost_peers(error):
+    """The tasks a multi-worker step lost, as ``"worker 1"`` (or ``"a
+    worker"`` when the message names none), if ``error`` is TensorFlow
+    aborting the step's collectives because a peer stopped; else None."""
+    import re
+
+    names = {cls.__name__ for cls in type(error).__mro__}
+    text = str(error)
+    if not names & {"UnavailableError", "AbortedError", "CancelledError"}:
+        return None
+    if "unhealthy" not in text and "Collective ops is aborted" not in text:
+        return None
+    tasks = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)))
+    return " and ".join(f"{job} {i}" for job, i in tasks) or "a worker"
 
 
 def first_line(error):
