@@ -67,7 +67,6 @@ __all__ = [
     "map_labels",
     "map_log_probs",
     "pair_batches",
-    "set_batch_norm",
     "store_source_predictions",
     "unpack_inputs",
 ]
@@ -306,21 +305,6 @@ def _check_settings(kl_weight, temperature, kl_inputs, student_bn):
         )
 
 
-def set_batch_norm(student, policy):
-    """Apply a BatchNorm policy (``student_bn``) to ``student``'s BatchNorm
-    layers: ``"frozen"`` (not trainable: moving statistics, fixed scale
-    and offset), ``"synchronized"`` (batch statistics of the global batch
-    under a ``tf.distribute`` strategy; the TensorFlow backend's
-    ``BatchNormalization.synchronized``) or ``"trainable"`` (unchanged)."""
-    synchronized = policy == "synchronized" and keras.backend.backend() == "tensorflow"
-    for layer in student._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            if policy == "frozen":
-                layer.trainable = False
-            elif synchronized:
-                layer.synchronized = True
-
-
 @keras.saving.register_keras_serializable(package="klseg")
 class KLRegularizedModel(keras.Model):
     """Fine-tunes ``student`` with a per-pixel KL term to a frozen ``source``.
@@ -473,7 +457,7 @@ class KLRegularizedModel(keras.Model):
         self.student = student
         self.source = source
         self.source.trainable = False
-        set_batch_norm(student, student_bn)
+        klseg_models.set_batch_norm(student, student_bn)
         # Pixel-weighted epoch means (Mean with the pixel count as weight).
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")

@@ -36,6 +36,7 @@ __all__ = [
     "get_training_size",
     "num_classes",
     "predict_logits",
+    "set_batch_norm",
     "set_training_size",
     "size_multiple",
     "unet",
@@ -321,6 +322,22 @@ def set_training_size(model, size):
         size = (size, size)
     layer = _find(model, ImagePreprocessing)
     layer.training_size = check_training_size(size)
+
+
+def set_batch_norm(model, policy):
+    """Apply a BatchNorm policy to every BatchNormalization layer of
+    ``model``: ``"frozen"`` (not trainable: moving statistics, fixed scale
+    and offset), ``"synchronized"`` (under a ``tf.distribute`` strategy the
+    batch statistics of the global batch, Keras' ``synchronized=True``; a
+    JAX step computes them over the whole batch already, so nothing
+    changes there) or ``"trainable"`` (nothing changes)."""
+    synchronized = policy == "synchronized" and keras.backend.backend() == "tensorflow"
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if policy == "frozen":
+                layer.trainable = False
+            elif synchronized:
+                layer.synchronized = True
 
 
 def with_classes(model, class_names, *, name=None):

@@ -170,13 +170,12 @@ def _train(ctx, num_classes, class_names):
 def _model(ctx, num_classes, class_names, policy):
     """The new model, checked against the sizes, compiled (and restored)."""
     from klseg import models
-    from klseg.finetune import set_batch_norm
 
     with ctx.strategy.scope():
         model = inputs.build_model(ctx.cfg, num_classes, class_names)
         if ctx.cfg.strategy != "default":
             # BatchNorm statistics of the global batch, as on one device.
-            set_batch_norm(model, "synchronized")
+            models.set_batch_norm(model, "synchronized")
         multiple = models.size_multiple(model)
         inputs.check_image_size(ctx.image_size, multiple)
         inputs.check_crop_size(ctx.cfg.crop_size, ctx.image_size, multiple)
