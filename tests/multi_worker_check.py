@@ -146,7 +146,8 @@ def main(root, *steps):
             result["keras"] = keras_failures()
             continue
         job, _, how = step.partition(":")
-        changes = {"resume": True} if how == "resume" else {}
+        # The resumed run talks, so that the test sees what each worker says.
+        changes = {"resume": True, "verbose": 1} if how == "resume" else {}
         run, cfg = config(job, "multi-worker", root, **changes)
         run(cfg, callbacks=[_WorkerOneDies()] if how == "die" else None)
     print(json.dumps(result), flush=True)

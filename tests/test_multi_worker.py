@@ -149,6 +149,12 @@ def test_a_lost_worker_stops_the_run_and_it_resumes(cluster):
     assert list(temp.glob("klseg-worker-*/model.keras"))
     for _, _, temp in cluster["resumed"]:
         assert not list(temp.glob("klseg-worker-*")), temp
+    # Both said where they resume; worker 1's private folder had no history
+    # to rebuild worth saying.
+    chief_said, worker_said = (text for _, text, _ in cluster["resumed"])
+    resuming = f"Resuming {root / 'train_multi-worker'} after epoch 1."
+    assert resuming in chief_said and resuming in worker_said
+    assert "Rebuilt" not in chief_said + worker_said
     runs_written = [f"{job}_{s}" for job in JOBS for s in ("default", "multi-worker")]
     assert sorted(p.parent.name for p in root.glob("*/model.keras")) == sorted(
         ["source", *runs_written]

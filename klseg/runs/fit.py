@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 from klseg import errors, progress
 from klseg.files import write_json
@@ -92,6 +93,10 @@ def in_run_folder(cfg, job, *, is_chief=True, strategy=None):
         return job(run, checkpoint)
 
 
+#: The prefix of the private folder of a multi-worker run's other workers.
+_WORKER_FOLDER = "klseg-worker-"
+
+
 def _as_worker(cfg, job, strategy):
     """A multi-worker run's job on a worker other than the chief: the
     chief's checkpoint to resume from, a private folder to write."""
@@ -109,7 +114,7 @@ def _as_worker(cfg, job, strategy):
         _workers_agree(strategy, cfg, (checkpoint, done), chief=False)
     if done is not None:
         return done
-    run = RunFolder(tempfile.mkdtemp(prefix="klseg-worker-"))
+    run = RunFolder(tempfile.mkdtemp(prefix=_WORKER_FOLDER))
     try:
         return job(run, checkpoint)
     finally:
@@ -323,7 +328,7 @@ def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
             "(raise --epochs to train longer).",
         )
         return state
-    _say_start(cfg, run, initial_epoch)
+    _say_start(cfg, initial_epoch)
     checkpoints = cb.RunCheckpoint(
         run,
         monitor,
@@ -392,6 +397,10 @@ def _prepare_history(ctx, monitor, steps):
             "--monitor."
         )
     rebuilt = settle_history(run.history, state, ctx.checkpoint[0].name)
+    # A multi-worker run's other workers keep their history in a private
+    # folder that starts empty: nothing worth saying there.
+    if rebuilt and run.path.name.startswith(_WORKER_FOLDER):
+        rebuilt = None
     if rebuilt:
         say(cfg.verbose, rebuilt)
     saved_steps = state.get("steps_per_epoch")
@@ -404,9 +413,11 @@ def _prepare_history(ctx, monitor, steps):
         )
 
 
-def _say_start(cfg, run, initial_epoch):
+def _say_start(cfg, initial_epoch):
     if initial_epoch:
-        say(cfg.verbose, f"Resuming {run.path} after epoch {initial_epoch}.")
+        # The run folder (on a multi-worker run's other workers too).
+        output = Path(cfg.output)
+        say(cfg.verbose, f"Resuming {output} after epoch {initial_epoch}.")
     if cfg.val_every > 1:
         say(
             cfg.verbose,
