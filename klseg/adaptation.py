@@ -425,7 +425,9 @@ class SelfTrainingModel(MeanTeacherModel):
         mixed, mixed_logits, _ = mix_batch(
             images, teacher_logits, mix=self.mix, seed=self.strong_view_seed
         )
-        has_labels = ops.any(pasted)
+        # Whether the global batch has labelled pixels (every replica takes
+        # the branch one device takes).
+        has_labels = global_sum(ops.cast(ops.any(pasted), "float32")) > 0
         images = ops.where(
             has_labels, ops.where(pasted[..., None], labelled, images), mixed
         )
