@@ -19,7 +19,13 @@ from pathlib import Path
 import jax
 import keras
 import numpy as np
-from helpers import distill_config, finetune_config, tiny_unet, train_config
+from helpers import (
+    adapt_config,
+    distill_config,
+    finetune_config,
+    tiny_unet,
+    train_config,
+)
 
 from klseg import finetune, losses, metrics, runs
 from klseg.consistency import MeanTeacherModel
@@ -89,14 +95,7 @@ def _job(name, strategy, root, bench, **changes):
     if name == "train":
         result = runs.train(train_config(bench, out, **common, **changes))
     elif name == "adapt":
-        cfg = runs.AdaptConfig(
-            target_images=str(bench / "target" / "unlabeled"),
-            source_data=str(bench / "source" / "train"),
-            val_data=str(bench / "target" / "val"),
-            output=str(out), image_size=32, steps_per_epoch=2, verbose=0,
-            **common, **changes,
-        )  # fmt: skip
-        result = runs.adapt(cfg)
+        result = runs.adapt(adapt_config(bench, out=out, **common, **changes))
     elif name == "distill":
         result = runs.distill(distill_config(bench, out=out, **common, **changes))
     else:

@@ -47,6 +47,7 @@ __all__ = [
     "metrics",
     "npz",
     "weights",
+    "adapt_config",
     "finetune_args",
     "finetune_config",
     "free_ports",
@@ -221,6 +222,26 @@ def distill_config(bench, teacher, out, **changes):
     tiny = {"teacher": str(teacher), "epochs": 2, "batch_size": 4}
     tiny.update(base_filters=2, depth=2)
     return _tiny_config("DistillConfig", bench / "source", out, tiny, changes)
+
+
+def adapt_config(bench, source, out, **changes):
+    """A tiny ``AdaptConfig``: self-training of the model file ``source`` on
+    the benchmark's unlabelled target images with its labelled source
+    training images, scored on the target's validation images, two steps an
+    epoch; ``changes`` override."""
+    from klseg import runs
+
+    settings = {
+        "source": str(source),
+        "target_images": str(bench / "target" / "unlabeled"),
+        "source_data": str(bench / "source" / "train"),
+        "val_data": str(bench / "target" / "val"),
+        "output": str(out),
+        "image_size": SIZE,
+        "steps_per_epoch": 2,
+        "verbose": 0,
+    }
+    return runs.AdaptConfig(**{**settings, **changes})
 
 
 def finetune_config(bench, source, out, **changes):

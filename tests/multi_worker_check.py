@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import keras
-from helpers import distill_config, finetune_config, train_config
+from helpers import adapt_config, distill_config, finetune_config, train_config
 
 from klseg import runs
 from klseg.runs import runtime
@@ -65,17 +65,7 @@ def config(job, strategy, root, **changes):
         return runs.distill, distill_config(bench, source, out, **common)
     synchronized = {**common, "student_bn": "synchronized"}
     if job == "adapt":
-        adapt = {
-            "source": str(source),
-            "target_images": str(bench / "target" / "unlabeled"),
-            "source_data": str(bench / "source" / "train"),
-            "val_data": str(bench / "target" / "val"),
-            "output": str(out),
-            "image_size": 32,
-            "steps_per_epoch": 2,
-            "verbose": 0,
-        }
-        return runs.adapt, runs.AdaptConfig(**adapt, **synchronized)
+        return runs.adapt, adapt_config(bench, source, out, **synchronized)
     mode = job.removeprefix("finetune_")
     folders = {"source_val_data": str(bench / "source" / "val")}
     folders["source_images"] = str(bench / "source" / "unlabeled")

@@ -66,20 +66,19 @@ def in_run_folder(cfg, job, *, is_chief=True, strategy=None):
     check that they start from the same epoch (:func:`_workers_agree`, with
     ``strategy``) before any of them trains.
     """
-    several = strategy is not None and cfg.strategy == "multi-worker"
+    if strategy is not None and cfg.strategy != "multi-worker":
+        strategy = None  # one process: nobody to agree with
     if not is_chief:
-        return _as_worker(cfg, job, strategy if several else None)
-    try:
+        return _as_worker(cfg, job, strategy)
+
+    def start():
         run, checkpoint = open_run(
             cfg, ignore=RESUMABLE_CHANGES, say=lambda message: say(cfg.verbose, message)
         )
         done = finished_result(run, checkpoint, cfg.epochs) if cfg.resume else None
-    except Exception:
-        if several:  # the other workers stop too, instead of waiting for it
-            _workers_agree(strategy, cfg, None, chief=True)
-        raise
-    if several:
-        _workers_agree(strategy, cfg, (checkpoint, done), chief=True)
+        return run, checkpoint, done
+
+    run, checkpoint, done = _start_together(strategy, cfg, start, chief=True)
     if done is not None:
         say(
             cfg.verbose,
@@ -100,18 +99,15 @@ _WORKER_FOLDER = "klseg-worker-"
 def _as_worker(cfg, job, strategy):
     """A multi-worker run's job on a worker other than the chief: the
     chief's checkpoint to resume from, a private folder to write."""
-    checkpoint = done = None
-    try:
-        if cfg.resume:
-            chief = RunFolder(cfg.output)
-            checkpoint = chief.latest_checkpoint()
-            done = finished_result(chief, checkpoint, cfg.epochs)
-    except Exception:
-        if strategy is not None:
-            _workers_agree(strategy, cfg, None, chief=False)
-        raise
-    if strategy is not None:
-        _workers_agree(strategy, cfg, (checkpoint, done), chief=False)
+
+    def start():
+        if not cfg.resume:
+            return None, None
+        chief = RunFolder(cfg.output)
+        checkpoint = chief.latest_checkpoint()
+        return checkpoint, finished_result(chief, checkpoint, cfg.epochs)
+
+    checkpoint, done = _start_together(strategy, cfg, start, chief=False)
     if done is not None:
         return done
     run = RunFolder(tempfile.mkdtemp(prefix=_WORKER_FOLDER))
@@ -119,6 +115,23 @@ def _as_worker(cfg, job, strategy):
         return job(run, checkpoint)
     finally:
         shutil.rmtree(run.path, ignore_errors=True)
+
+
+def _start_together(strategy, cfg, start, *, chief):
+    """``start()`` (a tuple ending in this worker's ``(checkpoint, done)``),
+    then, on a multi-worker run (``strategy`` not None), the check that
+    every worker starts from the same epoch (:func:`_workers_agree`). A
+    worker whose ``start`` raises still takes part in the check, so that the
+    others stop instead of waiting for it, then raises its own error."""
+    try:
+        started = start()
+    except Exception:
+        if strategy is not None:
+            _workers_agree(strategy, cfg, None, chief=chief)
+        raise
+    if strategy is not None:
+        _workers_agree(strategy, cfg, started[-2:], chief=chief)
+    return started
 
 
 def _workers_agree(strategy, cfg, start, *, chief):

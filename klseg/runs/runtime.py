@@ -517,8 +517,13 @@ def out_of_memory(error):
 
 
 def _is_resource_exhausted(error):
-    # By name, so that this needs no TensorFlow import.
-    return any(cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
+    return _error_named(error, "ResourceExhaustedError")
+
+
+def _error_named(error, *names):
+    """Whether ``error``'s class or a base class has one of ``names`` (by
+    name, so that this needs no TensorFlow import)."""
+    return any(cls.__name__ in names for cls in type(error).__mro__)
 
 
 def lost_peers(error):
@@ -527,9 +532,8 @@ def lost_peers(error):
     aborting the step's collectives because a peer stopped; else None."""
     import re
 
-    names = {cls.__name__ for cls in type(error).__mro__}
     text = str(error)
-    if not names & {"UnavailableError", "AbortedError", "CancelledError"}:
+    if not _error_named(error, "UnavailableError", "AbortedError", "CancelledError"):
         return None
     if "unhealthy" not in text and "Collective ops is aborted" not in text:
         return None
