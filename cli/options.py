@@ -142,20 +142,15 @@ def run_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from klseg.runs.runtime import interrupt_handler, was_interrupted
+        from klseg.runs.runtime import interrupt_handler
 
         from .interrupts import take_interrupt
 
         try:
-            try:
-                with interrupt_handler():
-                    if take_interrupt():
-                        raise KeyboardInterrupt
-                    return fn(*args, **kwargs)
-            except Exception:
-                if was_interrupted():
-                    raise KeyboardInterrupt from None
-                raise
+            with interrupt_handler():
+                if take_interrupt():
+                    raise KeyboardInterrupt
+                return fn(*args, **kwargs)
         except click.ClickException:
             raise
         except errors.InvalidArgumentError as e:

@@ -392,3 +392,24 @@ def test_a_ctrl_c_inside_fit_waits_for_the_batch_end():
         with runtime.interrupt_handler():
             ctrl_c()
             pytest.fail("the Ctrl-C did not raise")
+
+
+def test_a_caught_ctrl_c_ends_with_its_handler():
+    """An error raised once a Ctrl-C was caught leaves as the interrupt, and
+    the flag ends with the handler: the next run of the same process (a
+    second command in one Python session) trains instead of stopping at its
+    first batch."""
+    from klseg.runs import callbacks, runtime
+
+    with pytest.raises(KeyboardInterrupt):
+        with runtime.interrupt_handler():
+            with runtime.interrupts_at_batch_ends():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                raise ValueError("an import the Ctrl-C broke")
+    assert not runtime.was_interrupted()
+    with runtime.interrupts_at_batch_ends():
+        callbacks.StopOnInterrupt().on_train_batch_end(0)
+    with pytest.raises(ValueError):
+        with runtime.interrupt_handler():
+            raise ValueError("not an interrupt")

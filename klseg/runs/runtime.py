@@ -628,10 +628,13 @@ def interrupt_handler():
     flag; where library code swallows the exception (Python ignores
     exceptions in garbage-collection callbacks), the flag makes the next
     training batch raise it (:class:`klseg.runs.callbacks.StopOnInterrupt`)
-    and the block still ends with ``KeyboardInterrupt``. Inside
+    and the block still ends with ``KeyboardInterrupt``, also when the
+    Ctrl-C surfaced as another exception (an interrupted import can). Inside
     :func:`uninterrupted` the exception waits for the end of that block,
     inside :func:`interrupts_at_batch_ends` for the next batch end. A
-    second Ctrl-C stops the process at once with status 130.
+    second Ctrl-C stops the process at once with status 130. The flag ends
+    with the block: a later run in the same process (a second command in
+    one Python session) starts uninterrupted.
     """
     global _previous_hook
     if threading.current_thread() is not threading.main_thread():
@@ -654,6 +657,11 @@ def interrupt_handler():
     try:
         yield
         raise_if_interrupted()
+    except Exception:
+        if _interrupted.is_set():
+            raise KeyboardInterrupt from None
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
         sys.unraisablehook = _previous_hook
+        _interrupted.clear()
