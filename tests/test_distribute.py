@@ -179,7 +179,7 @@ CLI_SCRIPT = TWO_CPU_REPLICAS + textwrap.dedent(
             "--val-data", str(bench / "target" / "val"),
             "--kl-weight", "0.5", "--kl-inputs", "target", "--temperature", "2",
             "--student-bn", "frozen", "--augment", "none", "--image-size", "32",
-            "--batch-size", "4", "--epochs", "1", "--learning-rate", "0.01",
+            "--batch-size", "4", "--epochs", "1", "--learning-rate", "0.001",
             "--source-predictions", MODE,
             "--strategy", strategy, "--quiet", "--output", str(out),
         ], standalone_mode=False)
@@ -215,7 +215,7 @@ def test_cli_mirrored_finetune_matches_one_device(tmp_path, mode):
     returned 2 x 12 maps for 12 images there) and live. Before
     ``runtime.build_before_fit`` the mirrored run trained on other batches
     (Keras took one from the iterator to build the model): weights 0.05
-    apart."""
+    apart (at a learning rate of 0.01)."""
     import numpy as np
 
     script = tmp_path / "cli_mirrored.py"
@@ -231,6 +231,10 @@ def test_cli_mirrored_finetune_matches_one_device(tmp_path, mode):
     assert single["history"]["kl_loss"] > 0
     # Adam divides by the root of the squared gradients, so a parameter with
     # a near-zero gradient moves by up to the learning rate whatever its
-    # rounding: the weights agree to 1e-5 (measured: 1.2e-6 at most).
+    # rounding: the weights agree to 1e-5 (measured: 4e-7 at most). At a
+    # learning rate of 0.01 the third step took stored-prediction runs into
+    # a regime where round-off grows (1e-4 apart in the KL loss on an
+    # AVX-512 CPU, also between two one-device runs with and without
+    # oneDNN), hence 0.001.
     for a, b in zip(mirrored["weights"], single["weights"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
