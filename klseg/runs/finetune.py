@@ -233,16 +233,6 @@ def _stored_maps(source, split, image_size, verbose):
     }
 
 
-def _stored_maps(source, split, image_size, verbose):
-    from klseg import data
-    from klseg import finetune as ft
-
-    images, _ = data.load_arrays(split, image_size)
-    return {
-        "source_probs": ft.store_source_predictions(source, images, verbose=verbose)
-    }
-
-
 @dataclasses.dataclass(frozen=True)
 class _Settings:
     """The KL and consistency settings of a run, defaults resolved."""
