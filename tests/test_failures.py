@@ -369,20 +369,22 @@ def test_ctrl_c_after_a_checkpoint_suggests_a_resume_that_works(bench, tmp_path)
     assert json.loads((out / "metrics.json").read_text())["epochs"] == epochs
 
 
+def _ctrl_c():
+    """A Ctrl-C to this process, in-process."""
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs at the next bytecode
+
+
 def test_a_ctrl_c_inside_fit_waits_for_the_batch_end():
     """Inside ``model.fit`` a Ctrl-C only sets the flag; the training loop's
     callback raises it (never TensorFlow's half-done native work), and the
     block still ends with it; a Ctrl-C outside raises at once."""
     from klseg.runs import callbacks, runtime
 
-    def ctrl_c():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs at the next bytecode
-
     with pytest.raises(KeyboardInterrupt):
         with runtime.interrupt_handler():
             with runtime.interrupts_at_batch_ends():
-                ctrl_c()
+                _ctrl_c()
                 assert runtime.was_interrupted()
                 with pytest.raises(KeyboardInterrupt):
                     callbacks.StopOnInterrupt().on_train_batch_end(0)
@@ -390,7 +392,7 @@ def test_a_ctrl_c_inside_fit_waits_for_the_batch_end():
     assert reached_the_end
     with pytest.raises(KeyboardInterrupt):
         with runtime.interrupt_handler():
-            ctrl_c()
+            _ctrl_c()
             pytest.fail("the Ctrl-C did not raise")
 
 
@@ -404,8 +406,7 @@ def test_a_caught_ctrl_c_ends_with_its_handler():
     with pytest.raises(KeyboardInterrupt):
         with runtime.interrupt_handler():
             with runtime.interrupts_at_batch_ends():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
+                _ctrl_c()
                 raise ValueError("an import the Ctrl-C broke")
     assert not runtime.was_interrupted()
     with runtime.interrupts_at_batch_ends():
