@@ -362,7 +362,7 @@ def fit(ctx, model, *, save_model, train_ds, steps, validation, monitor):
     ]
     if cfg.strategy == "multi-worker":
         runtime.multi_worker_fit_fixes(model, train_ds)
-    elif cfg.strategy == "mirrored" and runtime.is_tensorflow():
+    elif cfg.strategy == "mirrored" or not runtime.is_tensorflow():
         runtime.build_before_fit(model, train_ds)
     try:
         with runtime.interrupts_at_batch_ends():
