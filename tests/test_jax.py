@@ -287,15 +287,8 @@ def test_finetune_run_folder_and_scores(bench, source_run, finetune_run):
     assert saved["forgetting"] == pytest.approx(forgetting, abs=1e-6)
 
 
-def test_fit_reads_the_training_data_in_one_pass(
-    bench, source_run, monkeypatch, tmp_path
-):
-    """Keras' JAX ``fit`` builds its metrics from a batch of a first pass
-    over the training data, drops that pass and trains on a second. The
-    dropped pass kept reading ahead in the background and took seeds meant
-    for the next pass: the augmentations a run trained on changed from run
-    to run (3 of 16 runs of one config differed). klseg builds from the
-    data's element spec, so training reads one pass, from its first batch."""
+def _count_passes(monkeypatch):
+    """The batches of each pass ``fit`` makes over its training data."""
     from keras.src.backend.jax import trainer as jax_trainer
 
     passes = []
@@ -308,6 +301,19 @@ def test_fit_reads_the_training_data_in_one_pass(
             yield batch
 
     monkeypatch.setattr(jax_trainer.JAXEpochIterator, "_get_iterator", counted)
+    return passes
+
+
+def test_fit_reads_the_training_data_in_one_pass(
+    bench, source_run, monkeypatch, tmp_path
+):
+    """Keras' JAX ``fit`` builds its metrics from a batch of a first pass
+    over the training data, drops that pass and trains on a second. The
+    dropped pass kept reading ahead in the background and took seeds meant
+    for the next pass: the augmentations a run trained on changed from run
+    to run (3 of 16 runs of one config differed). klseg builds from the
+    data's element spec, so training reads one pass, from its first batch."""
+    passes = _count_passes(monkeypatch)
     cfg = runs.FinetuneConfig(
         source=str(source_run.model_path),
         data=str(bench / "target" / "train"),
@@ -323,6 +329,30 @@ def test_fit_reads_the_training_data_in_one_pass(
     runs.finetune(cfg)
     # 4 target images in batches of 4: one step per epoch, in one pass.
     assert passes == [2]
+
+
+@pytest.mark.parametrize("build", [True, False])
+def test_build_before_fit_in_python(monkeypatch, build):
+    """``runtime.build_before_fit``, as docs/finetune.md tells Python users,
+    on a dataset of unknown batch size: no pass is dropped. Without it Keras
+    drops one (when this fails, Keras fixed it and the call can go)."""
+    import tensorflow as tf
+
+    from klseg.runs import runtime
+
+    passes = _count_passes(monkeypatch)
+    source = tiny_unet(3, 0)
+    model = KLRegularizedModel(finetune.clone_student(source), source, kl_weight=0.5)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, SIZE, SIZE, 3)).astype("float32")
+    masks = rng.integers(0, 3, (8, SIZE, SIZE)).astype("int32")
+    x = {"images": images, "source_images": images}
+    data = tf.data.Dataset.from_tensor_slices((x, masks)).shuffle(8, seed=1).batch(4)
+    model.compile(optimizer="adam", loss=losses.SparseKLDivergence())
+    if build:
+        runtime.build_before_fit(model, data)
+    model.fit(data, epochs=2, shuffle=False, verbose=0)
+    assert passes == ([2, 2] if build else [1, 2, 2])
 
 
 # --------------------------------------------------------------------------

@@ -457,8 +457,18 @@ def build_before_fit(model, dataset):
         model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
     else:
         # JAX's fit skips its own build (and the batch it takes) once
-        # every part is built.
-        model._symbolic_build(data_batch=dataset.element_spec)
+        # every part is built. JAX traces with a known batch size (with an
+        # unknown one, slicing the batch gave size 0).
+        import tensorflow as tf
+
+        def one_example(spec):
+            if spec.shape.rank and spec.shape[0] is None:
+                return tf.TensorSpec([1, *spec.shape[1:]], spec.dtype)
+            return spec
+
+        model._symbolic_build(
+            data_batch=tf.nest.map_structure(one_example, dataset.element_spec)
+        )
 
 
 def multi_worker_fit_fixes(model, dataset):
