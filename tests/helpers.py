@@ -301,6 +301,25 @@ def history(path):
         return list(csv.DictReader(f))
 
 
+def history_columns(path):
+    """``{column: values}`` of a ``history.csv`` (an empty cell is NaN)."""
+    rows = history(path)
+    return {k: np.array([float(r[k] or "nan") for r in rows]) for k in rows[0]}
+
+
+def assert_history_close(path, reference, rtol=1e-5, atol=1e-6):
+    """The ``history.csv`` at ``path`` has ``reference``'s columns and
+    epochs, and its values within the tolerances of the distributed-vs-one-
+    device tests (both cells empty also agree); returns its columns."""
+    ours, theirs = history_columns(path), history_columns(reference)
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(
+            ours[key], theirs[key], rtol=rtol, atol=atol, err_msg=f"{path}: {key}"
+        )
+    return ours
+
+
 def history_epochs(path):
     """The epoch column of a ``history.csv``; none when there is no file."""
     if not path.is_file():
